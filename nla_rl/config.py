@@ -1,0 +1,541 @@
+"""The recipe: one frozen, documented dataclass per component, loaded from YAML plus overrides.
+
+A recipe is strict on purpose: an unknown key (a typo) or a value of the wrong type fails at load
+time, naming the dotted key, what was expected and what was found, instead of silently training
+with a default. ``describe()`` lists every key with its type, default and doc (``--help``).
+
+Adding a field: add one ``param(...)`` line to its section (with ``gt/ge/le/lt`` bounds if it has
+a range); a rule that involves several fields goes in the section's ``validate``. Nothing else needs
+to know about it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import math
+import os
+import re
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from nla_rl.errors import ConfigError
+from nla_rl.templates import DEFAULT_AR_TEMPLATE, DEFAULT_AV_TEMPLATE
+from nla_rl.testing.tiny import FAMILIES as TINY_FAMILIES
+
+REDACTED = "***REDACTED***"
+# prepare: base model, marker, initial checkpoints; check: round trip of the initial AV/AR.
+ALL_STAGES = ("prepare", "check", "datagen", "ar_sft", "av_sft", "rl", "export", "eval")
+Stage = Literal["prepare", "check", "datagen", "ar_sft", "av_sft", "rl", "export", "eval"]
+# Env vars whose values are treated as secrets by ``redact`` (defence in depth).
+_SECRET_ENV_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
+_MIN_SECRET_LEN = 8  # shorter values ("1", "true") would redact innocent text everywhere
+
+
+def param(default: Any = dataclasses.MISSING, doc: str = "", *, secret: bool = False,
+          choices: Sequence[Any] | None = None, factory: Any = dataclasses.MISSING,
+          gt: float | None = None, ge: float | None = None, le: float | None = None,
+          lt: float | None = None) -> Any:
+    """A documented dataclass field. ``secret`` fields are redacted on dump; ``choices`` (for
+    enumerations not written as ``Literal``) and the bounds ``gt ge le lt`` are checked on
+    construction; a null value skips the bounds."""
+    bounds = {op: b for op, b in (("gt", gt), ("ge", ge), ("le", le), ("lt", lt)) if b is not None}
+    meta = {"doc": doc, "secret": secret, "choices": tuple(choices) if choices else None,
+            "bounds": bounds}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+_BOUND_TESTS = {"gt": (">", float.__gt__), "ge": (">=", float.__ge__),
+                "le": ("<=", float.__le__), "lt": ("<", float.__lt__)}
+
+
+def _bounds_text(bounds: dict) -> str:
+    return " and ".join(f"{_BOUND_TESTS[op][0]} {b}" for op, b in bounds.items())
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    """Raise a ConfigError for ``key`` (relative to its section; the loader adds the section).
+    An empty ``key`` means the section as a whole."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}" if key else f": {message}")
+
+
+class ConfigSection:
+    """Base of every section: checks each field's declared bounds and choices, then the section's
+    own ``validate``. Subclasses are ``@dataclass(frozen=True)``."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, bounds = getattr(self, f.name), f.metadata.get("bounds")
+            if bounds and value is not None:
+                ok = all(_BOUND_TESTS[op][1](float(value), float(b)) for op, b in bounds.items())
+                _require(ok, f.name, f"must be {_bounds_text(bounds)}, found {value!r}")
+            choices = f.metadata.get("choices")
+            _require(not choices or value in choices, f.name,
+                     f"expected one of {list(choices or ())}, found {value!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Rules that involve several fields; the default has none."""
+
+
+# ----------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class RunConfig(ConfigSection):
+    name: str = param("tiny", "Run name; names the run directory and the W&B run.")
+    dir: str = param("", "Run directory for data, checkpoints and logs; empty means runs/<name>.")
+    seed: int = param(0, "Global seed; data splits, position sampling and rollouts derive from it.")
+    stages: tuple[Stage, ...] = param(ALL_STAGES, "Stages to run, in pipeline order: "
+                                      + ", ".join(ALL_STAGES) + ".")
+    resume: bool = param(False, "Resume from the latest checkpoint in the run directory.")
+
+    def validate(self):
+        _require(bool(self.name) and "/" not in self.name, "name",
+                 f"must be a non-empty name without '/', found {self.name!r}")
+        _require(list(self.stages) == [s for s in ALL_STAGES if s in self.stages], "stages",
+                 f"must list each stage once, in the pipeline order {list(ALL_STAGES)}, "
+                 f"found {list(self.stages)}")
+        if not self.dir:  # resolved here so the dumped recipe records where the run really lives
+            object.__setattr__(self, "dir", f"runs/{self.name}")
+
+
+@dataclass(frozen=True)
+class ModelConfig(ConfigSection):
+    base: str = param("tiny:qwen2", "Base model: a Hugging Face model directory, or tiny:<family> "
+                      f"for an offline tiny model ({'|'.join(TINY_FAMILIES)}).")
+    layer_index: int = param(2, "K: activations are read at the output of decoder block K "
+                             "(0-based).", ge=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = param("float32", "Weights/compute dtype.")
+    trust_remote_code: bool = param(False, "Run the model repository's own Python code; off unless "
+                                    "the recipe says so.")
+
+    def validate(self):
+        _require(bool(self.base), "base", "must name a model directory or tiny:<family>")
+        family = self.base.removeprefix("tiny:")
+        _require(not self.base.startswith("tiny:") or family in TINY_FAMILIES, "base",
+                 f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+
+
+@dataclass(frozen=True)
+class InjectionConfig(ConfigSection):
+    family: Literal["replace", "add"] = param(
+        "replace", "replace: the marker's input embedding becomes n_s(h); add: h1 + c·|h1|·v/|v| "
+        "at the output of block add_layer. A checkpoint only works with the family it learnt.")
+    scale: float | None = param(None, "replace only: target norm s of the injected vector; null = "
+                                "chosen from the data (a little above the mean raw norm).", gt=0)
+    add_layer: int = param(1, "add only: decoder block whose output receives the vector.", ge=0)
+    add_coeff: float = param(1.0, "add only: c, the injected norm relative to the residual norm.",
+                             gt=0)
+    marker: str | None = param(None, "Marker character; null = the first single-token character "
+                               "in U+3200-U+33FF.")
+
+    def validate(self):
+        _require(self.family == "replace" or self.scale is None, "scale",
+                 f"must be null for family 'add' (it is norm-matched), found {self.scale!r}")
+        _require(self.marker != "", "marker", "must be null or non-empty")
+
+
+@dataclass(frozen=True)
+class TemplatesConfig(ConfigSection):
+    av: str = param(DEFAULT_AV_TEMPLATE, "AV user message; must contain {injection_char}.")
+    ar: str = param(DEFAULT_AR_TEMPLATE, "AR input text; must contain {explanation}.")
+    av_prefill: str = param("", "Prefilled after the AV generation prompt, e.g. <explanation>.")
+
+    def validate(self):
+        _require("{injection_char}" in self.av, "av", "must contain {injection_char}")
+        _require("{explanation}" in self.ar, "ar", "must contain {explanation}")
+
+
+@dataclass(frozen=True)
+class SplitsConfig(ConfigSection):
+    av_sft: float = param(0.25, "Fraction of documents for AV-SFT.", ge=0)
+    ar_sft: float = param(0.25, "Fraction of documents for AR-SFT.", ge=0)
+    rl: float = param(0.4, "Fraction of documents for RL.", ge=0)
+    eval: float = param(0.1, "Fraction of documents held out for evaluation.", ge=0)
+
+    def validate(self):
+        total = self.av_sft + self.ar_sft + self.rl + self.eval
+        _require(abs(total - 1.0) <= 1e-6, "",
+                 f"av_sft + ar_sft + rl + eval must sum to 1, found {total!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig(ConfigSection):
+    corpus: str = param("toyworld", "A parquet/jsonl path, or toyworld (generated offline).")
+    text_column: str = param("text", "Column holding the document text.")
+    max_tokens: int = param(128, "Documents are cut to this many tokens (BOS included).", gt=0)
+    positions_per_doc: int = param(10, "At most this many activation positions per document.", gt=0)
+    min_pos: int = param(50, "Earliest token position sampled (enough context); 50 for real "
+                         "models.", ge=0)
+    splits: SplitsConfig = param(factory=SplitsConfig, doc="Split by document, never by row.")
+    num_docs: int | None = param(None, "Use only the first N documents; null = all.", gt=0)
+
+    def validate(self):
+        _require(self.min_pos < self.max_tokens, "min_pos",
+                 f"must be < max_tokens ({self.max_tokens}), found {self.min_pos}")
+
+
+@dataclass(frozen=True)
+class SFTConfig(ConfigSection):
+    lr: float = param(2e-5, "Peak learning rate.", gt=0)
+    steps: int = param(50, "Optimiser steps.", gt=0)
+    batch_size: int = param(16, "Sequences per optimiser step, summed over all ranks of the role.",
+                            gt=0)
+    micro_batch_size: int = param(4, "Sequences per forward/backward on one rank.", gt=0)
+    warmup_steps: int = param(5, "Linear warm-up steps.", ge=0)
+    weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
+    grad_clip: float = param(1.0, "Gradient-norm clip.", gt=0)
+    schedule: Literal["cosine", "constant"] = param("cosine", "LR schedule after warm-up.")
+
+    def validate(self):
+        _require(self.warmup_steps <= self.steps, "warmup_steps",
+                 f"must be <= steps ({self.steps}), found {self.warmup_steps}")
+
+
+@dataclass(frozen=True)
+class RLConfig(ConfigSection):
+    steps: int = param(20, "GRPO steps.", gt=0)
+    prompts_per_step: int = param(8, "Distinct activations per step.", gt=0)
+    group_size: int = param(4, "Samples per activation (GRPO group); advantages compare samples "
+                            "of a group, so at least 2.", ge=2)
+    temperature: float = param(1.0, "Sampling temperature.", gt=0)
+    top_p: float = param(1.0, "Nucleus sampling threshold.", gt=0, le=1)
+    max_new_tokens: int = param(48, "Generation cap; capped rollouts get failure_penalty.", gt=0)
+    av_lr: float = param(1e-5, "AV (policy) learning rate.", gt=0)
+    ar_lr: float = param(3e-5, "AR learning rate when trained online.", gt=0)
+    kl_beta: float = param(0.01, "Weight of the KL to the frozen SFT policy; 0 = off.", ge=0)
+    kl_estimator: Literal["k1", "k3"] = param("k3", "k1: Δ; k3: exp(Δ)-Δ-1; Δ = logπ_ref - logπ.")
+    clip_low: float = param(0.2, "PPO ratio clip below 1.", gt=0, lt=1)
+    clip_high: float = param(0.28, "PPO ratio clip above 1.", gt=0)
+    advantage: Literal["grpo", "drgrpo"] = param("grpo", "grpo: (r-mean)/(std+1e-6); drgrpo: "
+                                                 "r-mean (no std division).")
+    reward: Literal["neg_mse", "neg_log_mse"] = param("neg_mse", "-MSE, or -log(max(MSE, 1e-8)).")
+    failure_penalty: float | None = param(None, "Reward of a rollout with no extractable "
+                                          "explanation or that hits the cap; null = the "
+                                          "orthogonal-equivalent of the reward (-2 for neg_mse, "
+                                          "-log 2 for neg_log_mse).")
+    is_cap: float = param(2.0, "Cap of the truncated importance weight "
+                          "exp(logp_learner - logp_engine).", gt=0)
+    online_ar: bool = param(True, "Train the AR on the AV's own explanations during RL.")
+
+
+@dataclass(frozen=True)
+class NegativesConfig(ConfigSection):
+    enabled: bool = param(False, "Reward against hard negatives (nearest activations by cosine).")
+    top_k: int = param(20, "Neighbours indexed per activation (self excluded).", gt=0)
+    per_sample: int = param(3, "Negatives drawn per sample from its top_k.", gt=0)
+    combine: Literal["max", "infonce"] = param("max", "max: cos(ĥ,h) - max_j cos(ĥ,h_j); "
+                                               "infonce: log-softmax of h among the negatives.")
+    temperature: float = param(0.1, "tau of the infonce combination.", gt=0)
+    weight: float = param(1.0, "lambda: weight of the negatives term in the reward.", ge=0)
+    exclude_same_doc: bool = param(True, "Skip same-document neighbours (near-duplicates).")
+
+    def validate(self):
+        _require(self.per_sample <= self.top_k, "per_sample",
+                 f"must be <= top_k ({self.top_k}), found {self.per_sample}")
+
+
+@dataclass(frozen=True)
+class EngineConfig(ConfigSection):
+    kind: Literal["vllm", "hf"] = param("vllm", "Rollout engine: vllm, or hf (transformers).")
+    num_engines: int = param(1, "Rollout engine replicas.", gt=0)
+    kv_cache_gib: float = param(1.0, "CPU KV cache GiB per engine (VLLM_CPU_KVCACHE_SPACE).", gt=0)
+    gpu_memory_utilization: float = param(0.5, "Fraction of GPU memory an engine may take.",
+                                          gt=0, le=1)
+
+
+@dataclass(frozen=True)
+class LearnerConfig(ConfigSection):
+    backend: Literal["fsdp2", "deepspeed"] = param("fsdp2", "Distributed training backend.")
+    zero_stage: Literal[2, 3] = param(3, "DeepSpeed ZeRO stage (deepspeed backend only).")
+    ranks_av: int = param(2, "Training ranks (processes) of the AV.", gt=0)
+    ranks_ar: int = param(2, "Training ranks (processes) of the AR.", gt=0)
+    lora_rank: int = param(0, "LoRA rank of the AV; 0 = full fine-tune.", ge=0)
+    lora_alpha: float = param(64.0, "LoRA alpha: scale alpha/r, or alpha/sqrt(r) with rsLoRA.",
+                              gt=0)
+    lora_dropout: float = param(0.0, "LoRA dropout.", ge=0, lt=1)
+    use_rslora: bool = param(False, "Rank-stabilised LoRA scaling.")
+    gradient_checkpointing: bool = param(False, "Recompute activations in backward to save memory.")
+    num_cpus_per_rank: float = param(0.5, "Ray CPUs reserved per rank.", ge=0)
+    num_gpus_per_rank: float = param(0.0, "Ray GPUs reserved per rank; 0 on CPU.", ge=0)
+
+
+@dataclass(frozen=True)
+class WandbConfig(ConfigSection):
+    enabled: bool = param(False, "Log to Weights & Biases.")
+    project: str = param("nla-rl", "W&B project.")
+    entity: str | None = param(None, "W&B entity (team or user); null = the account's default.")
+    mode: Literal["offline", "online", "disabled"] = param("offline", "W&B mode.")
+    api_key_env: str = param("WANDB_API_KEY", "NAME of the environment variable holding the API "
+                             "key; the key itself never goes in a recipe.")
+
+    def validate(self):
+        _require(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env) is not None,
+                 "api_key_env", "must be an environment variable name, not the key itself")
+
+
+@dataclass(frozen=True)
+class RecipeConfig(ConfigSection):
+    run: RunConfig = param(factory=RunConfig, doc="Run identity, directory and stages.")
+    model: ModelConfig = param(factory=ModelConfig, doc="Base model and extraction layer.")
+    injection: InjectionConfig = param(factory=InjectionConfig, doc="How h enters the AV.")
+    templates: TemplatesConfig = param(factory=TemplatesConfig, doc="AV and AR prompt templates.")
+    data: DataConfig = param(factory=DataConfig, doc="Corpus, positions and document splits.")
+    ar_sft: SFTConfig = param(factory=SFTConfig, doc="AR supervised stage.")
+    av_sft: SFTConfig = param(factory=SFTConfig, doc="AV supervised stage.")
+    rl: RLConfig = param(factory=RLConfig, doc="GRPO on the AV with the AR's reward.")
+    negatives: NegativesConfig = param(factory=NegativesConfig, doc="Hard-negative reward.")
+    engine: EngineConfig = param(factory=EngineConfig, doc="Rollout engines.")
+    learner: LearnerConfig = param(factory=LearnerConfig, doc="Training backend and placement.")
+    wandb: WandbConfig = param(factory=WandbConfig, doc="Weights & Biases logging.")
+
+    def validate(self):
+        for stage, ranks in (("ar_sft", self.learner.ranks_ar), ("av_sft", self.learner.ranks_av)):
+            sft = getattr(self, stage)
+            _require(sft.batch_size % (sft.micro_batch_size * ranks) == 0, f"{stage}.batch_size",
+                     f"must be a multiple of micro_batch_size × ranks ({sft.micro_batch_size} × "
+                     f"{ranks}), found {sft.batch_size}")
+
+
+# ----------------------------------------------------------------------------- type checking
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)  # resolves the string annotations of `from __future__`
+
+
+def _found(value: Any) -> str:
+    if value is None:
+        return "null"
+    kind = {bool: "bool", dict: "mapping", list: "list"}.get(type(value), type(value).__name__)
+    return f"{kind} {value!r}"
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return "|".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        return f"list[{_type_name(args[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+# PyYAML follows YAML 1.1, which reads `1e-5` (no dot) as a string; accept that spelling for floats.
+_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as ``tp`` (int→float, list→tuple, mapping→dataclass), or a ConfigError."""
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        # type() equality, so True does not pass for 1 nor 1 for 1.0.
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        tip = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, found {_found(value)}{tip}")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(value, arm, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, found {_found(value)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, found {_found(value)}")
+        return tuple(_check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, str) and _EXP_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    # bool is a subclass of int: reject it for int/float, and reject 1/"yes" for bool.
+    ok = {bool: type(value) is bool, int: type(value) is int, str: isinstance(value, str),
+          float: type(value) in (int, float)}.get(tp)
+    if ok is None:
+        raise TypeError(f"{key}: config type {tp!r} is not supported by the loader")
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, found {_found(value)}")
+    if tp is float and not math.isfinite(value):  # .nan/.inf in YAML: always a mistake here
+        raise ConfigError(f"{key}: expected a finite float, found {value!r}")
+    return float(value) if tp is float else value
+
+
+def _unknown_key(key: str, cls: type) -> ConfigError:
+    section, _, name = key.rpartition(".")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    hint = difflib.get_close_matches(name, valid, n=1)
+    tip = f"did you mean {(section + '.' if section else '') + hint[0]!r}? " if hint else ""
+    return ConfigError(f"unknown key {key!r}; {tip}valid keys in {section or 'the recipe'}: "
+                       f"{', '.join(valid)}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, checking every key and value."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping of keys, found {_found(data)}")
+    hints = _hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in hints:
+            raise _unknown_key(key, cls)
+        kwargs[name] = _check_value(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # __post_init__ names the field; add the section it lives in
+        message = str(err)
+        joiner = "" if message.startswith(":") or not prefix else "."
+        raise ConfigError(f"{prefix}{joiner}{message}".removeprefix(": ")) from None
+
+
+# ------------------------------------------------------------------------ loading & overrides
+
+
+def _apply_override(data: dict, override: str) -> None:
+    """Set ``a.b=c`` in the raw recipe mapping; ``c`` is parsed as YAML."""
+    dotted, sep, text = override.partition("=")
+    dotted = dotted.strip()
+    if not sep or not dotted:
+        raise ConfigError(f"override {override!r}: expected key.sub=value, e.g. rl.steps=10")
+    cls, node, names = RecipeConfig, data, dotted.split(".")
+    for depth, name in enumerate(names):
+        key, last = ".".join(names[: depth + 1]), depth == len(names) - 1
+        if name not in _hints(cls):
+            raise _unknown_key(key, cls)
+        tp = _hints(cls)[name]
+        if last and dataclasses.is_dataclass(tp):
+            example = dataclasses.fields(tp)[0].name
+            raise ConfigError(f"override {override!r}: {key} is a section, not a value; override "
+                              f"its keys one by one, e.g. {key}.{example}=...")
+        if last:
+            node[name] = yaml.safe_load(text)
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"override {override!r}: {key} is a value, "
+                              f"it has no key {names[depth + 1]!r}")
+        if node.get(name) is None:  # section absent from the file, or written as `rl:` alone
+            node[name] = {}
+        child = node[name]
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: expected a mapping of keys, found {_found(child)}")
+        cls, node = tp, child
+
+
+def recipe_from_dict(data: dict | None, overrides: Sequence[str] = ()) -> RecipeConfig:
+    """A checked RecipeConfig from a plain mapping (as YAML gives it) plus ``a.b=c`` overrides."""
+    data = copy.deepcopy(data or {})  # overrides must not edit the caller's mapping
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe: expected a mapping of sections, found {_found(data)}")
+    if isinstance(overrides, str):  # a lone string would be iterated character by character
+        overrides = [overrides]
+    for override in overrides:
+        _apply_override(data, override)
+    return _build(RecipeConfig, data)
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RecipeConfig:
+    """Read a YAML recipe, apply ``a.b=c`` overrides, and check everything."""
+    if not Path(path).is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist; recipes/ has one per base model "
+                          "(recipes/tiny.yaml is the CPU default)")
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    try:
+        return recipe_from_dict(data, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+# ---------------------------------------------------------------------- dumping & redaction
+
+
+def recipe_to_dict(cfg: Any) -> dict:
+    """Plain YAML-safe data (tuples as lists) of a config dataclass; nothing redacted."""
+    return _plain(cfg, redact_secrets=False)
+
+
+def redact(obj: Any) -> Any:
+    """Plain data of ``obj`` (a config dataclass, mapping, list or scalar) with secrets masked:
+    fields marked ``secret=True``, and any substring equal to the value of an environment
+    variable whose name contains KEY, TOKEN, SECRET or PASSWORD."""
+    env_secrets = sorted({v for k, v in os.environ.items()
+                          if _SECRET_ENV_NAME.search(k) and len(v) >= _MIN_SECRET_LEN},
+                         key=len, reverse=True)  # longest first, so no partial leftovers
+    return _plain(obj, redact_secrets=True, env_secrets=env_secrets)
+
+
+def _plain(obj: Any, *, redact_secrets: bool, env_secrets: Sequence[str] = ()) -> Any:
+    again = functools.partial(_plain, redact_secrets=redact_secrets, env_secrets=env_secrets)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        secret = {f.name for f in dataclasses.fields(obj) if f.metadata.get("secret")}
+        return {name: REDACTED if redact_secrets and name in secret and value is not None
+                else again(value) for name, value in values.items()}
+    if isinstance(obj, dict):
+        return {k: again(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [again(v) for v in obj]
+    if isinstance(obj, str):
+        for env_secret in env_secrets:
+            obj = obj.replace(env_secret, REDACTED)
+    return obj
+
+
+def dump_recipe(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved, redacted recipe as YAML, atomically (tmp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(redact(cfg), sort_keys=False, allow_unicode=True, width=100)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------------------- describe
+
+
+def describe(cls: type = RecipeConfig, prefix: str = "") -> str:
+    """One line per key: ``dotted.key: type = default  # doc`` (sections as headers)."""
+    lines, indent = [], "  " * prefix.count(".")
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", _hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{indent}{key}:  # {f.metadata.get('doc', '')}")
+            lines.append(describe(tp, prefix=f"{key}."))
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        shown = yaml.safe_dump(_plain(default, redact_secrets=False), default_flow_style=True,
+                               width=10**6).strip().removesuffix("...").strip()
+        if len(shown) > 50:
+            shown = shown[:47] + "..."
+        bounds = f" ({_bounds_text(f.metadata['bounds'])})" if f.metadata.get("bounds") else ""
+        lines.append(f"{indent}{key}: {_type_name(tp)}{bounds} = {shown}  # {f.metadata['doc']}")
+    return "\n".join(lines)
