@@ -1,0 +1,348 @@
+"""Injecting activation vectors into a Hugging Face causal LM at the marker positions.
+
+Two families; a checkpoint is only correct with the family it was trained with.
+
+* ``replace`` (reference implementation; Qwen2.5 / Gemma-3 / Llama releases): the marker token's
+  *input embedding* is replaced by ``n_s(h) = h · s / sqrt(Σh² + ε)`` (``s = injection scale``,
+  computed in fp32, then cast to the model dtype). The hook sits on the embedding module's *output*,
+  so for Gemma (whose embedding module multiplies by √d) the injected row is **not** scaled by √d
+  while every other row is.
+* ``add`` ("Karvonen", norm-matched; the Qwen3-8B seed): at the output of decoder block ``layer``
+  (default 1), at the marker position, ``h' = h + c · ‖h‖ · v/‖v‖`` with ``h`` the full residual
+  stream there (in HF the decoder block's output *is* the residual) and ``v`` the raw activation.
+
+Both apply only to the forward pass whose token chunk contains the marker column, i.e. the
+prompt pass: KV-cache decode steps start past the prompt and are never touched. The start of the
+chunk is read from the KV cache length (``past_key_values.get_seq_length()``) on the way into the
+base model. Hooks live inside the decoder blocks' ``nn.Module.__call__``, so HF gradient
+checkpointing (enabled before or after :func:`inject`) replays them identically on recompute; the
+recompute is not counted twice in :attr:`Injection.applied`.
+
+For engines that take prompt embeddings (vLLM ``prompt_embeds``), :func:`build_prompt_embeds`
+builds exactly what the ``replace`` hook produces inside the model.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from nla_rl.errors import InjectionError
+from nla_rl.vectors import check_vectors, normalize_to
+
+FAMILIES = ("replace", "add")
+# Model types whose embedding module multiplies by sqrt(hidden_size) (when only a config is known).
+SCALED_EMBEDDING_MODEL_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
+# Where decoder blocks live, relative to a (possibly unwrapped) model.
+_LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers",
+                "language_model.layers", "layers", "model.decoder.layers", "transformer.h",
+                "gpt_neox.layers")
+
+
+# --------------------------------------------------------------------------- model structure
+
+def _unwrapped(model) -> list:
+    """``model`` and what it wraps (peft ``get_base_model()``, ``.base_model``, DDP/FSDP ``.module``)."""
+    out, todo = [], [model]
+    while todo:
+        m = todo.pop(0)
+        if m is None or any(m is o for o in out):
+            continue
+        out.append(m)
+        if callable(getattr(m, "get_base_model", None)):
+            todo.append(m.get_base_model())
+        todo += [getattr(m, "base_model", None), getattr(m, "module", None)]
+    return out
+
+
+def _find_layers(model) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """``(owner, layers)``: the decoder block list and the base model that owns it."""
+    for root in _unwrapped(model):
+        for path in _LAYER_PATHS:
+            *parents, name = path.split(".")
+            owner = root
+            for part in parents:
+                owner = getattr(owner, part, None)
+            layers = getattr(owner, name, None)
+            if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+                return owner, layers
+    raise InjectionError(
+        f"cannot find the decoder blocks of {type(model).__name__}: looked for "
+        f"{', '.join(_LAYER_PATHS)} (also inside peft/DDP wrappers). Supported: Qwen2, Qwen3, Llama, "
+        "Gemma-3 causal LMs; add the attribute path to nla_rl.injection._LAYER_PATHS for others"
+    )
+
+
+def get_decoder_layers(model) -> torch.nn.ModuleList:
+    """The ``ModuleList`` of decoder blocks (Qwen2/Qwen3/Llama/Gemma-3, bare or peft-wrapped)."""
+    return _find_layers(model)[1]
+
+
+def get_embedding_module(model) -> torch.nn.Module:
+    """The input embedding module (``model.get_input_embeddings()``; works through peft)."""
+    return model.get_input_embeddings()
+
+
+def _text_config(model_or_config):
+    cfg = getattr(model_or_config, "config", model_or_config)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def d_model_of(model) -> int:
+    """``hidden_size`` of the (text) model."""
+    return int(_text_config(model).hidden_size)
+
+
+def embed_multiplier(model_or_config, dtype: torch.dtype | None = None) -> float:
+    """The factor the model's embedding module multiplies token embeddings by.
+
+    Gemma's ``Gemma3TextScaledWordEmbedding`` computes ``E[ids] * embed_scale.to(weight.dtype)``
+    with ``embed_scale = torch.tensor(hidden_size ** 0.5)`` (fp32), so the exact factor is
+    ``√d`` rounded to fp32, then to the weight dtype — e.g. bf16(√3840) = 62.0, not 61.97.
+    Given a model, the embedding module's own ``embed_scale`` is read (and ``dtype`` defaults to
+    its weight dtype); given a config, ``√d`` for Gemma model types, else 1.0.
+    """
+    if isinstance(model_or_config, torch.nn.Module):
+        emb = get_embedding_module(model_or_config)
+        dtype = dtype or emb.weight.dtype
+        scale = getattr(emb, "embed_scale", None)
+        if scale is not None:
+            return float(torch.as_tensor(scale, dtype=torch.float32).to(dtype))
+    cfg = _text_config(model_or_config)
+    if getattr(cfg, "model_type", None) not in SCALED_EMBEDDING_MODEL_TYPES:
+        return 1.0
+    return float(torch.tensor(math.sqrt(cfg.hidden_size), dtype=torch.float32).to(dtype or torch.float32))
+
+
+# --------------------------------------------------------------------------- hooks
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (i.e. during a gradient-checkpoint recompute)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+def _cache_length(kwargs: dict) -> int:
+    """Tokens already in the KV cache = the position where this forward's chunk starts."""
+    cache = kwargs.get("past_key_values")
+    try:
+        return int(cache.get_seq_length()) if cache is not None else 0
+    except (AttributeError, TypeError, ValueError):  # a cache type without a usable length
+        return 0
+
+
+class Injection:
+    """Hooks that inject ``vectors`` at ``positions`` (see the module docstring); use :func:`inject`.
+
+    ``applied`` counts rows written (a health metric: it should equal the number of prompts per
+    prompt pass, and not grow on decode steps); ``passes`` counts forward passes that wrote rows.
+    """
+
+    def __init__(self, model, *, family: str, vectors: torch.Tensor, positions: torch.Tensor,
+                 scale: float | None = None, layer: int = 1, coeff: float = 1.0):
+        if family not in FAMILIES:
+            raise InjectionError(f"injection family: expected one of {FAMILIES}, found {family!r}")
+        self.model, self.family, self.layer, self.coeff = model, family, layer, float(coeff)
+        self.vectors = check_vectors(vectors, d_model_of(model))
+        self.positions = _check_positions(positions, self.vectors.shape[0])
+        if family == "replace":
+            if scale is None or not math.isfinite(float(scale)) or float(scale) <= 0:
+                raise InjectionError(
+                    f"family 'replace' needs a finite injection scale > 0 (the sidecar's "
+                    f"extraction.injection_scale, e.g. 150 for Qwen2.5-7B), found {scale!r}"
+                )
+            self.scale = float(scale)
+        else:
+            if scale is not None:
+                raise InjectionError(
+                    f"family 'add' is norm-matched (h + c·‖h‖·v/‖v‖) and takes no scale, found "
+                    f"scale={scale!r}; pass scale=None (and coeff for the strength)"
+                )
+            if not math.isfinite(self.coeff):
+                raise InjectionError(f"coeff must be finite, found {coeff!r}")
+            self.scale = None
+        self._owner, self._layers = _find_layers(model)
+        if family == "add" and not 0 <= layer < len(self._layers):
+            raise InjectionError(f"injection layer: expected 0..{len(self._layers) - 1}, found {layer}")
+        self.applied = 0
+        self.passes = 0
+        self._offset = 0
+        self._handles: list = []
+
+    # -- lifecycle
+    def attach(self) -> "Injection":
+        if self._handles:
+            raise InjectionError("this Injection is already attached")
+        owner = self._owner
+        self._handles = [
+            owner.register_forward_pre_hook(self._enter_pass, with_kwargs=True),
+            owner.register_forward_hook(self._leave_pass, always_call=True),
+        ]
+        if self.family == "replace":
+            self._handles.append(get_embedding_module(self.model).register_forward_hook(self._replace_hook))
+        else:
+            self._handles.append(self._layers[self.layer].register_forward_hook(self._add_hook))
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # -- which rows this pass covers
+    def _enter_pass(self, module, args, kwargs):
+        self._offset = _cache_length(kwargs)
+
+    def _leave_pass(self, module, args, output):
+        self._offset = 0
+
+    def _select(self, batch: int, seq: int):
+        """``(vector index, rows, local cols)`` of markers inside this chunk, or ``None``."""
+        rows, cols = self.positions[:, 0], self.positions[:, 1] - self._offset
+        keep = (cols >= 0) & (cols < seq)
+        if not bool(keep.any()):
+            return None
+        if int(rows[keep].max()) >= batch:
+            raise InjectionError(
+                f"positions name batch row {int(rows[keep].max())} but the forward pass has batch "
+                f"size {batch}; with num_return_sequences/beams, expand vectors and positions too "
+                "(generate_with_injection does)"
+            )
+        idx = keep.nonzero().flatten()
+        if not _in_backward():  # a gradient-checkpoint recompute replays the same rows
+            self.applied += idx.numel()
+            self.passes += 1
+        return idx, rows[idx], cols[idx]
+
+    # -- the two families
+    def _replace_hook(self, module, args, out: torch.Tensor):
+        """Embedding output ``[B, S, d]``: row (b, t) ← ``n_s(v)`` cast to the output dtype."""
+        sel = self._select(out.shape[0], out.shape[1])
+        if sel is None:
+            return None
+        idx, rows, cols = (t.to(out.device) for t in sel)
+        values = normalize_to(self.vectors.to(out.device)[idx], self.scale).to(out.dtype)
+        return out.index_put((rows, cols), values)  # out of place: autograd-safe
+
+    def _add_hook(self, module, args, out):
+        """Block output ``h``: ``h[b, t] ← h[b, t] + c · ‖h[b, t]‖ · v/‖v‖`` (fp32, then cast)."""
+        hidden = out[0] if isinstance(out, tuple) else out
+        sel = self._select(hidden.shape[0], hidden.shape[1])
+        if sel is None:
+            return None
+        idx, rows, cols = (t.to(hidden.device) for t in sel)
+        h = hidden[rows, cols].float()
+        direction = normalize_to(self.vectors.to(hidden.device)[idx], 1.0)
+        new = h + self.coeff * h.norm(dim=-1, keepdim=True) * direction
+        hidden = hidden.index_put((rows, cols), new.to(hidden.dtype))
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+
+def _check_positions(positions, n: int) -> torch.Tensor:
+    positions = torch.as_tensor(positions)
+    if positions.dim() == 1 and positions.numel() == 2:
+        positions = positions.unsqueeze(0)
+    if positions.dim() != 2 or positions.shape[1] != 2 or positions.dtype.is_floating_point:
+        raise InjectionError(
+            f"positions: expected an integer tensor [n, 2] of (row, column) from "
+            f"tokens.find_marker_positions, found shape {list(positions.shape)} dtype {positions.dtype}"
+        )
+    if positions.shape[0] != n:
+        raise InjectionError(
+            f"{positions.shape[0]} marker position(s) but {n} vector(s): each vector needs exactly "
+            "one marker position (row, column)"
+        )
+    positions = positions.detach().to("cpu", torch.long)
+    if bool((positions < 0).any()):
+        raise InjectionError(f"positions must be >= 0, found {positions[(positions < 0).any(1)].tolist()}")
+    if positions.unique(dim=0).shape[0] != n:
+        raise InjectionError("positions contain the same (row, column) twice; one vector per marker")
+    return positions
+
+
+@contextmanager
+def inject(model, *, family: str, vectors: torch.Tensor, positions: torch.Tensor,
+           scale: float | None = None, layer: int = 1, coeff: float = 1.0) -> Iterator[Injection]:
+    """Inject ``vectors[i]`` at ``positions[i] = (row, col)`` while the context is open.
+
+    ``family="replace"`` needs ``scale``; ``family="add"`` uses ``layer`` and ``coeff``. Works
+    under ``torch.no_grad`` (generation) and with gradients (vectors may require grad). The hooks
+    are removed on exit, also on error. Yields the :class:`Injection` (``.applied`` counter).
+    """
+    handle = Injection(model, family=family, vectors=vectors, positions=positions, scale=scale,
+                       layer=layer, coeff=coeff).attach()
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------- prompt embeddings
+
+def build_batch_prompt_embeds(embedding_weight: torch.Tensor, input_ids: torch.Tensor,
+                              vectors: torch.Tensor, positions: torch.Tensor, *, scale: float,
+                              multiplier: float = 1.0) -> torch.Tensor:
+    """``[B, S, d]`` prompt embeddings with the ``replace`` injection already applied.
+
+    Ordinary rows: ``E[ids] * multiplier`` computed as the model does (the multiplier as a 0-d
+    tensor in the weight dtype); marker rows: ``n_s(v)`` cast to the weight dtype, *not* multiplied.
+    """
+    input_ids = torch.as_tensor(input_ids, device=embedding_weight.device)
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    vectors = check_vectors(vectors, embedding_weight.shape[1])
+    positions = _check_positions(positions, vectors.shape[0])
+    batch, seq = input_ids.shape
+    if bool((positions[:, 0] >= batch).any() or (positions[:, 1] >= seq).any()):
+        raise InjectionError(f"positions {positions.tolist()} fall outside input_ids of shape {[batch, seq]}")
+    if scale is None or not math.isfinite(float(scale)) or float(scale) <= 0:
+        raise InjectionError(f"build_prompt_embeds needs a finite injection scale > 0, found {scale!r}")
+    embeds = F.embedding(input_ids.long(), embedding_weight)
+    if multiplier != 1.0:
+        embeds = embeds * torch.tensor(multiplier, dtype=torch.float32,
+                                       device=embeds.device).to(embeds.dtype)
+    values = normalize_to(vectors.to(embeds.device), float(scale)).to(embeds.dtype)
+    pos = positions.to(embeds.device)
+    return embeds.index_put((pos[:, 0], pos[:, 1]), values)
+
+
+def build_prompt_embeds(embedding_weight: torch.Tensor, token_ids, vector: torch.Tensor,
+                        position: int, *, scale: float, multiplier: float = 1.0) -> torch.Tensor:
+    """``[seq, d]`` prompt embeddings of one prompt for engines that take them (vLLM
+    ``prompt_embeds``): ``E[ids] * multiplier`` except row ``position`` = ``n_s(vector)``."""
+    ids = torch.as_tensor(token_ids).reshape(1, -1)
+    return build_batch_prompt_embeds(embedding_weight, ids, vector.reshape(1, -1),
+                                     torch.tensor([[0, int(position)]]), scale=scale,
+                                     multiplier=multiplier)[0]
+
+
+# --------------------------------------------------------------------------- generation
+
+def generate_with_injection(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            *, family: str, vectors: torch.Tensor, positions: torch.Tensor,
+                            scale: float | None = None, layer: int = 1, coeff: float = 1.0,
+                            **generate_kwargs) -> tuple[torch.Tensor, Injection]:
+    """``model.generate`` inside :func:`inject`; returns ``(sequences, injection)``.
+
+    ``num_return_sequences = k`` is handled by expanding prompts, vectors and positions here
+    (row ``r`` becomes rows ``r·k … r·k + k - 1``), then generating one sequence per row.
+    """
+    k = int(generate_kwargs.pop("num_return_sequences", 1) or 1)
+    positions = torch.as_tensor(positions)
+    if k > 1:
+        input_ids = input_ids.repeat_interleave(k, dim=0)
+        attention_mask = attention_mask.repeat_interleave(k, dim=0)
+        vectors = check_vectors(vectors, d_model_of(model)).repeat_interleave(k, dim=0)
+        offsets = torch.arange(k, device=positions.device).repeat(positions.shape[0])
+        positions = positions.repeat_interleave(k, dim=0)
+        positions = torch.stack([positions[:, 0] * k + offsets, positions[:, 1]], dim=1)
+    if tokenizer is not None and "pad_token_id" not in generate_kwargs:
+        generate_kwargs["pad_token_id"] = tokenizer.pad_token_id
+    with inject(model, family=family, vectors=vectors, positions=positions, scale=scale,
+                layer=layer, coeff=coeff) as handle:
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+    return out, handle
