@@ -1,0 +1,91 @@
+"""The ``nla-rl`` command line.
+
+    nla-rl run RECIPE [key=value …]       run a recipe's stages (same as python -m launch.train)
+    nla-rl recipe show RECIPE [key=value …]   print the resolved recipe (secrets redacted)
+    nla-rl recipe keys                    every recipe key with its type, default and meaning
+    nla-rl sidecar check CHECKPOINT_DIR   validate nla_meta.yaml against the dir's tokenizer/config
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from nla_rl.errors import NLAError
+
+
+def _cmd_run(args) -> int:
+    from launch.train import run
+
+    print(f"run directory: {run(args.recipe, args.overrides)}")
+    return 0
+
+
+def _cmd_recipe_show(args) -> int:
+    from nla_rl.config import load_recipe, redact
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    print(yaml.safe_dump(redact(cfg), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def _cmd_recipe_keys(args) -> int:
+    from nla_rl.config import describe
+
+    print(describe())
+    return 0
+
+
+def _cmd_sidecar_check(args) -> int:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from nla_rl.sidecar import read_model_sidecar, validate_model_sidecar
+
+    sidecar = read_model_sidecar(args.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
+    config = AutoConfig.from_pretrained(args.checkpoint, local_files_only=True)
+    validate_model_sidecar(sidecar, tokenizer, config)
+    t = sidecar.tokens
+    print(f"ok: role={sidecar.role} stage={sidecar.stage} d_model={sidecar.d_model} "
+          f"K={sidecar.extraction_layer_index} injection={sidecar.injection_family} "
+          f"marker={t.char!r} id={t.token_id} neighbours=({t.left_id}, {t.right_id})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nla-rl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe's stages")
+    run.add_argument("recipe")
+    run.add_argument("overrides", nargs="*")
+    run.set_defaults(func=_cmd_run)
+
+    recipe = sub.add_parser("recipe", help="inspect recipes").add_subparsers(dest="action", required=True)
+    show = recipe.add_parser("show", help="print the resolved recipe")
+    show.add_argument("recipe")
+    show.add_argument("overrides", nargs="*")
+    show.set_defaults(func=_cmd_recipe_show)
+    recipe.add_parser("keys", help="document every recipe key").set_defaults(func=_cmd_recipe_keys)
+
+    sidecar = sub.add_parser("sidecar", help="checkpoint sidecars").add_subparsers(dest="action", required=True)
+    check = sidecar.add_parser("check", help="validate a checkpoint's nla_meta.yaml")
+    check.add_argument("checkpoint")
+    check.set_defaults(func=_cmd_sidecar_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NLAError as err:  # bad input: one clear line, exit 2, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

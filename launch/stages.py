@@ -1,0 +1,152 @@
+"""Pipeline stages. Each reads only what earlier stages wrote to the run directory, so any stage
+can be rerun alone."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from nla_rl.ar_model import ActivationReconstructor
+from nla_rl.base_model import DTYPES, load_causal_lm, resolve_base_model
+from nla_rl.config import RecipeConfig
+from nla_rl.errors import ConfigError
+from nla_rl.metrics_log import MetricsLog
+from nla_rl.rewards import mse_scale_for
+from nla_rl.roundtrip import InjectionSpec, capture_last_token_activations, round_trip
+from nla_rl.sidecar import (ModelSidecar, make_token_meta, read_model_sidecar, validate_model_sidecar,
+                            write_model_sidecar)
+
+
+def run_paths(run_dir: Path) -> dict[str, Path]:
+    """Where each stage writes inside the run directory."""
+    return {
+        "base": run_dir / "base", "init_av": run_dir / "init" / "av", "init_ar": run_dir / "init" / "ar",
+        "logs": run_dir / "logs" / "metrics.jsonl", "eval": run_dir / "eval",
+    }
+
+
+def prepare(cfg: RecipeConfig, run_dir: Path) -> None:
+    """Base model → marker tokens → initial AV (the base) and AR (blocks 0..K + identity head),
+    each an HF directory with a validated ``nla_meta.yaml``."""
+    paths = run_paths(run_dir)
+    base_dir = resolve_base_model(cfg.model.base, run_dir, seed=cfg.run.seed)
+    model, tokenizer = load_causal_lm(base_dir, dtype=cfg.model.dtype,
+                                      trust_remote_code=cfg.model.trust_remote_code)
+    n_layers = model.config.num_hidden_layers
+    if cfg.model.layer_index >= n_layers:
+        raise ConfigError(f"model.layer_index: must be < {n_layers} (blocks of {base_dir}), "
+                          f"found {cfg.model.layer_index}")
+    tokens = make_token_meta(tokenizer, cfg.templates.av, cfg.templates.ar, cfg.injection.marker)
+    common = dict(
+        stage="init", base_checkpoint=cfg.model.base, d_model=model.config.hidden_size,
+        extraction_layer_index=cfg.model.layer_index, mse_scale=mse_scale_for(model.config.hidden_size),
+        tokens=tokens, av_template=cfg.templates.av, ar_template=cfg.templates.ar,
+        injection_family=cfg.injection.family, injection_add_layer=cfg.injection.add_layer,
+        injection_add_coeff=cfg.injection.add_coeff,
+    )
+    av_meta = ModelSidecar(role="av", injection_scale=cfg.injection.scale, **common)
+    ar_meta = ModelSidecar(role="ar", injection_scale=None, **common)
+
+    _save_av(model, tokenizer, av_meta, paths["init_av"])
+    ar = ActivationReconstructor.from_base(base_dir, cfg.model.layer_index, dtype=DTYPES[cfg.model.dtype],
+                                           trust_remote_code=cfg.model.trust_remote_code)
+    ar.save_pretrained(paths["init_ar"], tokenizer,
+                       extra_files=lambda d: write_model_sidecar(d, ar_meta))
+    # Read back what was written: a checkpoint is only done once it validates like a user's would.
+    validate_model_sidecar(read_model_sidecar(paths["init_av"]), tokenizer, model.config, role="av")
+    validate_model_sidecar(read_model_sidecar(paths["init_ar"]), tokenizer, ar.config, role="ar")
+    print(f"[prepare] base={base_dir} K={cfg.model.layer_index} d={model.config.hidden_size} "
+          f"marker={tokens.char!r} id={tokens.token_id} neighbours=({tokens.left_id}, {tokens.right_id})")
+
+
+def _save_av(model, tokenizer, meta: ModelSidecar, out_dir: Path) -> None:
+    """The AV checkpoint: an ordinary HF causal-LM dir + tokenizer + sidecar, written atomically."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    write_model_sidecar(tmp, meta)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
+def check(cfg: RecipeConfig, run_dir: Path) -> None:
+    """Round trip ``ĥ = AR(AV(h))`` on corpus activations with the initial checkpoints.
+
+    Verifies, before any training is paid for, that every vector is injected exactly once and that
+    rewards and metrics are finite; records the untrained baseline numbers.
+    """
+    paths = run_paths(run_dir)
+    av_meta = read_model_sidecar(paths["init_av"])
+    av, av_tok = load_causal_lm(paths["init_av"], dtype=cfg.model.dtype,
+                                trust_remote_code=cfg.model.trust_remote_code)
+    ar = ActivationReconstructor.from_pretrained(paths["init_ar"], dtype=DTYPES[cfg.model.dtype],
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    ar_tok = _ar_tokenizer(paths["init_ar"], cfg)
+    texts = _corpus_texts(cfg)
+    vectors = capture_last_token_activations(av, av_tok, texts, av_meta.extraction_layer_index)
+    # Replace-family scale "from data": a little above the mean raw norm, as the releases chose it.
+    scale = av_meta.injection_scale or 1.1 * float(vectors.norm(dim=-1).mean())
+    injection = InjectionSpec(av_meta.injection_family, scale, av_meta.injection_add_layer,
+                              av_meta.injection_add_coeff)
+    started = time.perf_counter()
+    result = round_trip(av, av_tok, ar, ar_tok, vectors, marker=av_meta.tokens.marker,
+                        av_template=av_meta.av_template, ar_template=av_meta.ar_template,
+                        injection=injection, mse_scale=av_meta.mse_scale,
+                        max_new_tokens=cfg.rl.max_new_tokens, reward=cfg.rl.reward,
+                        prefill=cfg.templates.av_prefill)
+    metrics = {**result.metrics, "perf/check_seconds": time.perf_counter() - started}
+    _assert_healthy(result, len(texts))
+    MetricsLog(paths["logs"]).log(0, metrics, stage="check")
+    _write_json(paths["eval"] / "check.json", {
+        "metrics": metrics, "injection_scale": scale,
+        "samples": [{"text": t, "explanation": e, "reward": float(r)}
+                    for t, e, r in zip(texts[:8], result.texts[:8], result.rewards[:8])],
+    })
+    print("[check] " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+
+def _assert_healthy(result, n_vectors: int) -> None:
+    if result.injections_applied != n_vectors:
+        raise RuntimeError(f"injection broken: {result.injections_applied} rows injected for "
+                           f"{n_vectors} vectors; check the marker tokens in the sidecar")
+    bad = [k for k, v in result.metrics.items() if not math.isfinite(v)]
+    if bad or not torch.isfinite(result.rewards).all():
+        raise RuntimeError(f"non-finite round-trip numbers: {bad or 'rewards'}")
+
+
+def _ar_tokenizer(ar_dir: Path, cfg: RecipeConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ar_dir, local_files_only=True,
+                                         trust_remote_code=cfg.model.trust_remote_code)
+
+
+def _corpus_texts(cfg: RecipeConfig) -> list[str]:
+    """Documents of a local text corpus (one per line), capped at ``data.num_docs``."""
+    path = Path(cfg.data.corpus)
+    if not path.is_file():
+        raise ConfigError(f"data.corpus: {cfg.data.corpus!r} is not a file; the check stage reads a "
+                          "local text file with one document per line")
+    docs = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not docs:
+        raise ConfigError(f"data.corpus: {path} has no non-empty lines")
+    return docs[: cfg.data.num_docs] if cfg.data.num_docs else docs
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+STAGES = {"prepare": prepare, "check": check}
+PLANNED = {"datagen": "issue 3", "ar_sft": "issue 4", "av_sft": "issue 4", "rl": "issues 5-6",
+           "export": "issue 7", "eval": "issue 7"}

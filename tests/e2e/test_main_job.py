@@ -1,0 +1,95 @@
+"""The README's main job on the tiny recipe, start to finish, as a user runs it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.train import main
+from nla_rl.sidecar import read_model_sidecar
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+CORPUS = str(ROOT / "recipes" / "data" / "tiny_corpus.txt")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, monkeypatch_module):
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    monkeypatch_module.setenv("WANDB_API_KEY", "sk-secret-value-never-logged")
+    rc = main([TINY, f"run.dir={run_dir}", f"data.corpus={CORPUS}", "data.num_docs=6",
+               "rl.max_new_tokens=12"])
+    assert rc == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_run_writes_the_run_directory(tiny_run):
+    for rel in ("recipe.yaml", "base/config.json", "init/av/model.safetensors", "init/av/nla_meta.yaml",
+                "init/ar/value_head.safetensors", "init/ar/nla_meta.yaml", "logs/metrics.jsonl",
+                "eval/check.json"):
+        assert (tiny_run / rel).is_file(), rel
+    assert not list(tiny_run.rglob("*.tmp*")), "a temp file or dir was left behind"
+
+
+def test_checkpoints_are_consistent(tiny_run):
+    av, ar = read_model_sidecar(tiny_run / "init/av"), read_model_sidecar(tiny_run / "init/ar")
+    assert (av.role, ar.role) == ("av", "ar")
+    assert av.tokens == ar.tokens and av.extraction_layer_index == ar.extraction_layer_index == 2
+    config = json.loads((tiny_run / "init/ar/config.json").read_text())
+    assert config["num_hidden_layers"] == 3
+
+
+def test_check_stage_metrics(tiny_run):
+    rows = [json.loads(line) for line in (tiny_run / "logs/metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["stage"] == "check"
+    assert rows[0]["health/injections_applied"] == 6
+    assert -4.0 <= rows[0]["roundtrip/mse"] <= 4.0
+    report = json.loads((tiny_run / "eval/check.json").read_text())
+    assert len(report["samples"]) == 6 and report["injection_scale"] > 0
+
+
+def test_resolved_recipe_is_written_and_reloads(tiny_run):
+    recipe = yaml.safe_load((tiny_run / "recipe.yaml").read_text())
+    assert recipe["run"]["dir"] == str(tiny_run)
+    assert recipe["data"]["num_docs"] == 6
+    assert "sk-secret-value-never-logged" not in (tiny_run / "recipe.yaml").read_text()
+
+
+def test_rerun_reuses_the_base_model(tiny_run):
+    before = (tiny_run / "base/model.safetensors").stat().st_mtime_ns
+    assert main([TINY, f"run.dir={tiny_run}", f"data.corpus={CORPUS}", "data.num_docs=2",
+                 "rl.max_new_tokens=4"]) == 0
+    assert (tiny_run / "base/model.safetensors").stat().st_mtime_ns == before
+
+
+def test_bad_input_is_one_clear_error(tmp_path, capsys):
+    assert main([TINY, f"run.dir={tmp_path / 'r'}", "rl.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'rl.steps'" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists(), "a bad recipe must not create the run directory"
+    assert main([TINY, f"run.dir={tmp_path / 'r'}", "run.stages=[prepare,rl]"]) == 2
+    assert "'rl' is not implemented yet" in capsys.readouterr().err
+    assert main([TINY, f"run.dir={tmp_path / 'r2'}", "data.corpus=/nonexistent.txt"]) == 2
+    assert "data.corpus" in capsys.readouterr().err
+
+
+def test_cli_entry_point(tiny_run):
+    exe = Path(sys.executable).parent / "nla-rl"
+    out = subprocess.run([str(exe), "sidecar", "check", str(tiny_run / "init/ar")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "role=ar" in out.stdout and "K=2" in out.stdout
+    out = subprocess.run([str(exe), "recipe", "show", TINY, "rl.steps=7"], capture_output=True, text=True)
+    assert out.returncode == 0 and yaml.safe_load(out.stdout)["rl"]["steps"] == 7
+    out = subprocess.run([str(exe), "recipe", "keys"], capture_output=True, text=True)
+    assert "rl.group_size" in out.stdout and "injection.family" in out.stdout
