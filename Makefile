@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, by exact version, so nothing later can pull a CUDA build on a CPU machine.
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[ray,test]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
