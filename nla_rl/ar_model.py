@@ -65,6 +65,20 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (mask * positions).argmax(dim=-1)
 
 
+def block_hidden_states(backbone: nn.Module, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor) -> torch.Tensor:
+    """Output of the last kept block [B, T, d] of a truncated ``backbone`` (norm = Identity).
+
+    Works with left or right padding: position ids count real tokens only, so a padded row sees
+    the same positions as the unpadded text. Calls the inner decoder directly (no lm_head).
+    """
+    mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+    position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    inner = getattr(backbone, backbone.base_model_prefix)
+    return inner(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                 use_cache=False).last_hidden_state
+
+
 def _truncate_config(config, num_layers: int):
     """Copy of ``config`` with ``num_layers`` decoder layers (per-layer lists truncated too)."""
     config = copy.deepcopy(config)
@@ -245,11 +259,7 @@ class ActivationReconstructor(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
         last = last_token_index(mask)
-        # Positions count real tokens only, so a left-padded row sees the same positions as unpadded.
-        position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        inner = getattr(self.backbone, self.backbone.base_model_prefix)
-        hidden = inner(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                       use_cache=False).last_hidden_state
+        hidden = block_hidden_states(self.backbone, input_ids, mask)
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return F.linear(h.float(), self.value_head.weight.float())
 
