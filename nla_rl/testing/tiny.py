@@ -113,8 +113,13 @@ def tiny_training_text(seed: int = 0, n_lines: int = 400) -> list[str]:
     return lines
 
 
-def build_tiny_tokenizer(family: str, out_dir: str | Path, vocab_size: int = 512, seed: int = 0):
+def build_tiny_tokenizer(family: str, out_dir: str | Path, vocab_size: int = 512, seed: int = 0,
+                         texts: list[str] | None = None):
     """Train a byte-level BPE tokenizer in the style of ``family`` and save it to ``out_dir``.
+
+    ``texts`` (optional) are extra training lines appended to :func:`tiny_training_text` (the toy
+    world passes its corpus and explanation phrasings so they tokenise compactly). They should not
+    contain :data:`TINY_MARKER_CHAR`, or the marker's neighbour pattern may change.
 
     Returns the reloaded ``PreTrainedTokenizerFast`` (reloaded through ``AutoTokenizer`` so tests
     see exactly what a user loading the directory sees).
@@ -131,7 +136,7 @@ def build_tiny_tokenizer(family: str, out_dir: str | Path, vocab_size: int = 512
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(tiny_training_text(seed), trainer=trainer)
+    tok.train_from_iterator(tiny_training_text(seed) + list(texts or ()), trainer=trainer)
     if style.add_bos:
         bos_id = tok.token_to_id(style.bos)
         tok.post_processor = processors.TemplateProcessing(

@@ -1,0 +1,203 @@
+"""The toy base LM: a tiny Qwen2-style model trained on the toy-world corpus on CPU in minutes.
+
+Its block-K activations are what the toy NLA explains. The tokenizer is the tiny byte-level BPE
+trained on :func:`~nla_rl.data.toyworld.toy_tokenizer_texts` (vocab 1024 makes every corpus,
+template and explanation word one token). The LM trains on documents with ids from
+:data:`LM_DOC_START` on, disjoint from the ids the data pipeline uses (0, 1, …), and on fresh
+documents every step, so it cannot memorise; its loss floor is the corpus entropy (see
+:func:`corpus_entropy_floor`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nla_rl.data.toyworld import ToyWorld, toy_tokenizer_texts
+
+LM_DOC_START = 1_000_000_000
+META_FILE = "toy_lm.json"
+_WEIGHTS = "model.safetensors"
+
+
+def is_finished_toy_lm(path: str | Path) -> bool:
+    """Whether ``path`` holds a finished toy LM (weights and ``toy_lm.json``, written last)."""
+    path = Path(path)
+    return (path / META_FILE).is_file() and (path / _WEIGHTS).is_file()
+
+
+def train_toy_lm(out_dir: str | Path, *, seed: int = 0, steps: int = 600, hidden: int = 128,
+                 layers: int = 4, heads: int = 4, kv_heads: int = 1, batch_size: int = 32,
+                 max_len: int = 96, lr: float = 1e-3, warmup: int | None = None,
+                 vocab_size: int = 1024, threads: int = 1, progress: bool = True) -> Path:
+    """Train the toy LM and save model + tokenizer (safetensors) and ``toy_lm.json`` to ``out_dir``.
+
+    Next-token prediction with AdamW (betas 0.9/0.95, linear warmup — default 10% of ``steps`` —
+    then cosine to 10% of ``lr``, gradient clip 1), one torch thread. Written into a temporary
+    sibling directory renamed into place, so ``out_dir`` either holds a finished model or does not
+    exist. Cached: if ``out_dir`` is already finished it is returned untouched; if it was trained
+    with other settings that is an error (delete it to retrain).
+    """
+    out_dir = Path(out_dir)
+    settings = dict(seed=seed, steps=steps, hidden=hidden, layers=layers, heads=heads,
+                    kv_heads=kv_heads, batch_size=batch_size, max_len=max_len, lr=lr,
+                    warmup=warmup if warmup is not None else max(1, steps // 10),
+                    vocab_size=vocab_size)
+    if is_finished_toy_lm(out_dir):
+        return _check_cached(out_dir, settings)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not a finished toy LM; remove it first")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        meta = _train(tmp, settings, threads=threads, progress=progress)
+        _write_meta(tmp, meta)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_cached(out_dir: Path, settings: dict) -> Path:
+    meta = json.loads((out_dir / META_FILE).read_text())
+    if meta.get("settings") != settings:
+        raise ValueError(f"{out_dir} holds a toy LM trained with {meta.get('settings')}, "
+                         f"not {settings}; delete it to retrain")
+    return out_dir
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        if not is_finished_toy_lm(out_dir):  # not a concurrent writer finishing first
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_meta(tmp: Path, meta: dict) -> None:
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def _train(tmp: Path, settings: dict, *, threads: int, progress: bool) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from nla_rl.testing.tiny import build_tiny_tokenizer, tiny_config
+
+    s = settings
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        tok = build_tiny_tokenizer("qwen2", tmp, vocab_size=s["vocab_size"], seed=s["seed"],
+                                   texts=toy_tokenizer_texts(s["seed"]))
+        config = tiny_config("qwen2", len(tok), layers=s["layers"], hidden=s["hidden"],
+                             heads=s["heads"], kv_heads=s["kv_heads"], tokenizer=tok)
+        torch.manual_seed(s["seed"])
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        world = ToyWorld(s["seed"])
+        opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], betas=(0.9, 0.95),
+                                weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s["steps"], s["warmup"]))
+        model.train()
+        losses = []
+        bar = tqdm(range(s["steps"]), desc="toy LM", disable=not progress, mininterval=2)
+        for step in bar:
+            docs = world.documents(s["batch_size"], start=LM_DOC_START + step * s["batch_size"])
+            ids, mask = pad_right(tok, [d.text for d in docs], s["max_len"])
+            loss = model(input_ids=ids, attention_mask=mask,
+                         labels=ids.masked_fill(mask == 0, -100)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(round(loss.item(), 4))
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        model.eval()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        tail = losses[-max(1, len(losses) // 10):]
+        return dict(settings=s, loss_curve=losses, final_loss=sum(tail) / len(tail),
+                    entropy_floor_nats=corpus_entropy_floor(world, tok),
+                    params=sum(p.numel() for p in model.parameters()),
+                    wall_s=round(time.perf_counter() - t0, 2))
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _lr_lambda(steps: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def pad_right(tokenizer, texts: list[str], max_len: int):
+    """``(input_ids, attention_mask)`` tensors, truncated to ``max_len`` and padded on the right."""
+    import torch
+
+    rows = [tokenizer(t)["input_ids"][:max_len] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def corpus_entropy_floor(world: ToyWorld, tokenizer, n_docs: int = 2000) -> float:
+    """Estimated loss floor in nats/token: Σ generator-choice nats / Σ predicted tokens.
+
+    An upper bound on the true floor where two choice paths produce the same text.
+    """
+    docs = world.documents(n_docs, start=LM_DOC_START - n_docs)
+    tokens = sum(len(tokenizer(d.text)["input_ids"]) - 1 for d in docs)
+    return sum(d.nats for d in docs) / tokens
+
+
+def last_token_activations(model, tokenizer, texts: list[str], layer: int, batch_size: int = 64,
+                           max_len: int = 96) -> np.ndarray:
+    """Output of block ``layer`` (``hidden_states[layer + 1]``) at each text's last token."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            ids, mask = pad_right(tokenizer, texts[i : i + batch_size], max_len)
+            hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            last = mask.sum(1) - 1
+            out.append(hs[layer + 1][torch.arange(len(ids)), last].float().numpy())
+    return np.concatenate(out)
+
+
+def linear_probe_accuracy(x_train: np.ndarray, y_train, x_test: np.ndarray, y_test,
+                          l2: float = 1.0) -> float:
+    """Test accuracy of a closed-form one-vs-rest ridge classifier.
+
+    Features are centred and scaled with the training statistics first: activations at a fixed
+    position are almost one constant direction, so uncentred probes mostly see that direction.
+    """
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    xtr, xte = (x_train - mean) / std, (x_test - mean) / std
+    classes = sorted(set(y_train))
+    y = np.array([[c == v for c in classes] for v in y_train], dtype=np.float64) * 2 - 1
+    w = np.linalg.solve(xtr.T @ xtr + l2 * np.eye(xtr.shape[1]), xtr.T @ (y - y.mean(0)))
+    pred = np.asarray(classes)[np.argmax(xte @ w + y.mean(0), axis=1)]
+    return float(np.mean(pred == np.asarray(y_test)))
