@@ -1,6 +1,7 @@
 """The ``nla-rl`` command line.
 
     nla-rl run RECIPE [key=value …]       run a recipe's stages (same as python -m launch.train)
+    nla-rl datagen RECIPE [key=value …]   only the data: base model, activations, labels, splits
     nla-rl recipe show RECIPE [key=value …]   print the resolved recipe (secrets redacted)
     nla-rl recipe keys                    every recipe key with its type, default and meaning
     nla-rl sidecar check CHECKPOINT_DIR   validate nla_meta.yaml against the dir's tokenizer/config
@@ -20,6 +21,13 @@ def _cmd_run(args) -> int:
     from launch.train import run
 
     print(f"run directory: {run(args.recipe, args.overrides)}")
+    return 0
+
+
+def _cmd_datagen(args) -> int:
+    from launch.train import run
+
+    print(f"run directory: {run(args.recipe, [*args.overrides, 'run.stages=[prepare,datagen]'])}")
     return 0
 
 
@@ -63,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe")
     run.add_argument("overrides", nargs="*")
     run.set_defaults(func=_cmd_run)
+
+    datagen = sub.add_parser("datagen", help="build a recipe's data (prepare + datagen stages)")
+    datagen.add_argument("recipe")
+    datagen.add_argument("overrides", nargs="*")
+    datagen.set_defaults(func=_cmd_datagen)
 
     recipe = sub.add_parser("recipe", help="inspect recipes").add_subparsers(dest="action", required=True)
     show = recipe.add_parser("show", help="print the resolved recipe")

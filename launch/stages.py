@@ -12,15 +12,21 @@ from pathlib import Path
 
 import torch
 
+from launch.datagen import datagen
 from nla_rl.ar_model import ActivationReconstructor
 from nla_rl.base_model import DTYPES, load_causal_lm, resolve_base_model
 from nla_rl.config import RecipeConfig
 from nla_rl.errors import ConfigError
 from nla_rl.metrics_log import MetricsLog
 from nla_rl.rewards import mse_scale_for
-from nla_rl.roundtrip import InjectionSpec, capture_last_token_activations, round_trip
+from nla_rl.data.store import read_activations, read_rows
+from nla_rl.data.toyworld import score_explanations
+from nla_rl.roundtrip import InjectionSpec, round_trip
 from nla_rl.sidecar import (ModelSidecar, make_token_meta, read_model_sidecar, validate_model_sidecar,
                             write_model_sidecar)
+
+
+CHECK_ROWS = 32  # held-out activations the check stage round-trips
 
 
 def run_paths(run_dir: Path) -> dict[str, Path]:
@@ -35,7 +41,7 @@ def prepare(cfg: RecipeConfig, run_dir: Path) -> None:
     """Base model → marker tokens → initial AV (the base) and AR (blocks 0..K + identity head),
     each an HF directory with a validated ``nla_meta.yaml``."""
     paths = run_paths(run_dir)
-    base_dir = resolve_base_model(cfg.model.base, run_dir, seed=cfg.run.seed)
+    base_dir = resolve_base_model(cfg.model.base, run_dir, seed=cfg.run.seed, toyworld=cfg.toyworld)
     model, tokenizer = load_causal_lm(base_dir, dtype=cfg.model.dtype,
                                       trust_remote_code=cfg.model.trust_remote_code)
     n_layers = model.config.num_hidden_layers
@@ -77,10 +83,11 @@ def _save_av(model, tokenizer, meta: ModelSidecar, out_dir: Path) -> None:
 
 
 def check(cfg: RecipeConfig, run_dir: Path) -> None:
-    """Round trip ``ĥ = AR(AV(h))`` on corpus activations with the initial checkpoints.
+    """Round trip ``ĥ = AR(AV(h))`` on held-out activations with the initial checkpoints.
 
     Verifies, before any training is paid for, that every vector is injected exactly once and that
-    rewards and metrics are finite; records the untrained baseline numbers.
+    rewards and metrics are finite; records the untrained baseline (and, in the toy world, the
+    attribute recall/precision of the explanations).
     """
     paths = run_paths(run_dir)
     av_meta = read_model_sidecar(paths["init_av"])
@@ -89,8 +96,12 @@ def check(cfg: RecipeConfig, run_dir: Path) -> None:
     ar = ActivationReconstructor.from_pretrained(paths["init_ar"], dtype=DTYPES[cfg.model.dtype],
                                                  trust_remote_code=cfg.model.trust_remote_code)
     ar_tok = _ar_tokenizer(paths["init_ar"], cfg)
-    texts = _corpus_texts(cfg)
-    vectors = capture_last_token_activations(av, av_tok, texts, av_meta.extraction_layer_index)
+    eval_path = run_dir / "data" / "eval.parquet"
+    if not eval_path.exists():
+        raise ConfigError(f"the check stage reads {eval_path}, which the datagen stage writes; "
+                          "add datagen to run.stages (before check)")
+    rows = read_rows(eval_path).slice(0, CHECK_ROWS)
+    vectors = torch.from_numpy(read_activations(eval_path)[:rows.num_rows].copy())
     # Replace-family scale "from data": a little above the mean raw norm, as the releases chose it.
     scale = av_meta.injection_scale or 1.1 * float(vectors.norm(dim=-1).mean())
     injection = InjectionSpec(av_meta.injection_family, scale, av_meta.injection_add_layer,
@@ -102,12 +113,16 @@ def check(cfg: RecipeConfig, run_dir: Path) -> None:
                         max_new_tokens=cfg.rl.max_new_tokens, reward=cfg.rl.reward,
                         prefill=cfg.templates.av_prefill)
     metrics = {**result.metrics, "perf/check_seconds": time.perf_counter() - started}
-    _assert_healthy(result, len(texts))
+    if "attributes" in rows.column_names:
+        toy = score_explanations(result.explanations, rows["attributes"].to_pylist())
+        metrics.update({"toy/recall": toy.recall, "toy/precision": toy.precision})
+    _assert_healthy(result, len(vectors))
     MetricsLog(paths["logs"]).log(0, metrics, stage="check")
     _write_json(paths["eval"] / "check.json", {
         "metrics": metrics, "injection_scale": scale,
-        "samples": [{"text": t, "explanation": e, "reward": float(r)}
-                    for t, e, r in zip(texts[:8], result.texts[:8], result.rewards[:8])],
+        "samples": [{"doc_id": d, "position": p, "explanation": e, "reward": float(r)}
+                    for d, p, e, r in zip(rows["doc_id"].to_pylist()[:8], rows["position"].to_pylist()[:8],
+                                          result.texts[:8], result.rewards[:8])],
     })
     print("[check] " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
@@ -128,18 +143,6 @@ def _ar_tokenizer(ar_dir: Path, cfg: RecipeConfig):
                                          trust_remote_code=cfg.model.trust_remote_code)
 
 
-def _corpus_texts(cfg: RecipeConfig) -> list[str]:
-    """Documents of a local text corpus (one per line), capped at ``data.num_docs``."""
-    path = Path(cfg.data.corpus)
-    if not path.is_file():
-        raise ConfigError(f"data.corpus: {cfg.data.corpus!r} is not a file; the check stage reads a "
-                          "local text file with one document per line")
-    docs = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not docs:
-        raise ConfigError(f"data.corpus: {path} has no non-empty lines")
-    return docs[: cfg.data.num_docs] if cfg.data.num_docs else docs
-
-
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -147,6 +150,6 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-STAGES = {"prepare": prepare, "check": check}
-PLANNED = {"datagen": "issue 3", "ar_sft": "issue 4", "av_sft": "issue 4", "rl": "issues 5-6",
+STAGES = {"prepare": prepare, "datagen": datagen, "check": check}
+PLANNED = {"ar_sft": "issue 4", "av_sft": "issue 4", "rl": "issues 5-6",
            "export": "issue 7", "eval": "issue 7"}

@@ -14,11 +14,20 @@ import torch
 from nla_rl.errors import ConfigError
 
 TINY_PREFIX = "tiny:"
+TOYWORLD = "toyworld"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_base_model(base: str, run_dir: Path, *, seed: int = 0) -> Path:
-    """The directory of the base model; builds ``tiny:<family>`` into ``run_dir/base`` once."""
+def resolve_base_model(base: str, run_dir: Path, *, seed: int = 0, toyworld=None) -> Path:
+    """The directory of the base model. ``tiny:<family>`` is built and ``toyworld`` trained (with
+    the recipe's ``toyworld`` section) into ``run_dir/base`` once, then reused."""
+    if base == TOYWORLD:
+        from nla_rl.data.toy_lm import train_toy_lm
+
+        if toyworld is None:
+            raise ConfigError("model.base: toyworld needs the recipe's toyworld section")
+        return train_toy_lm(Path(run_dir) / "base", seed=seed, steps=toyworld.lm_steps,
+                            hidden=toyworld.lm_hidden, layers=toyworld.lm_layers)
     if base.startswith(TINY_PREFIX):
         from nla_rl.testing.tiny import build_tiny_model
 
@@ -33,7 +42,7 @@ def resolve_base_model(base: str, run_dir: Path, *, seed: int = 0) -> Path:
         raise ConfigError(
             f"model.base: {base!r} is not a local Hugging Face model directory (no config.json). "
             "Download the model first (e.g. `hf download ORG/NAME --local-dir DIR`) and point "
-            "model.base at DIR, or use tiny:qwen2 for the offline tiny model"
+            "model.base at DIR, or use toyworld / tiny:qwen2 for an offline model"
         )
     return path
 

@@ -30,9 +30,10 @@ from nla_rl.templates import DEFAULT_AR_TEMPLATE, DEFAULT_AV_TEMPLATE
 from nla_rl.testing.tiny import FAMILIES as TINY_FAMILIES
 
 REDACTED = "***REDACTED***"
-# prepare: base model, marker, initial checkpoints; check: round trip of the initial AV/AR.
-ALL_STAGES = ("prepare", "check", "datagen", "ar_sft", "av_sft", "rl", "export", "eval")
-Stage = Literal["prepare", "check", "datagen", "ar_sft", "av_sft", "rl", "export", "eval"]
+# prepare: base model, marker, initial checkpoints; datagen: activations, labels, splits,
+# negatives; check: round trip of the initial AV/AR on held-out activations.
+ALL_STAGES = ("prepare", "datagen", "check", "ar_sft", "av_sft", "rl", "export", "eval")
+Stage = Literal["prepare", "datagen", "check", "ar_sft", "av_sft", "rl", "export", "eval"]
 # Env vars whose values are treated as secrets by ``redact`` (defence in depth).
 _SECRET_ENV_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 _MIN_SECRET_LEN = 8  # shorter values ("1", "true") would redact innocent text everywhere
@@ -111,8 +112,9 @@ class RunConfig(ConfigSection):
 
 @dataclass(frozen=True)
 class ModelConfig(ConfigSection):
-    base: str = param("tiny:qwen2", "Base model: a Hugging Face model directory, or tiny:<family> "
-                      f"for an offline tiny model ({'|'.join(TINY_FAMILIES)}).")
+    base: str = param("tiny:qwen2", "Base model: a Hugging Face model directory, tiny:<family> "
+                      f"for an offline tiny random model ({'|'.join(TINY_FAMILIES)}), or toyworld "
+                      "(a tiny LM trained on the toy-world corpus; see the toyworld section).")
     layer_index: int = param(2, "K: activations are read at the output of decoder block K "
                              "(0-based).", ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = param("float32", "Weights/compute dtype.")
@@ -121,7 +123,7 @@ class ModelConfig(ConfigSection):
 
     def validate(self):
         _require(bool(self.base), "base", "must name a model directory or tiny:<family>")
-        family = self.base.removeprefix("tiny:")
+        family = self.base.removeprefix("tiny:")  # "toyworld" passes: it is not a tiny: name
         _require(not self.base.startswith("tiny:") or family in TINY_FAMILIES, "base",
                  f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
 
@@ -170,6 +172,38 @@ class SplitsConfig(ConfigSection):
 
 
 @dataclass(frozen=True)
+class TeacherConfig(ConfigSection):
+    kind: Literal["toyworld", "openai", "anthropic", "local", "none"] = param(
+        "toyworld", "toyworld: the partial ground-truth teacher; openai/anthropic: an HTTP API; "
+        "local: an instruct model run in-process; none: no explanations (extraction only).")
+    model: str = param("", "Model name (openai/anthropic) or local model directory (local).")
+    base_url: str = param("", "API base URL; empty = the provider's default.")
+    api_key_env: str = param("", "NAME of the environment variable with the API key; empty = "
+                             "OPENAI_API_KEY / ANTHROPIC_API_KEY.")
+    max_concurrency: int = param(8, "Concurrent API requests.", gt=0)
+    max_tokens: int = param(200, "Longest teacher answer in tokens.", gt=0)
+    temperature: float = param(0.0, "Teacher sampling temperature.", ge=0)
+    min_features: int = param(2, "Rows whose explanation has fewer features are dropped "
+                              "(counted); the toyworld teacher uses 1.", gt=0)
+
+    def validate(self):
+        _require(self.kind not in ("openai", "anthropic", "local") or bool(self.model), "model",
+                 f"must name the teacher model for kind {self.kind!r}")
+        _require(not self.api_key_env or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env)
+                 is not None, "api_key_env", "must be an environment variable name, not the key")
+
+
+@dataclass(frozen=True)
+class ToyWorldConfig(ConfigSection):
+    lm_steps: int = param(400, "Training steps of the toy base LM (cached in <run>/base).", gt=0)
+    lm_hidden: int = param(128, "Hidden size of the toy LM (head size 32).", gt=0)
+    lm_layers: int = param(4, "Decoder blocks of the toy LM.", gt=0)
+    p_include: float = param(0.4, "Teacher: probability of mentioning each true attribute.",
+                             gt=0, le=1)
+    p_wrong: float = param(0.05, "Teacher: probability of adding a wrong attribute.", ge=0, lt=1)
+
+
+@dataclass(frozen=True)
 class DataConfig(ConfigSection):
     corpus: str = param("toyworld", "A parquet/jsonl path, or toyworld (generated offline).")
     text_column: str = param("text", "Column holding the document text.")
@@ -178,7 +212,15 @@ class DataConfig(ConfigSection):
     min_pos: int = param(50, "Earliest token position sampled (enough context); 50 for real "
                          "models.", ge=0)
     splits: SplitsConfig = param(factory=SplitsConfig, doc="Split by document, never by row.")
-    num_docs: int | None = param(None, "Use only the first N documents; null = all.", gt=0)
+    num_docs: int | None = param(None, "Use only the first N documents; null = all (toyworld: "
+                                 "how many documents to generate; null = 2000).", gt=0)
+    workers: int = param(0, "Ray extraction workers, each with a replica of blocks 0..K; 0 = "
+                         "extract in this process.", ge=0)
+    cpus_per_worker: float = param(1.0, "Ray CPUs reserved per extraction worker.", gt=0)
+    docs_per_shard: int = param(256, "Documents per shard file; finished shards are skipped on "
+                                "rerun, so this is also the resume granularity.", gt=0)
+    batch_size: int = param(8, "Documents per extraction forward pass.", gt=0)
+    teacher: TeacherConfig = param(factory=TeacherConfig, doc="Who writes the explanations.")
 
     def validate(self):
         _require(self.min_pos < self.max_tokens, "min_pos",
@@ -239,6 +281,8 @@ class NegativesConfig(ConfigSection):
     temperature: float = param(0.1, "tau of the infonce combination.", gt=0)
     weight: float = param(1.0, "lambda: weight of the negatives term in the reward.", ge=0)
     exclude_same_doc: bool = param(True, "Skip same-document neighbours (near-duplicates).")
+    method: Literal["exact", "faiss"] = param("exact", "exact: chunked matrix products; faiss: "
+                                              "an approximate index (pip install faiss-cpu).")
 
     def validate(self):
         _require(self.per_sample <= self.top_k, "per_sample",
@@ -291,6 +335,8 @@ class RecipeConfig(ConfigSection):
     injection: InjectionConfig = param(factory=InjectionConfig, doc="How h enters the AV.")
     templates: TemplatesConfig = param(factory=TemplatesConfig, doc="AV and AR prompt templates.")
     data: DataConfig = param(factory=DataConfig, doc="Corpus, positions and document splits.")
+    toyworld: ToyWorldConfig = param(factory=ToyWorldConfig, doc="The toy world (corpus and "
+                                     "base model toyworld).")
     ar_sft: SFTConfig = param(factory=SFTConfig, doc="AR supervised stage.")
     av_sft: SFTConfig = param(factory=SFTConfig, doc="AV supervised stage.")
     rl: RLConfig = param(factory=RLConfig, doc="GRPO on the AV with the AR's reward.")

@@ -41,17 +41,6 @@ class RoundTrip:
     metrics: dict[str, float]
 
 
-def capture_last_token_activations(model, tokenizer, texts: list[str], layer_index: int) -> torch.Tensor:
-    """Block-K output (``hidden_states[K+1]``) at each text's last token, fp32 [n, d]."""
-    rows = []
-    with torch.no_grad():
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt")["input_ids"]
-            out = model(input_ids=ids, output_hidden_states=True)
-            rows.append(out.hidden_states[layer_index + 1][0, -1].float())
-    return torch.stack(rows)
-
-
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids and attention mask: generation continues every row at the same column."""
     width = max(len(s) for s in sequences)

@@ -1,6 +1,7 @@
 """The README's main job on the tiny recipe, start to finish, as a user runs it."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +11,16 @@ import yaml
 
 from launch.train import main
 from nla_rl.sidecar import read_model_sidecar
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "recipes" / "tiny.yaml")
-CORPUS = str(ROOT / "recipes" / "data" / "tiny_corpus.txt")
+from tests.e2e.conftest import FAST, TINY
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, monkeypatch_module):
+def tiny_run(tmp_path_factory, monkeypatch_module, toy_base):
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    run_dir.mkdir()
+    shutil.copytree(toy_base, run_dir / "base")
     monkeypatch_module.setenv("WANDB_API_KEY", "sk-secret-value-never-logged")
-    rc = main([TINY, f"run.dir={run_dir}", f"data.corpus={CORPUS}", "data.num_docs=6",
-               "rl.max_new_tokens=12"])
-    assert rc == 0
+    assert main([TINY, f"run.dir={run_dir}", *FAST]) == 0
     return run_dir
 
 
@@ -34,7 +32,7 @@ def monkeypatch_module():
 
 
 def test_run_writes_the_run_directory(tiny_run):
-    for rel in ("recipe.yaml", "base/config.json", "init/av/model.safetensors", "init/av/nla_meta.yaml",
+    for rel in ("recipe.yaml", "base/config.json", "data/rl.parquet", "data/rl.negatives.parquet", "init/av/model.safetensors", "init/av/nla_meta.yaml",
                 "init/ar/value_head.safetensors", "init/ar/nla_meta.yaml", "logs/metrics.jsonl",
                 "eval/check.json"):
         assert (tiny_run / rel).is_file(), rel
@@ -52,23 +50,25 @@ def test_checkpoints_are_consistent(tiny_run):
 def test_check_stage_metrics(tiny_run):
     rows = [json.loads(line) for line in (tiny_run / "logs/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["stage"] == "check"
-    assert rows[0]["health/injections_applied"] == 6
-    assert -4.0 <= rows[0]["roundtrip/mse"] <= 4.0
+    n_eval = min(32, json.loads(json.dumps(yaml.safe_load(
+        (tiny_run / "data/eval.parquet.nla_meta.yaml").read_text())))["row_count"])
+    assert rows[0]["health/injections_applied"] == n_eval
+    assert 0.0 <= rows[0]["roundtrip/mse"] <= 4.0
+    assert 0.0 <= rows[0]["toy/recall"] <= 1.0
     report = json.loads((tiny_run / "eval/check.json").read_text())
-    assert len(report["samples"]) == 6 and report["injection_scale"] > 0
+    assert len(report["samples"]) == min(8, n_eval) and report["injection_scale"] > 0
 
 
 def test_resolved_recipe_is_written_and_reloads(tiny_run):
     recipe = yaml.safe_load((tiny_run / "recipe.yaml").read_text())
     assert recipe["run"]["dir"] == str(tiny_run)
-    assert recipe["data"]["num_docs"] == 6
+    assert recipe["data"]["num_docs"] == 60
     assert "sk-secret-value-never-logged" not in (tiny_run / "recipe.yaml").read_text()
 
 
 def test_rerun_reuses_the_base_model(tiny_run):
     before = (tiny_run / "base/model.safetensors").stat().st_mtime_ns
-    assert main([TINY, f"run.dir={tiny_run}", f"data.corpus={CORPUS}", "data.num_docs=2",
-                 "rl.max_new_tokens=4"]) == 0
+    assert main([TINY, f"run.dir={tiny_run}", *FAST, "run.stages=[prepare]"]) == 0
     assert (tiny_run / "base/model.safetensors").stat().st_mtime_ns == before
 
 
@@ -79,8 +79,9 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
     assert not (tmp_path / "r").exists(), "a bad recipe must not create the run directory"
     assert main([TINY, f"run.dir={tmp_path / 'r'}", "run.stages=[prepare,rl]"]) == 2
     assert "'rl' is not implemented yet" in capsys.readouterr().err
-    assert main([TINY, f"run.dir={tmp_path / 'r2'}", "data.corpus=/nonexistent.txt"]) == 2
-    assert "data.corpus" in capsys.readouterr().err
+    assert main([TINY, f"run.dir={tmp_path / 'r2'}", "model.base=tiny:qwen2",
+                 "data.corpus=/nonexistent.txt", "run.stages=[prepare,datagen]"]) == 2
+    assert "/nonexistent.txt" in capsys.readouterr().err
 
 
 def test_cli_entry_point(tiny_run):

@@ -38,7 +38,9 @@ def _write(tmp_path: Path, data: dict) -> Path:
 
 def test_tiny_recipe_loads_with_its_values():
     cfg = load_recipe(TINY_RECIPE)
-    assert cfg.model.base == "tiny:qwen2" and cfg.model.layer_index == 2
+    assert cfg.model.base == "toyworld" and cfg.model.layer_index == 2
+    assert cfg.data.corpus == "toyworld" and cfg.data.teacher.kind == "toyworld"
+    assert cfg.run.stages == ("prepare", "datagen", "check")
     assert cfg.rl.group_size == 4 and cfg.rl.max_new_tokens == 48
     assert cfg.engine.kind == "vllm" and cfg.learner.backend == "fsdp2"
     assert (cfg.learner.ranks_av, cfg.learner.ranks_ar) == (2, 2)

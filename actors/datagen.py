@@ -1,0 +1,148 @@
+"""Sharded activation extraction on Ray: N workers, each holding a replica of blocks 0..K.
+
+Documents are cut into fixed shards (shard i = documents [i·S, (i+1)·S)), so the shard a document
+lands in never depends on how many workers run. Every shard is written to its own parquet file
+atomically; a rerun skips shards whose file exists, which is how a killed run resumes. The merge
+reads shards in index order, so the merged file is the same whatever order workers finished in.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from nla_rl.data.corpus import Document
+from nla_rl.data.extract import ActivationExtractor, ExtractStats
+from nla_rl.data.store import write_table_atomic
+
+SHARD_PATTERN = "shard-{:06d}.parquet"
+
+
+@dataclass(frozen=True)
+class ExtractionSpec:
+    """Everything a worker needs to build its extractor (picklable, sent once per worker)."""
+
+    base_dir: str
+    layer_index: int
+    positions_per_doc: int
+    min_pos: int
+    max_tokens: int
+    seed: int
+    batch_size: int = 8
+    text_prefix: bool = True
+    extractor_kwargs: dict = field(default_factory=dict)
+
+    def build(self) -> ActivationExtractor:
+        return ActivationExtractor(
+            self.base_dir, self.layer_index, positions_per_doc=self.positions_per_doc,
+            min_pos=self.min_pos, max_tokens=self.max_tokens, seed=self.seed,
+            batch_size=self.batch_size, text_prefix=self.text_prefix, **self.extractor_kwargs)
+
+
+def extract_shard(extractor: ActivationExtractor, docs: Sequence[Document], path: Path) -> dict:
+    """Extract one shard and write it (temp file + rename); its counts go beside it as JSON.
+
+    The counts are written first: a shard's parquet file existing is what marks it finished.
+    """
+    table, stats = extractor.extract(docs)
+    _write_json_atomic(path.with_suffix(".stats.json"), stats.as_dict())
+    write_table_atomic(table, path)
+    return stats.as_dict()
+
+
+class ExtractionWorker:
+    """Ray actor body: one model replica, many shards."""
+
+    def __init__(self, spec: ExtractionSpec, num_threads: int = 1):
+        import torch
+
+        torch.set_num_threads(num_threads)  # one thread per process: 2 cores, several workers
+        self.extractor = spec.build()
+
+    def run(self, shard_index: int, docs: Sequence[Document], path: str) -> tuple[int, int, dict]:
+        return shard_index, len(docs), extract_shard(self.extractor, docs, Path(path))
+
+
+def shard_documents(docs: Sequence[Document], docs_per_shard: int) -> list[list[Document]]:
+    """Fixed shards of ``docs_per_shard`` documents, in document order."""
+    return [list(docs[i:i + docs_per_shard]) for i in range(0, len(docs), docs_per_shard)]
+
+
+def run_extraction(spec: ExtractionSpec, docs: Sequence[Document], shard_dir: Path, *,
+                   docs_per_shard: int, num_workers: int, cpus_per_worker: float = 1.0,
+                   progress: bool = True) -> ExtractStats:
+    """Extract every unfinished shard; ``num_workers=0`` runs in this process (no Ray).
+
+    Returns the summed counts of all shards (finished earlier or now).
+    """
+    shard_dir = Path(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    shards = shard_documents(docs, docs_per_shard)
+    todo = [i for i in range(len(shards)) if not shard_path(shard_dir, i).exists()]
+    bar = tqdm(total=len(docs), initial=sum(len(shards[i]) for i in range(len(shards)) if i not in todo),
+               unit="doc", desc="extract", disable=not progress, smoothing=0.1)
+    started = time.perf_counter()
+    if num_workers == 0:
+        extractor = spec.build() if todo else None
+        for i in todo:
+            extract_shard(extractor, shards[i], shard_path(shard_dir, i))
+            bar.update(len(shards[i]))
+    elif todo:
+        _run_on_ray(spec, shards, todo, shard_dir, num_workers, cpus_per_worker, bar)
+    bar.close()
+    if todo and progress:
+        done = sum(len(shards[i]) for i in todo)
+        print(f"[datagen] extracted {done} docs in {time.perf_counter() - started:.1f}s "
+              f"({done / max(time.perf_counter() - started, 1e-9):.1f} docs/s)")
+    return sum((_read_stats(shard_path(shard_dir, i)) for i in range(len(shards))), ExtractStats())
+
+
+def _run_on_ray(spec, shards, todo, shard_dir, num_workers, cpus_per_worker, bar) -> None:
+    import ray
+    from ray.util import ActorPool
+
+    worker_cls = ray.remote(num_cpus=cpus_per_worker)(ExtractionWorker)
+    workers = [worker_cls.remote(spec) for _ in range(min(num_workers, len(todo)))]
+    pool = ActorPool(workers)
+    jobs = ((i, shards[i], str(shard_path(shard_dir, i))) for i in todo)
+    try:
+        for _, n_docs, _ in pool.map_unordered(lambda w, job: w.run.remote(*job), jobs):
+            bar.update(n_docs)
+    finally:
+        for worker in workers:
+            ray.kill(worker)
+
+
+def merge_shards(shard_dir: Path, n_shards: int, out_path: Path) -> int:
+    """Concatenate shards 0..n-1 in index order into ``out_path`` (atomic); returns the row count."""
+    paths = [shard_path(shard_dir, i) for i in range(n_shards)]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"cannot merge: shards {missing[:5]} are missing in {shard_dir}; "
+                                "rerun the datagen stage to extract them")
+    tables = [pq.read_table(p) for p in paths]
+    # One contiguous chunk per column: the file's layout must not depend on the shard size.
+    merged = pa.concat_tables(tables).combine_chunks()
+    write_table_atomic(merged, out_path)
+    return merged.num_rows
+
+
+def shard_path(shard_dir: Path, index: int) -> Path:
+    return Path(shard_dir) / SHARD_PATTERN.format(index)
+
+
+def _read_stats(path: Path) -> ExtractStats:
+    return ExtractStats(**json.loads(path.with_suffix(".stats.json").read_text()))
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, sort_keys=True))
+    tmp.replace(path)

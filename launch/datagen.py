@@ -1,0 +1,124 @@
+"""The datagen stage: corpus → activations (sharded, resumable) → explanations → document splits →
+hard negatives, all under ``<run>/data``.
+
+Rerunning it gives byte-identical parquet files; a killed run resumes at the first unfinished
+shard (and the teacher cache makes labels free the second time).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from actors.datagen import ExtractionSpec, merge_shards, run_extraction, shard_documents
+from nla_rl.base_model import TOYWORLD, resolve_base_model
+from nla_rl.config import RecipeConfig
+from nla_rl.data.build import (activation_norm_stats, label_with_teacher, label_with_toy_teacher,
+                               mine_rl_negatives, toyworld_documents, write_splits)
+from nla_rl.data.corpus import read_corpus
+from nla_rl.data.store import read_activations
+from nla_rl.errors import ConfigError
+from nla_rl.sidecar import DatasetSidecar, make_token_meta, write_dataset_sidecar
+
+TOYWORLD_DEFAULT_DOCS = 2000
+
+
+def datagen(cfg: RecipeConfig, run_dir: Path) -> None:
+    """Run the whole data stage for ``cfg`` into ``run_dir/data``."""
+    from transformers import AutoTokenizer
+
+    data_dir = Path(run_dir) / "data"
+    base_dir = resolve_base_model(cfg.model.base, run_dir, seed=cfg.run.seed, toyworld=cfg.toyworld)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True,
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    docs, corpus_stats = _documents(cfg)
+
+    started = time.perf_counter()
+    stats = _extract(cfg, base_dir, docs, data_dir)
+    base_path = data_dir / "base.parquet"
+    merge_shards(data_dir / "shards", len(shard_documents(docs, cfg.data.docs_per_shard)), base_path)
+    table = pq.read_table(base_path)
+    if table.num_rows == 0:
+        raise ConfigError(f"datagen produced no activations from {len(docs)} documents: every one "
+                          f"is shorter than data.min_pos={cfg.data.min_pos} tokens; lower min_pos")
+    vectors = read_activations(base_path)
+    extract_seconds = time.perf_counter() - started
+
+    table, label_info = _label(cfg, table, tokenizer, data_dir)
+    extras = {"stats": {**corpus_stats, **stats.as_dict(), **label_info.pop("teacher_stats")},
+              "activation_norm": activation_norm_stats(vectors),
+              "sampling": {"seed": cfg.run.seed, "min_pos": cfg.data.min_pos,
+                           "max_tokens": cfg.data.max_tokens}}
+    sidecar = DatasetSidecar(
+        dataset_id=cfg.run.name, stage="base", row_count=len(vectors), base_model=cfg.model.base,
+        d_model=int(vectors.shape[1]), layer_index=cfg.model.layer_index, corpus=cfg.data.corpus,
+        positions_per_doc=cfg.data.positions_per_doc,
+        tokens=make_token_meta(tokenizer, cfg.templates.av, cfg.templates.ar, cfg.injection.marker),
+        av_template=cfg.templates.av, ar_template=cfg.templates.ar,
+        api_summaries=label_info.get("teacher"), extras=extras)
+    write_dataset_sidecar(base_path, sidecar)
+    counts = write_splits(table, data_dir, cfg.data.splits.__dict__, cfg.run.seed, sidecar)
+    if counts.get("rl", 0) > 1:
+        params = mine_rl_negatives(data_dir, top_k=min(cfg.negatives.top_k, counts["rl"] - 1),
+                                   exclude_same_doc=cfg.negatives.exclude_same_doc,
+                                   method=cfg.negatives.method)
+        print(f"[datagen] hard negatives: top_k={params['top_k']} short_rows={params['n_short_rows']}")
+    print(f"[datagen] {len(docs)} docs → {len(vectors)} activations in {extract_seconds:.1f}s; "
+          f"labelled {table.num_rows}; splits {counts}")
+
+
+def _documents(cfg: RecipeConfig):
+    if cfg.data.corpus == TOYWORLD:
+        n = cfg.data.num_docs or TOYWORLD_DEFAULT_DOCS
+        return toyworld_documents(cfg.run.seed, n), {"documents": n, "empty_skipped": 0}
+    if cfg.model.base == TOYWORLD:
+        raise ConfigError("model.base: toyworld is trained on the toy-world corpus; set "
+                          "data.corpus: toyworld too (or choose a real base model)")
+    docs, stats = read_corpus(cfg.data.corpus, text_column=cfg.data.text_column, limit=cfg.data.num_docs)
+    return docs, {"documents": stats.documents, "empty_skipped": stats.empty_skipped}
+
+
+def _extract(cfg: RecipeConfig, base_dir: Path, docs, data_dir: Path):
+    spec = ExtractionSpec(str(base_dir), cfg.model.layer_index, cfg.data.positions_per_doc,
+                          cfg.data.min_pos, cfg.data.max_tokens, cfg.run.seed,
+                          batch_size=cfg.data.batch_size,
+                          text_prefix=cfg.data.teacher.kind not in ("toyworld", "none"),
+                          extractor_kwargs={"trust_remote_code": cfg.model.trust_remote_code})
+    if cfg.data.workers:
+        from actors.cluster import connect_ray
+
+        connect_ray(num_cpus=max(2, math.ceil(cfg.data.workers * cfg.data.cpus_per_worker)))
+    return run_extraction(spec, docs, data_dir / "shards", docs_per_shard=cfg.data.docs_per_shard,
+                          num_workers=cfg.data.workers, cpus_per_worker=cfg.data.cpus_per_worker)
+
+
+def _label(cfg: RecipeConfig, table, tokenizer, data_dir: Path):
+    teacher = cfg.data.teacher
+    if teacher.kind == "none":
+        return table, {"teacher_stats": {}}
+    if teacher.kind == "toyworld":
+        if cfg.data.corpus != TOYWORLD:
+            raise ConfigError("data.teacher.kind: toyworld labels toy-world documents only; "
+                              "set data.corpus: toyworld or choose another teacher")
+        return label_with_toy_teacher(table, tokenizer, seed=cfg.run.seed,
+                                      p_include=cfg.toyworld.p_include, p_wrong=cfg.toyworld.p_wrong)
+    return label_with_teacher(table, _build_teacher(teacher), data_dir / "teacher_cache")
+
+
+def _build_teacher(t):
+    from nla_rl.data.teachers import AnthropicTeacher, LocalTeacher, OpenAIChatTeacher
+
+    common = dict(max_tokens=t.max_tokens, temperature=t.temperature, min_features=t.min_features)
+    if t.kind == "openai":
+        return OpenAIChatTeacher(t.base_url or "https://api.openai.com/v1", t.model,
+                                 api_key_env=t.api_key_env or "OPENAI_API_KEY",
+                                 max_concurrency=t.max_concurrency, **common)
+    if t.kind == "anthropic":
+        return AnthropicTeacher(t.model, t.base_url or "https://api.anthropic.com",
+                                api_key_env=t.api_key_env or "ANTHROPIC_API_KEY",
+                                max_concurrency=t.max_concurrency, **common)
+    return LocalTeacher(t.model, max_new_tokens=t.max_tokens, temperature=t.temperature,
+                        min_features=t.min_features)

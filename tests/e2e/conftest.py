@@ -1,0 +1,32 @@
+"""A toy-world base LM trained once per session (short), copied into each run that needs it."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from nla_rl.data.toy_lm import train_toy_lm
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+LM_STEPS = 40  # enough for the pipeline's mechanics; learning quality is measured elsewhere
+# Overrides that keep an end-to-end run to seconds on 2 cores.
+FAST = [f"toyworld.lm_steps={LM_STEPS}", "data.num_docs=60", "data.docs_per_shard=20",
+        "rl.max_new_tokens=8"]
+
+
+@pytest.fixture(scope="session")
+def toy_base(tmp_path_factory) -> Path:
+    return train_toy_lm(tmp_path_factory.mktemp("toy") / "base", seed=0, steps=LM_STEPS,
+                        hidden=128, layers=4, progress=False)
+
+
+@pytest.fixture
+def new_run(tmp_path, toy_base):
+    """A fresh run directory that already holds the session's trained toy LM."""
+    def make(name: str = "run") -> Path:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        shutil.copytree(toy_base, run_dir / "base")
+        return run_dir
+    return make
