@@ -92,3 +92,13 @@ def test_short_documents_are_counted_not_fatal(new_run):
     assert main(_datagen(run, "data.workers=0", "data.min_pos=60", "data.max_tokens=96")) == 0
     stats = read_dataset_sidecar(run / "data" / "base.parquet").extras["stats"]
     assert stats["too_short"] > 0 and stats["rows"] > 0
+
+
+def test_local_text_corpus_with_a_tiny_model(tmp_path):
+    corpus = TINY.replace("tiny.yaml", "data/tiny_corpus.txt")
+    run = tmp_path / "text"
+    assert main([TINY, f"run.dir={run}", "run.stages=[prepare,datagen]", "model.base=tiny:qwen2",
+                 f"data.corpus={corpus}", "data.teacher.kind=none", "data.workers=0"]) == 0
+    base = read_dataset_sidecar(run / "data" / "base.parquet")
+    assert base.corpus == corpus and base.extras["stats"]["documents"] == 64
+    assert base.d_model == 64 and base.row_count == read_activations(run / "data/base.parquet").shape[0]
