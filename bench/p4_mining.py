@@ -33,22 +33,22 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _data(n: int, seed: int = 0):
+def _data(n: int, d: int = D, seed: int = 0):
     """Clustered activations (200 clusters), documents of DOC_ROWS consecutive rows."""
     rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((200, D), dtype=np.float32)
-    x = rng.standard_normal((n, D), dtype=np.float32)
+    centers = rng.standard_normal((200, d), dtype=np.float32)
+    x = rng.standard_normal((n, d), dtype=np.float32)
     x *= 0.7
     x += centers[rng.integers(0, 200, n)]
     return x, np.arange(n, dtype=np.int64) // DOC_ROWS
 
 
-def child(n: int, repeats: int, budget: int) -> dict:
+def child(n: int, d: int, repeats: int, budget: int) -> dict:
     import torch
 
     from nla_rl.data.negatives import _mm, blocks, mine_hard_negatives
 
-    x, docs = _data(n)
+    x, docs = _data(n, d)
     mine_hard_negatives(x[:300], docs[:300], top_k=TOP_K)  # warm up BLAS, torch, allocators
     rss0 = _status("VmRSS")
     try:
@@ -81,7 +81,7 @@ def child(n: int, repeats: int, budget: int) -> dict:
             "mining_cpu_s": min(mining_cpu), "matmul_cpu_s": min(matmul_cpu),
             "hwm_reset": reset, "block_rows": bounds[0][1], "n_blocks": len(bounds),
             "block_bytes": buf.nbytes, "output_bytes": nb.nbytes + sc.nbytes,
-            "copy_bytes": n * D * 4, "threads": torch.get_num_threads(),
+            "d": d, "copy_bytes": n * d * 4, "threads": torch.get_num_threads(),
             "omp": os.environ.get("OMP_NUM_THREADS")}
 
 
@@ -89,42 +89,46 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[20_000, 40_000])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dim", type=int, default=D)
     ap.add_argument("--budget-mib", type=int, default=256)
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.repeats, a.budget_mib * MIB)))
+        print(json.dumps(child(a.child, a.dim, a.repeats, a.budget_mib * MIB)))
         return
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     res = []
     for n in a.sizes:
-        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--repeats",
-                              str(a.repeats), "--budget-mib", str(a.budget_mib)],
-                             capture_output=True, text=True, check=True, env=env)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        res.append(r)
-        print(f"n={n} d={D} k={TOP_K}: mining {r['mining_s']:.2f}s, matmul only {r['matmul_s']:.2f}s"
-              f" ({r['n_blocks']} blocks of {r['block_rows']} rows, torch threads {r['threads']},"
-              f" OMP_NUM_THREADS={r['omp']})")
-        print(f"  P4 mining/matmul = {r['mining_s'] / r['matmul_s']:.2f} (goal <= {GOAL}); CPU time"
-              f" {r['mining_cpu_s']:.2f}s / {r['matmul_cpu_s']:.2f}s ="
-              f" {r['mining_cpu_s'] / r['matmul_cpu_s']:.2f} (steadier on a shared machine)")
-        print(f"  peak extra memory {r['peak_extra'] / MIB:.1f} MiB = block {r['block_bytes'] / MIB:.1f}"
-              f" + normalised copy {r['copy_bytes'] / MIB:.1f} + output {r['output_bytes'] / MIB:.1f}"
-              f" + other {(r['peak_extra'] - r['block_bytes'] - r['copy_bytes'] - r['output_bytes']) / MIB:.1f}"
-              f" MiB{'' if r['hwm_reset'] else ' (VmHWM not reset: upper bound)'}")
+        cmd = [sys.executable, __file__, "--child", str(n), "--repeats", str(a.repeats),
+               "--budget-mib", str(a.budget_mib), "--dim", str(a.dim)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        res.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        _report(res[-1])
     if len(res) >= 2:
         lo, hi = res[0], res[-1]
         grow = hi["peak_extra"] - lo["peak_extra"]
         expect = (hi["output_bytes"] + hi["copy_bytes"]) - (lo["output_bytes"] + lo["copy_bytes"])
-        print(f"memory growth n={lo['n']}->{hi['n']}: {grow / MIB:.1f} MiB; output + normalised copy"
-              f" grow {expect / MIB:.1f} MiB (block size fixed by the budget)")
+        print(f"memory growth n={lo['n']}->{hi['n']}: {grow / MIB:.1f} MiB; output + normalised"
+              f" copy grow {expect / MIB:.1f} MiB (block size fixed by the budget)")
     worst = max(r["mining_s"] / r["matmul_s"] for r in res)
     worst_cpu = max(r["mining_cpu_s"] / r["matmul_cpu_s"] for r in res)
     print(f"P4 worst = {worst:.2f} wall, {worst_cpu:.2f} CPU -> "
           f"{'PASS' if min(worst, worst_cpu) <= GOAL else 'FAIL'} (goal <= {GOAL})")
 
+
+def _report(r: dict) -> None:
+    other = r["peak_extra"] - r["block_bytes"] - r["copy_bytes"] - r["output_bytes"]
+    print(f"n={r['n']} d={r['d']} k={TOP_K}: mining {r['mining_s']:.2f}s, matmul only "
+          f"{r['matmul_s']:.2f}s ({r['n_blocks']} blocks of {r['block_rows']} rows, torch threads "
+          f"{r['threads']}, OMP_NUM_THREADS={r['omp']})")
+    print(f"  P4 mining/matmul = {r['mining_s'] / r['matmul_s']:.2f} (goal <= {GOAL}); CPU time "
+          f"{r['mining_cpu_s']:.2f}s / {r['matmul_cpu_s']:.2f}s = "
+          f"{r['mining_cpu_s'] / r['matmul_cpu_s']:.2f} (steadier on a shared machine)")
+    print(f"  peak extra memory {r['peak_extra'] / MIB:.1f} MiB = block"
+          f" {r['block_bytes'] / MIB:.1f}"
+          f" + normalised copy {r['copy_bytes'] / MIB:.1f} + output {r['output_bytes'] / MIB:.1f}"
+          f" + other {other / MIB:.1f} MiB{'' if r['hwm_reset'] else ' (VmHWM not reset)'}")
 
 if __name__ == "__main__":
     main()

@@ -38,7 +38,8 @@ def _prepare(vectors, doc_ids, top_k: int, method: str):
     """Validate; return (row-normalised float32 copy, int64 doc ids, input, float64 norms)."""
     v = np.asarray(vectors)
     if v.ndim != 2 or 0 in v.shape or not np.issubdtype(v.dtype, np.floating):
-        raise NLAError(mismatch("vectors", "a non-empty float array [n, d]", f"{v.dtype} {v.shape}"))
+        raise NLAError(mismatch("vectors", "a non-empty float array [n, d]",
+                                f"{v.dtype} {v.shape}"))
     docs = np.asarray(doc_ids)
     if docs.shape != (v.shape[0],) or not np.issubdtype(docs.dtype, np.integer):
         raise NLAError(mismatch("doc_ids", f"an integer array of shape ({v.shape[0]},)",
@@ -98,29 +99,34 @@ def _rescore(rows: np.ndarray, idx: np.ndarray, v: np.ndarray, norms: np.ndarray
 
 def _top(s: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(s, m)`` (values sorted), faster on long rows: the m largest values of a row
-    lie in its m groups of ``_GROUP`` columns with the largest maxima (ties included)."""
+    lie in its m groups of ``_GROUP`` columns with the largest maxima, and are >= the m-th of
+    those maxima (ties included), so only those few go through topk."""
     c, n = s.shape
     if n < 4 * m * _GROUP:
         return torch.topk(s, m, dim=1)
     full = n - n % _GROUP
     gmax = torch.as_strided(s, (c, full // _GROUP, _GROUP), (n, _GROUP, 1)).amax(dim=2)
-    if full < n:
+    if full < n:  # a short last group
         gmax = torch.cat([gmax, s[:, full:].amax(dim=1, keepdim=True)], dim=1)
-    groups = torch.topk(gmax, m, dim=1).indices
+    gtop, groups = torch.topk(gmax, m, dim=1, sorted=False)
     cols = (groups[:, :, None] * _GROUP + torch.arange(_GROUP)).reshape(c, -1)
-    pad = cols >= n  # the last group may be short
-    cols.clamp_(max=n - 1)
-    vals = torch.gather(s, 1, cols).masked_fill_(pad, -torch.inf)
-    top, pos = torch.topk(vals, m, dim=1)
-    return top, torch.gather(cols, 1, pos)
+    pad = cols >= n
+    vals = torch.gather(s, 1, cols.clamp_(max=n - 1)).masked_fill_(pad, -torch.inf)
+    r, p = torch.nonzero(vals >= gtop.amin(1, keepdim=True), as_tuple=True)  # >= m a row, ~m
+    cnt = torch.bincount(r, minlength=c)
+    at = (r, torch.arange(len(r)) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt))
+    kept = torch.full((c, int(cnt.max())), -torch.inf).index_put_(at, vals[r, p])
+    top, pos = torch.topk(kept, m, dim=1)
+    where = torch.zeros(kept.shape, dtype=torch.long).index_put_(at, cols[r, p])
+    return top, torch.gather(where, 1, pos)
 
 
 def _select(s: np.ndarray, rows: np.ndarray, v, norms, k: int, margin: int = 4):
     """Top-k columns of each row of ``s`` (masked = -inf), best first, ties by lower column.
 
-    ``k + margin`` candidates are picked by the float32 scores; their float64 cosines (from the
-    raw input) decide, so BLAS rounding does not. A float32 tie straddling the candidate boundary
-    sends the row to a full scan: topk's pick among equal values never decides what is kept.
+    ``k + margin`` candidates are picked by the float32 scores, lower columns first among equal
+    ones (a tie straddling the boundary sends the row to a full scan: topk's own pick never
+    decides); their float64 cosines from the raw input order them, so BLAS rounding does not.
     """
     n = s.shape[1]
     w = min(k + margin, n)
@@ -131,8 +137,9 @@ def _select(s: np.ndarray, rows: np.ndarray, v, norms, k: int, margin: int = 4):
     score = np.where(np.isfinite(vals), _rescore(rows, idx, v, norms), -np.inf)
     o = np.lexsort((idx, -score), axis=1)[:, :k]
     score, idx = np.take_along_axis(score, o, 1), np.take_along_axis(idx, o, 1)
-    for r in ties:
-        cand = np.flatnonzero(s[r] >= vals[r, w - 1])
+    for r in ties:  # of the values equal to the w-th, the lowest columns fill the w candidates
+        gt, eq = np.flatnonzero(s[r] > vals[r, w - 1]), np.flatnonzero(s[r] == vals[r, w - 1])
+        cand = np.concatenate([gt, eq[: w - len(gt)]])
         sc = _rescore(rows[r:r + 1], cand[None], v, norms)[0]
         o = np.lexsort((cand, -sc))[:k]
         score[r], idx[r] = sc[o], cand[o]
@@ -192,16 +199,17 @@ def mine_hard_negatives(vectors: np.ndarray, doc_ids: np.ndarray, *, top_k: int 
 
 def _mine_faiss(x, v, norms, docs, bounds, neighbors, scores, exclude_same_doc, doc_count,
                 nlist, nprobe):
-    """Fill neighbors/scores with faiss: search wider, drop self/same-doc, widen while short."""
+    """Fill neighbors/scores with faiss: search wider, drop self/same-doc, widen while short.
+    Float64 re-scoring orders what faiss returns; ties at the boundary are faiss's pick."""
     try:
         import faiss
     except ImportError as e:
         raise NLAError("method='faiss' needs the faiss package: pip install faiss-cpu "
                        "(or use method='exact')") from e
     (n, d), k = x.shape, neighbors.shape[1]
-    index = faiss.IndexFlatIP(d)
+    index = quantizer = faiss.IndexFlatIP(d)  # the IVF index needs its quantizer kept alive
     if nlist:
-        index = faiss.IndexIVFFlat(index, d, int(nlist), faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFFlat(quantizer, d, int(nlist), faiss.METRIC_INNER_PRODUCT)
         index.train(x)
         index.nprobe = int(nprobe)
     index.add(x)

@@ -35,7 +35,8 @@ def _brute(x, docs, k, exclude_same_doc):
     """Full float64 cosine matrix; each row's k best (ties by lower index), -1 / NaN padded."""
     xn = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
     s = xn @ xn.T
-    s[(docs[:, None] == docs[None, :]) if exclude_same_doc else np.eye(len(x), dtype=bool)] = -np.inf
+    same = docs[:, None] == docs[None, :] if exclude_same_doc else np.eye(len(x), dtype=bool)
+    s[same] = -np.inf
     nb, sc = np.full((len(x), k), -1), np.full((len(x), k), np.nan)
     for i, row in enumerate(s):
         best = np.lexsort((np.arange(len(row)), -row))[:k]
@@ -97,6 +98,15 @@ def test_ties_are_broken_by_lower_row_index_also_across_the_top_k_boundary():
         assert sc[0].tolist() == [1.0] * 9 + [0.0] * 3
         nb5, _ = mine_hard_negatives(x, docs, top_k=5, chunk_rows=rows)
         assert nb5[2].tolist() == [5, 8, 11, 14, 17] and np.array_equal(nb5, nb[:, :5])
+
+
+def test_many_exact_duplicates_stay_cheap_and_pick_the_lowest_rows():
+    """E.g. the BOS activation of every document: thousands of cos = 1 ties per row."""
+    x, _ = _random(n=3000, d=16, seed=8)
+    x[::2] = x[0]  # 1500 identical rows, each in its own document
+    nb, sc = mine_hard_negatives(x, np.arange(3000), top_k=20, chunk_rows=500)
+    assert nb[0].tolist() == list(range(2, 42, 2)) and nb[2].tolist()[:3] == [0, 4, 6]
+    assert (sc[::2] == 1).all()
 
 
 def test_tiny_inputs_are_padded_and_counted():
@@ -261,12 +271,27 @@ def test_faiss_path_matches_exact_with_a_stand_in_index(monkeypatch):
             idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
             return np.take_along_axis(s, idx, 1), idx
 
-    monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(IndexFlatIP=IndexFlatIP))
+    class IndexIVFFlat(IndexFlatIP):
+        def __init__(self, quantizer, d, nlist, metric):
+            super().__init__(d)
+            self.nlist, self.nprobe, self.trained = nlist, 1, False
+
+        def train(self, x):
+            self.trained = True
+
+        def search(self, q, k):
+            assert self.trained and self.nprobe == 16
+            return super().search(q, k)
+
+    fake = types.SimpleNamespace(IndexFlatIP=IndexFlatIP, IndexIVFFlat=IndexIVFFlat,
+                                 METRIC_INNER_PRODUCT=0)
+    monkeypatch.setitem(sys.modules, "faiss", fake)
     x, docs = _clustered(n=200)
     docs = docs.copy()
     docs[:40] = 0  # a 40-row document: its rows need a wider search than 2k + 1
-    for exclude in (True, False):
-        nb, sc = mine_hard_negatives(x, docs, top_k=10, exclude_same_doc=exclude, method="faiss")
+    for exclude, nlist in ((True, None), (False, None), (True, 8)):
+        nb, sc = mine_hard_negatives(x, docs, top_k=10, exclude_same_doc=exclude, method="faiss",
+                                     faiss_nlist=nlist)
         enb, esc = mine_hard_negatives(x, docs, top_k=10, exclude_same_doc=exclude)
         assert np.array_equal(nb, enb) and np.array_equal(sc, esc)
     assert max(searches) > 21
