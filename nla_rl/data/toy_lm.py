@@ -27,6 +27,14 @@ META_FILE = "toy_lm.json"
 _WEIGHTS = "model.safetensors"
 
 
+def build_toy_tokenizer(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 1024):
+    """The toy world's tiny byte-level BPE (Qwen2 style), saved to ``out_dir`` and reloaded."""
+    from nla_rl.testing.tiny import build_tiny_tokenizer
+
+    return build_tiny_tokenizer("qwen2", out_dir, vocab_size=vocab_size, seed=seed,
+                                texts=toy_tokenizer_texts(seed))
+
+
 def is_finished_toy_lm(path: str | Path) -> bool:
     """Whether ``path`` holds a finished toy LM (weights and ``toy_lm.json``, written last)."""
     path = Path(path)
@@ -94,15 +102,14 @@ def _train(tmp: Path, settings: dict, *, threads: int, progress: bool) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from nla_rl.testing.tiny import build_tiny_tokenizer, tiny_config
+    from nla_rl.testing.tiny import tiny_config
 
     s = settings
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         t0 = time.perf_counter()
-        tok = build_tiny_tokenizer("qwen2", tmp, vocab_size=s["vocab_size"], seed=s["seed"],
-                                   texts=toy_tokenizer_texts(s["seed"]))
+        tok = build_toy_tokenizer(tmp, seed=s["seed"], vocab_size=s["vocab_size"])
         config = tiny_config("qwen2", len(tok), layers=s["layers"], hidden=s["hidden"],
                              heads=s["heads"], kv_heads=s["kv_heads"], tokenizer=tok)
         torch.manual_seed(s["seed"])

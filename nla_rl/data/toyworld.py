@@ -7,9 +7,15 @@ recall/precision of the attributes it names, next to FVE.
 * Attributes are ``slot=value`` strings (``colour=red``). Every value word belongs to exactly one
   slot and appears nowhere else in the corpus, templates or teacher phrasings, so an attribute is
   parsed from *any* text by a whole-word, case-insensitive match of the value vocabulary.
-* A document reveals all its attributes, one or two per sentence, in a random order (the subject
-  always comes first), with filler sentences in between. The attributes at a token position are
-  those whose first mention ends at or before the end of that token.
+* A document opens with its subject, then reveals each other slot with probability ``p_slot``
+  (one sentence each, random order, 1–3 filler sentences mixed in) and always ends with the fixed
+  sentence "The end." (≈25–55 tiny-BPE tokens). The attributes at a token position are those whose
+  first mention ends at or before the end of that token.
+* What a trained toy LM's activations encode (ridge probes, block 2 of 4, 300 steps): at the
+  fixed-context final token every revealed slot is readable well above chance (subject ≈1.0, the
+  others ≈0.45–0.9); at arbitrary positions mostly the subject is — the LM keeps only what
+  predicts the next token, and the local context dominates. Prefer the final token (or few,
+  fixed-context positions) as NLA positions when recall should be achievable.
 * The teacher is deliberately partial (like an LLM teacher): each true attribute is named with
   probability ``p_include`` in a random order and is rarely given a wrong value (``p_wrong``). Rows
   where it names nothing are refusals: ``None``, to be dropped and counted.
@@ -37,22 +43,20 @@ assert len(VALUE_SLOT) == sum(map(len, SLOTS.values())), "a value word belongs t
 _VALUE_RE = re.compile(r"\b(" + "|".join(sorted(VALUE_SLOT, key=len, reverse=True)) + r")\b",
                        re.IGNORECASE)
 
-# Corpus sentences. ``{s}`` is the subject word; ``{v}`` the slot's value; ``{V}`` it capitalised.
+# Corpus sentences. ``{s}`` is the subject word, ``{v}`` the slot's value.
 _OPENINGS = ("Once there was {a} {s}.", "Once upon a time there lived {a} {s}.")
 _COLOUR_OPENING = "Once there was {a} {v} {s}."
 _BODY: dict[str, tuple[str, ...]] = {
     "colour": ("The {s} was {v}.", "Its coat was {v}.", "Everyone knew the {v} {s}."),
     "place": ("The {s} lived in the {v}.", "Its home was near the {v}.", "It walked to the {v}."),
-    "quantity": ("It had {v} friends.", "The {s} found {v} stones.", "{V} birds watched it."),
+    "quantity": ("It had {v} friends.", "The {s} found {v} stones.", "It saw {v} birds."),
     "mood": ("It felt {v}.", "The {s} was {v} that day.", "Everyone said it looked {v}."),
     "time": ("It liked the {v} best.", "Each {v} it went out.", "The story happens in the {v}."),
 }
 _FILLERS = ("It was a quiet day.", "Nobody knew why.", "The wind was soft.", "Then it rested.",
             "Nothing else happened.", "The sky was clear.", "The path was long.",
             "A bell rang far away.")
-_CLOSINGS = ("The end.",)
-_ECHOES = ("Remember the {v}.", "Again, the {v}.")
-_P_ECHO = 0.4
+_CLOSING = "The end."  # a fixed last sentence: the final token is a fixed-context readout
 
 # Teacher phrasings: none contains a value word, and none fixes the slot order.
 _TEACHER: dict[str, tuple[str, ...]] = {
@@ -98,10 +102,16 @@ class ToyDoc:
 
 
 class ToyWorld:
-    """The seeded corpus generator. ``document(i)`` depends only on (seed, i)."""
+    """The seeded corpus generator. ``document(i)`` depends only on (seed, i).
 
-    def __init__(self, seed: int = 0):
-        self.seed = seed
+    ``p_slot``: probability that each non-subject slot is revealed (so documents carry 1–6
+    attributes, ≈4.5 on average). ``shuffle=False`` keeps the slot order fixed (subject, colour,
+    place, quantity, mood, time; fillers still inserted at random) — a more regular variant whose
+    ``nats`` over-count a little where fillers commute.
+    """
+
+    def __init__(self, seed: int = 0, *, p_slot: float = 0.7, shuffle: bool = True):
+        self.seed, self.p_slot, self.shuffle = seed, p_slot, shuffle
 
     def document(self, doc_id: int) -> ToyDoc:
         """The document ``doc_id`` (random access; deterministic)."""
@@ -113,34 +123,34 @@ class ToyWorld:
             nats += math.log(len(options))
             return rng.choice(options)
 
-        attrs = {slot: pick(values) for slot, values in SLOTS.items()}
-        s = attrs["subject"]
-        if rng.random() < 0.25:  # the colour is revealed in the opening sentence
-            nats -= math.log(0.25)
-            sentences = [_COLOUR_OPENING.format(a=_a(attrs["colour"]), v=attrs["colour"], s=s)]
-            revealed, body_slots = ["subject", "colour"], [k for k in _BODY if k != "colour"]
+        def coin(p):
+            nonlocal nats
+            hit = rng.random() < p
+            nats -= math.log(p if hit else 1 - p)
+            return hit
+
+        slots = ["subject"] + [k for k in _BODY if coin(self.p_slot)]
+        values = {k: pick(SLOTS[k]) for k in slots}
+        s = values["subject"]
+        colour_first = "colour" in slots and coin(0.25)  # colour revealed in the opening
+        if colour_first:
+            sentences = [_COLOUR_OPENING.format(a=_a(values["colour"]), v=values["colour"], s=s)]
         else:
-            nats -= math.log(0.75)
             sentences = [pick(_OPENINGS).format(a=_a(s), s=s)]
-            revealed, body_slots = ["subject"], list(_BODY)
-        middle = [(k, pick(_BODY[k]).format(s=s, v=attrs[k], V=attrs[k].capitalize()))
-                  for k in body_slots]
-        n_fill = pick((0, 1, 2))
-        middle += [(None, f) for f in rng.sample(_FILLERS, n_fill)]
-        nats += math.log(math.comb(len(_FILLERS), n_fill)) + math.lgamma(len(middle) + 1)
-        rng.shuffle(middle)
-        for slot, sentence in middle:
-            sentences.append(sentence)
-            revealed += [slot] if slot else []
-            # Echoes re-mention an already revealed value after an ambiguous prefix, so revealed
-            # values stay predictive of later text and the LM carries them forward.
-            echo = rng.random() < _P_ECHO
-            nats -= math.log(_P_ECHO if echo else 1 - _P_ECHO)
-            if echo:
-                sentences.append(pick(_ECHOES).format(v=attrs[pick(revealed)]))
-        sentences.append(pick(_CLOSINGS))
-        text = " ".join(sentences)
-        return ToyDoc(doc_id, text, attrs, nats)
+        body = [pick(_BODY[k]).format(s=s, v=values[k])
+                for k in slots[1:] if not (k == "colour" and colour_first)]
+        n_fill = pick((1, 2, 3))
+        fillers = rng.sample(_FILLERS, n_fill)
+        nats += math.log(math.comb(len(_FILLERS), n_fill))
+        if self.shuffle:
+            body += fillers
+            rng.shuffle(body)
+            nats += math.lgamma(len(body) + 1)
+        else:
+            for f in fillers:
+                body.insert(pick(range(len(body) + 1)), f)
+        text = " ".join(sentences + body + [_CLOSING])
+        return ToyDoc(doc_id, text, values, nats)
 
     def documents(self, n: int, start: int = 0) -> list[ToyDoc]:
         """Documents ``start … start+n-1``."""
@@ -216,7 +226,8 @@ def toy_teacher_explanation(attributes: Iterable[str], rng: random.Random, p_inc
 def full_explanation(attributes: Iterable[str], rng: random.Random | None = None) -> str:
     """An explanation naming every attribute (random order and phrasing) — the AR's upper bound."""
     rng = rng or random.Random(0)
-    return toy_teacher_explanation(attributes, rng, p_include=1.0, p_wrong=0.0, min_mentions=0) or ""
+    text = toy_teacher_explanation(attributes, rng, p_include=1.0, p_wrong=0.0, min_mentions=0)
+    return text or ""
 
 
 def score_explanation(text: str | None, true_attributes: Iterable[str]) -> tuple[float, float]:
@@ -274,7 +285,8 @@ def toy_tokenizer_texts(seed: int = 0, n_docs: int = 400) -> list[str]:
     for _ in range(100):
         expl = " ".join(rng.sample(phrasings, rng.randint(1, 4)))
         lines += [av_sft_target(expl), DEFAULT_AR_TEMPLATE.format(explanation=expl)]
-    pieces = [p for t in (DEFAULT_AV_TEMPLATE, DEPTH_AV_TEMPLATE) for p in t.split("{injection_char}")]
+    pieces = [p for t in (DEFAULT_AV_TEMPLATE, DEPTH_AV_TEMPLATE)
+              for p in t.split("{injection_char}")]
     lines += [p.replace("{depth_pct}", str(d)) for p in pieces for d in (12, 38, 62, 88)] * 5
     lines += [f"system\n{_QWEN_DEFAULT_SYSTEM}\nuser\n", "assistant\n"] * 20
     return lines

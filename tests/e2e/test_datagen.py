@@ -89,7 +89,7 @@ def test_killed_datagen_resumes(new_run):
 
 def test_short_documents_are_counted_not_fatal(new_run):
     run = new_run()
-    assert main(_datagen(run, "data.workers=0", "data.min_pos=60", "data.max_tokens=96")) == 0
+    assert main(_datagen(run, "data.workers=0", "data.min_pos=40", "data.max_tokens=96")) == 0
     stats = read_dataset_sidecar(run / "data" / "base.parquet").extras["stats"]
     assert stats["too_short"] > 0 and stats["rows"] > 0
 

@@ -1,0 +1,213 @@
+"""The toy world: corpus, ground truth per position, partial teacher, scorer and the toy base LM."""
+
+import json
+import math
+import os
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from nla_rl.data import toy_lm
+from nla_rl.data.toy_lm import (build_toy_tokenizer, last_token_activations, linear_probe_accuracy,
+                                train_toy_lm)
+from nla_rl.data.toyworld import (SLOTS, ToyWorld, attributes_at, attributes_by_position,
+                                  full_explanation, parse_attributes, score_explanation,
+                                  score_explanations, teacher_rng, toy_teacher_explanation,
+                                  toy_tokenizer_texts)
+from nla_rl.testing.tiny import TINY_MARKER_CHAR, build_tiny_tokenizer
+
+TRUTH = frozenset({"subject=cat", "colour=red", "place=forest", "mood=happy"})
+# Short training that still reaches the loss floor's neighbourhood (≈15 s on one thread).
+PROBE_LM = dict(seed=0, steps=150, batch_size=16, lr=2e-3)
+
+
+@pytest.fixture(scope="module")
+def toy_tok(tmp_path_factory):
+    return build_toy_tokenizer(tmp_path_factory.mktemp("toy_tok"))
+
+
+@pytest.fixture(scope="module")
+def toy_lm_dir(tmp_path_factory):
+    return train_toy_lm(tmp_path_factory.mktemp("lm") / "base", progress=False, **PROBE_LM)
+
+
+def test_corpus_is_deterministic_and_random_access():
+    a, b = ToyWorld(3).documents(30), ToyWorld(3).documents(30)
+    assert [d.text for d in a] == [d.text for d in b] and [d.attributes for d in a] == [
+        d.attributes for d in b]
+    assert ToyWorld(3).document(17) == a[17]
+    assert ToyWorld(3).documents(5, start=10) == a[10:15]
+    assert [d.text for d in ToyWorld(4).documents(30)] != [d.text for d in a]
+    assert len({d.text for d in ToyWorld(0).documents(2000)}) == 2000  # no memorisable repeats
+
+
+def test_documents_mention_exactly_their_attributes(toy_tok):
+    docs = ToyWorld(1).documents(1000)
+    for d in docs:
+        assert parse_attributes(d.text) == d.attribute_set
+        assert d.attributes["subject"] in SLOTS["subject"] and d.text.endswith("The end.")
+    sizes = Counter(len(d.attributes) for d in docs)
+    assert set(sizes) >= {3, 4, 5, 6}
+    lengths = [len(toy_tok(d.text)["input_ids"]) for d in docs]
+    assert 30 <= np.median(lengths) <= 60 and max(lengths) <= 96
+
+
+def test_value_words_are_single_tokens_and_marker_intact(toy_tok):
+    for value in (v for vals in SLOTS.values() for v in vals):
+        assert len(toy_tok.encode(" " + value, add_special_tokens=False)) == 1, value
+    ids = toy_tok.encode(f"<concept>{TINY_MARKER_CHAR}</concept>", add_special_tokens=False)
+    pieces = [toy_tok.decode([i]) for i in ids]
+    assert TINY_MARKER_CHAR in pieces and pieces[pieces.index(TINY_MARKER_CHAR) - 1] == ">"
+    assert len(toy_tok.encode(TINY_MARKER_CHAR, add_special_tokens=False)) == 1
+
+
+def test_attributes_grow_monotonically_and_match_text(toy_tok):
+    for doc in ToyWorld(2).documents(60):
+        sets = attributes_by_position(toy_tok, doc)
+        offsets = toy_tok(doc.text, return_offsets_mapping=True)["offset_mapping"]
+        assert len(sets) == len(offsets) and sets[-1] == doc.attribute_set
+        assert all(a <= b for a, b in zip(sets, sets[1:]))
+        for pos, ((_, end), got) in enumerate(zip(offsets, sets)):
+            assert got == parse_attributes(doc.text[:end])
+        grown = [i for i in range(1, len(sets)) if sets[i] != sets[i - 1]]
+        assert sets[0] == frozenset() and len(grown) == len(doc.attributes)  # one per value token
+        assert attributes_at(toy_tok, doc, len(sets) // 2) == sets[len(sets) // 2]
+
+
+def test_bos_position_sees_nothing(tmp_path):
+    tok = build_tiny_tokenizer("llama", tmp_path, vocab_size=1024, texts=toy_tokenizer_texts())
+    doc = ToyWorld(0).document(0)
+    sets = attributes_by_position(tok, doc)
+    assert tok(doc.text)["input_ids"][0] == tok.bos_token_id
+    assert sets[0] == frozenset() and sets[1] == frozenset() and sets[-1] == doc.attribute_set
+
+
+def test_teacher_is_deterministic_per_row():
+    one = toy_teacher_explanation(TRUTH, teacher_rng(0, 5, 17), p_include=0.9)
+    assert one == toy_teacher_explanation(TRUTH, teacher_rng(0, 5, 17), p_include=0.9)
+    many = {toy_teacher_explanation(TRUTH, teacher_rng(0, 5, p), p_include=0.9) for p in range(40)}
+    assert len(many) > 10
+
+
+def test_teacher_is_partial_unordered_and_rarely_wrong():
+    world = ToyWorld(0)
+    mentioned = wrong = refused = 0
+    sizes, first_slots, pair_orders = Counter(), Counter(), set()
+    for i, doc in enumerate(world.documents(3000)):
+        truth = doc.attribute_set
+        text = toy_teacher_explanation(truth, random.Random(i), p_include=0.4, p_wrong=0.05)
+        if text is None:
+            refused += 1
+            continue
+        named = parse_attributes(text)
+        mentioned += len(named)
+        wrong += len(named - truth)
+        assert {a.split("=")[0] for a in named} <= {a.split("=")[0] for a in truth}
+        sizes[len(named)] += 1
+        slots = [a.split("=")[0] for a in _in_text_order(text)]
+        first_slots[slots[0]] += 1
+        pair_orders.update(zip(slots, slots[1:]))
+    assert abs(wrong / mentioned - 0.05) < 0.015
+    assert len(sizes) >= 4 and sizes[1] > 0 and sizes[3] > 0  # variable length
+    assert len(first_slots) == len(SLOTS)  # no fixed slot order
+    assert ("colour", "place") in pair_orders and ("place", "colour") in pair_orders
+    assert 0.02 < refused / 3000 < 0.2  # ≈ E[0.6^n] over n ≈ 4.5 attributes
+
+
+def test_teacher_refusal_rule_and_exact_rows():
+    assert toy_teacher_explanation(frozenset(), random.Random(0)) is None
+    assert toy_teacher_explanation(TRUTH, random.Random(0), p_include=0.0) is None
+    text = toy_teacher_explanation(TRUTH, random.Random(0), p_include=1.0, p_wrong=0.0)
+    assert parse_attributes(text) == TRUTH
+    assert all(parse_attributes(toy_teacher_explanation(TRUTH, random.Random(s), p_include=1.0,
+                                                        p_wrong=1.0)).isdisjoint(TRUTH)
+               for s in range(20))
+    assert parse_attributes(full_explanation(TRUTH)) == TRUTH
+
+
+def test_scorer_on_constructed_explanations():
+    assert score_explanation("A red cat in the forest.", TRUTH) == (0.75, 1.0)
+    assert score_explanation("The cat is BLUE and happy.", TRUTH) == (0.5, 2 / 3)
+    assert score_explanation("A red cat, a red cat.", TRUTH) == (0.5, 1.0)  # repeats count once
+    assert score_explanation("Bored cats scattered.", TRUTH)[0] == 0  # whole words only
+    recall, precision = score_explanation("Nothing here.", TRUTH)
+    assert recall == 0 and math.isnan(precision)
+    assert math.isnan(score_explanation("cat", frozenset())[0])
+    scores = score_explanations(["red cat", None, "blue"], [TRUTH, TRUTH, TRUTH])
+    assert scores.recall == pytest.approx((0.5 + 0 + 0) / 3)
+    assert scores.precision == pytest.approx(0.5)  # (1 + 0) / 2: the None row is excluded
+    assert (scores.n, scores.n_no_mention) == (3, 1)
+    with pytest.raises(ValueError):
+        score_explanations(["x"], [])
+
+
+def test_teacher_round_trip_has_precision_one(toy_tok):
+    world = ToyWorld(5)
+    texts, truths = [], []
+    for doc in world.documents(200):
+        pos = len(toy_tok(doc.text)["input_ids"]) * 2 // 3
+        truth = attributes_at(toy_tok, doc, pos)
+        texts.append(toy_teacher_explanation(truth, teacher_rng(5, doc.doc_id, pos), p_wrong=0.0))
+        truths.append(truth)
+    kept = [(t, a) for t, a in zip(texts, truths) if t is not None]
+    scores = score_explanations(*zip(*kept))
+    assert scores.precision == 1.0 and 0.3 < scores.recall < 0.55 and scores.n_no_mention == 0
+
+
+def test_toy_lm_trains_and_caches(toy_lm_dir, monkeypatch):
+    meta = json.loads((toy_lm_dir / "toy_lm.json").read_text())
+    curve = meta["loss_curve"]
+    assert len(curve) == PROBE_LM["steps"] and curve[0] > 6 and meta["final_loss"] < 1.2
+    assert meta["final_loss"] < meta["entropy_floor_nats"] + 0.35
+    assert (toy_lm_dir / "model.safetensors").is_file()
+    assert (toy_lm_dir / "tokenizer.json").is_file()
+    assert not [p for p in toy_lm_dir.parent.iterdir() if p.name.startswith(".")]  # no temp left
+    mtime = os.path.getmtime(toy_lm_dir / "model.safetensors")
+    monkeypatch.setattr(toy_lm, "_train", lambda *a, **k: pytest.fail("retrained a cached LM"))
+    assert train_toy_lm(toy_lm_dir, progress=False, **PROBE_LM) == toy_lm_dir
+    assert os.path.getmtime(toy_lm_dir / "model.safetensors") == mtime
+    with pytest.raises(ValueError, match="different|trained with"):
+        train_toy_lm(toy_lm_dir, progress=False, **{**PROBE_LM, "steps": 151})
+
+
+def test_toy_lm_write_is_atomic(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(toy_lm, "_write_meta", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train_toy_lm(tmp_path / "lm", steps=2, hidden=64, heads=2, layers=1, batch_size=2,
+                     progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither a half-written lm/ nor a temp dir
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    with pytest.raises(FileExistsError):
+        train_toy_lm(tmp_path / "busy", steps=2, progress=False)
+
+
+def test_block2_activations_encode_the_subject(toy_lm_dir):
+    """Linear probe (ridge, centred) on block-2 output at the last token of held-out docs.
+
+    Note: an untrained model passes this too (attention averages the word embeddings); the point
+    is that the *trained* LM's readout position still carries the attributes.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(toy_lm_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(toy_lm_dir)
+    docs = ToyWorld(123).documents(2000)  # ids and seed unseen in training
+    x = last_token_activations(model, tok, [d.text for d in docs], layer=2)
+    y = [d.attributes["subject"] for d in docs]
+    acc = linear_probe_accuracy(x[:1500], y[:1500], x[1500:], y[1500:], l2=0.1)
+    shuffled = linear_probe_accuracy(x[:1500], y[:1500][::-1], x[1500:], y[1500:], l2=0.1)
+    # chance 1/8; seeds 0-3 of this setting gave 0.61-0.82, the label-shuffled control ≈ chance
+    assert acc >= 0.45 and shuffled < 0.25, (acc, shuffled)
+
+
+def _in_text_order(text):
+    from nla_rl.data.toyworld import attribute_mentions
+
+    return [a for _, a in attribute_mentions(text)]
