@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from nla_rl.data.corpus import Document
 from nla_rl.data.negatives import mine_hard_negatives, negatives_params, write_negatives
-from nla_rl.data.splits import SPLIT_ORDER, split_documents, split_table
+from nla_rl.data.splits import split_documents, split_table
 from nla_rl.data.store import read_activations, write_table_atomic
 from nla_rl.data.teachers import TeacherCache, TeacherRequest, label_cached, teacher_metadata
 from nla_rl.data.toyworld import ToyWorld, attributes_by_position, teacher_rng, toy_teacher_explanation
@@ -103,5 +103,3 @@ def activation_norm_stats(vectors: np.ndarray) -> dict:
     norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
     return {"mean": float(norms.mean()), "std": float(norms.std()), "max": float(norms.max())}
 
-
-SPLITS = SPLIT_ORDER
