@@ -4,10 +4,13 @@ Documents are cut into fixed shards (shard i = documents [i·S, (i+1)·S)), so t
 lands in never depends on how many workers run. Every shard is written to its own parquet file
 atomically; a rerun skips shards whose file exists, which is how a killed run resumes. The merge
 reads shards in index order, so the merged file is the same whatever order workers finished in.
+Finished shards are reused only if ``shards.json`` says they came from the same extraction spec,
+sharding and documents; otherwise they are stale and deleted before extracting again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -36,13 +39,15 @@ class ExtractionSpec:
     max_tokens: int
     seed: int
     batch_size: int = 8
+    positions: str = "random"
     text_prefix: bool = True
     extractor_kwargs: dict = field(default_factory=dict)
 
     def build(self) -> ActivationExtractor:
         return ActivationExtractor(
             self.base_dir, self.layer_index, positions_per_doc=self.positions_per_doc,
-            min_pos=self.min_pos, max_tokens=self.max_tokens, seed=self.seed,
+            min_pos=self.min_pos, max_tokens=self.max_tokens, positions=self.positions,
+            seed=self.seed,
             batch_size=self.batch_size, text_prefix=self.text_prefix, **self.extractor_kwargs)
 
 
@@ -85,6 +90,7 @@ def run_extraction(spec: ExtractionSpec, docs: Sequence[Document], shard_dir: Pa
     shard_dir = Path(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
     shards = shard_documents(docs, docs_per_shard)
+    _discard_stale_shards(shard_dir, _shard_key(spec, docs, docs_per_shard))
     todo = [i for i in range(len(shards)) if not shard_path(shard_dir, i).exists()]
     bar = tqdm(total=len(docs), initial=sum(len(shards[i]) for i in range(len(shards)) if i not in todo),
                unit="doc", desc="extract", disable=not progress, smoothing=0.1)
@@ -118,6 +124,32 @@ def _run_on_ray(spec, shards, todo, shard_dir, num_workers, cpus_per_worker, bar
     finally:
         for worker in workers:
             ray.kill(worker)
+
+
+def _shard_key(spec: ExtractionSpec, docs: Sequence[Document], docs_per_shard: int) -> dict:
+    """What a finished shard depends on: the spec, the sharding and the documents themselves."""
+    digest = hashlib.sha256()
+    for doc in docs:
+        digest.update(f"{doc.doc_id}\x00{doc.text}\x01".encode())
+    spec_fields = {k: v for k, v in spec.__dict__.items() if k != "extractor_kwargs"}
+    return {"spec": spec_fields, "extractor_kwargs": repr(sorted(spec.extractor_kwargs.items())),
+            "docs_per_shard": docs_per_shard, "documents": len(docs), "docs_sha256": digest.hexdigest()}
+
+
+def _discard_stale_shards(shard_dir: Path, key: dict) -> None:
+    """Delete shards written for another spec/corpus (they would be silently mixed in), then
+    record the current key. The key is written before any shard, so a kill cannot orphan one."""
+    key_path = shard_dir / "shards.json"
+    old = json.loads(key_path.read_text()) if key_path.is_file() else None
+    if old != key:
+        stale = sorted(shard_dir.glob("shard-*"))
+        if stale and old is not None:
+            changed = sorted(k for k in key if old.get(k) != key[k])
+            print(f"[datagen] {len(stale)} shard files were extracted with different "
+                  f"{', '.join(changed)}; extracting again")
+        for path in stale:
+            path.unlink()
+        _write_json_atomic(key_path, key)
 
 
 def merge_shards(shard_dir: Path, n_shards: int, out_path: Path) -> int:

@@ -51,6 +51,7 @@ def datagen(cfg: RecipeConfig, run_dir: Path) -> None:
     extras = {"stats": {**corpus_stats, **stats.as_dict(), **label_info.pop("teacher_stats")},
               "activation_norm": activation_norm_stats(vectors),
               "sampling": {"seed": cfg.run.seed, "min_pos": cfg.data.min_pos,
+                           "positions": cfg.data.positions,
                            "max_tokens": cfg.data.max_tokens}}
     sidecar = DatasetSidecar(
         dataset_id=cfg.run.name, stage="base", row_count=len(vectors), base_model=cfg.model.base,
@@ -84,7 +85,7 @@ def _documents(cfg: RecipeConfig):
 def _extract(cfg: RecipeConfig, base_dir: Path, docs, data_dir: Path):
     spec = ExtractionSpec(str(base_dir), cfg.model.layer_index, cfg.data.positions_per_doc,
                           cfg.data.min_pos, cfg.data.max_tokens, cfg.run.seed,
-                          batch_size=cfg.data.batch_size,
+                          batch_size=cfg.data.batch_size, positions=cfg.data.positions,
                           text_prefix=cfg.data.teacher.kind not in ("toyworld", "none"),
                           extractor_kwargs={"trust_remote_code": cfg.model.trust_remote_code})
     if cfg.data.workers:

@@ -71,17 +71,30 @@ def tokenize_documents(tokenizer, docs: Sequence[Document], max_tokens: int) -> 
     return [list(ids) for ids in enc["input_ids"]]
 
 
+POSITION_MODES = ("random", "last")
+
+
 def sample_positions(ids: Sequence[int], doc_id: int, *, seed: int, n: int, min_pos: int,
-                     special_ids: set[int] | frozenset[int]) -> list[int]:
-    """Up to ``n`` sorted distinct positions ``p ≥ min_pos`` with ``ids[p]`` not special,
-    drawn without replacement by ``numpy.random.default_rng([seed, doc_id])``."""
+                     special_ids: set[int] | frozenset[int], mode: str = "random") -> list[int]:
+    """Up to ``n`` sorted distinct positions ``p ≥ min_pos`` with ``ids[p]`` not special.
+
+    ``random``: drawn without replacement by ``numpy.random.default_rng([seed, doc_id])``.
+    ``last``: the last ``n`` such positions, where the model has read the whole (truncated)
+    document; a document-level attribute is encoded there even when no single earlier token
+    carries it.
+    """
     if n < 0 or min_pos < 0 or seed < 0 or doc_id < 0:
         raise ExtractionError(f"sample_positions: n, min_pos, seed and doc_id must be ≥ 0, "
                               f"found n={n}, min_pos={min_pos}, seed={seed}, doc_id={doc_id}")
+    if mode not in POSITION_MODES:
+        raise ExtractionError(f"positions: expected one of {', '.join(POSITION_MODES)}, "
+                              f"found {mode!r}")
     candidates = [p for p in range(min_pos, len(ids)) if ids[p] not in special_ids]
     k = min(n, len(candidates))
     if k == 0:
         return []
+    if mode == "last":
+        return candidates[len(candidates) - k:]
     rng = np.random.default_rng([seed, doc_id])
     chosen = rng.choice(len(candidates), size=k, replace=False)
     return sorted(candidates[i] for i in chosen)
@@ -92,7 +105,7 @@ class ActivationExtractor:
 
     def __init__(self, base_dir: str | Path, layer_index: int, *, tokenizer=None,
                  positions_per_doc: int = 10, min_pos: int = 50, max_tokens: int = 1024,
-                 seed: int = 0, batch_size: int = 8, text_prefix: bool = False,
+                 positions: str = "random", seed: int = 0, batch_size: int = 8, text_prefix: bool = False,
                  dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
                  trust_remote_code: bool = False):
         from transformers import AutoConfig, AutoTokenizer
@@ -109,7 +122,11 @@ class ActivationExtractor:
                                   f"{batch_size} and {positions_per_doc}")
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(
             base_dir, trust_remote_code=trust_remote_code)
+        if positions not in POSITION_MODES:
+            raise ExtractionError(f"positions: expected one of {', '.join(POSITION_MODES)}, "
+                                  f"found {positions!r}")
         self.positions_per_doc, self.min_pos, self.max_tokens = positions_per_doc, min_pos, max_tokens
+        self.positions = positions
         self.seed, self.batch_size, self.text_prefix = seed, batch_size, text_prefix
         ar = ActivationReconstructor.from_base(base_dir, self.layer_index, dtype=dtype,
                                                trust_remote_code=trust_remote_code)
@@ -139,7 +156,8 @@ class ActivationExtractor:
         plan = []  # (doc, ids cut after the last position, positions)
         for doc, ids in zip(docs, tokenize_documents(self.tokenizer, docs, self.max_tokens)):
             pos = sample_positions(ids, doc.doc_id, seed=self.seed, n=self.positions_per_doc,
-                                   min_pos=self.min_pos, special_ids=self._special)
+                                   min_pos=self.min_pos, special_ids=self._special,
+                                   mode=self.positions)
             if not pos:
                 stats.too_short += 1
                 continue
@@ -213,5 +231,6 @@ class ActivationExtractor:
             positions_per_doc=self.positions_per_doc, corpus_slice=corpus_slice,
             extras={"stats": total.as_dict(),
                     "sampling": {"seed": self.seed, "min_pos": self.min_pos,
+                                 "positions": self.positions,
                                  "max_tokens": self.max_tokens, "text_prefix": self.text_prefix}}))
         return total

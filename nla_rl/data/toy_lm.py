@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,25 @@ def linear_probe_accuracy(x_train: np.ndarray, y_train, x_test: np.ndarray, y_te
     w = np.linalg.solve(xtr.T @ xtr + l2 * np.eye(xtr.shape[1]), xtr.T @ (y - y.mean(0)))
     pred = np.asarray(classes)[np.argmax(xte @ w + y.mean(0), axis=1)]
     return float(np.mean(pred == np.asarray(y_test)))
+
+
+def slot_labels(attribute_lists: Sequence[Iterable[str]], slot: str) -> list[str]:
+    """The value of ``slot`` in each row's ``slot=value`` attributes, or ``absent``."""
+    prefix = slot + "="
+    return [next((a[len(prefix):] for a in attrs if a.startswith(prefix)), "absent")
+            for attrs in attribute_lists]
+
+
+def slot_probe_accuracies(x_train: np.ndarray, attrs_train, x_test: np.ndarray, attrs_test,
+                          slots: Iterable[str], l2: float = 1.0) -> dict[str, tuple[float, float]]:
+    """Per slot: (held-out linear-probe accuracy, majority-class rate on the test rows).
+
+    Reads which toy-world attributes a set of activations encodes linearly; a slot is encoded
+    when its accuracy clearly beats the majority rate (``absent`` counts as a class).
+    """
+    out = {}
+    for slot in slots:
+        y_train, y_test = slot_labels(attrs_train, slot), slot_labels(attrs_test, slot)
+        majority = max(y_test.count(v) for v in set(y_test)) / len(y_test)
+        out[slot] = (linear_probe_accuracy(x_train, y_train, x_test, y_test, l2=l2), majority)
+    return out

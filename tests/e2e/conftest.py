@@ -12,7 +12,7 @@ TINY = str(ROOT / "recipes" / "tiny.yaml")
 LM_STEPS = 40  # enough for the pipeline's mechanics; learning quality is measured elsewhere
 # Overrides that keep an end-to-end run to seconds on 2 cores.
 FAST = [f"toyworld.lm_steps={LM_STEPS}", "data.num_docs=60", "data.docs_per_shard=20",
-        "rl.max_new_tokens=8"]
+        "rl.max_new_tokens=8", "rl.length_penalty_margin=4"]
 
 
 @pytest.fixture(scope="session")

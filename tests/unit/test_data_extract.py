@@ -119,6 +119,29 @@ def test_sample_positions_properties():
     assert sample_positions(ids[:6], 0, **kw) == [5]
 
 
+def test_sample_positions_last_mode():
+    ids = list(range(100, 160))
+    ids[57], ids[59] = 7, 8  # specials near the end (e.g. EOS) are skipped, not counted
+    kw = dict(seed=3, min_pos=5, special_ids={7, 8}, mode="last")
+    assert sample_positions(ids, 11, n=1, **kw) == [58]
+    assert sample_positions(ids, 11, n=3, **kw) == [55, 56, 58]
+    assert sample_positions(ids, 11, n=3, **kw) == sample_positions(ids, 99, n=3, **{**kw, "seed": 0})
+    assert sample_positions(ids[:6], 0, n=3, **kw) == [5]
+    with pytest.raises(ExtractionError, match="positions: expected one of random, last"):
+        sample_positions(ids, 0, n=1, seed=0, min_pos=0, special_ids=set(), mode="first")
+
+
+def test_extractor_last_mode_reads_the_final_token(qwen):
+    docs = [Document(0, " ".join(["cat"] * 20)), Document(1, " ".join(["dog"] * 30))]
+    ex = ActivationExtractor(qwen.path, 1, min_pos=2, positions_per_doc=2, positions="last")
+    table, _ = ex.extract(docs)
+    lengths = [len(ids) for ids in ex.tokenizer([d.text for d in docs])["input_ids"]]
+    assert table["position"].to_pylist() == [lengths[0] - 2, lengths[0] - 1,
+                                             lengths[1] - 2, lengths[1] - 1]
+    with pytest.raises(ExtractionError, match="positions"):
+        ActivationExtractor(qwen.path, 1, positions="middle")
+
+
 def test_tokenize_documents_bos_and_truncation(tiny_models):
     docs = _docs(3, lo=30, hi=40)
     for family, tm in tiny_models.items():
@@ -305,3 +328,25 @@ def test_split_table_by_document():
     assert not seen[0] & seen[1] and seen[0] | seen[1] == doc_ids
     with pytest.raises(ConfigError, match="both"):
         split_table(table, {"av_sft": {1, 2}, "rl": {2}})
+
+
+def test_stale_shards_are_not_reused(qwen, tmp_path):
+    """A rerun with the same spec reuses finished shards; another spec (or corpus) re-extracts."""
+    from actors.datagen import ExtractionSpec, run_extraction, shard_path
+
+    docs = [Document(i, " ".join(["cat", "dog"][i % 2:] * (8 + i))) for i in range(6)]
+    spec = ExtractionSpec(str(qwen.path), 1, positions_per_doc=1, min_pos=2, max_tokens=64, seed=0)
+    shards = tmp_path / "shards"
+    run_extraction(spec, docs, shards, docs_per_shard=3, num_workers=0, progress=False)
+    first = shard_path(shards, 0)
+    stamp = first.stat().st_mtime_ns
+    run_extraction(spec, docs, shards, docs_per_shard=3, num_workers=0, progress=False)
+    assert first.stat().st_mtime_ns == stamp  # reused
+    last = ExtractionSpec(**{**spec.__dict__, "positions": "last"})
+    run_extraction(last, docs, shards, docs_per_shard=3, num_workers=0, progress=False)
+    lengths = [len(ids) for ids in qwen.tokenizer([d.text for d in docs[:3]])["input_ids"]]
+    assert pq.read_table(first)["position"].to_pylist() == [n - 1 for n in lengths]
+    stamp = first.stat().st_mtime_ns
+    edited = [Document(0, "bird " * 12), *docs[1:]]
+    run_extraction(last, edited, shards, docs_per_shard=3, num_workers=0, progress=False)
+    assert first.stat().st_mtime_ns != stamp and shard_path(shards, 1).exists()
