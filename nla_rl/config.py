@@ -200,7 +200,8 @@ class ToyWorldConfig(ConfigSection):
     lm_layers: int = param(4, "Decoder blocks of the toy LM.", gt=0)
     p_include: float = param(0.4, "Teacher: probability of mentioning each true attribute.",
                              gt=0, le=1)
-    p_wrong: float = param(0.05, "Teacher: probability of adding a wrong attribute.", ge=0, lt=1)
+    p_wrong: float = param(0.05, "Teacher: probability that a mentioned attribute's value is "
+                           "replaced by a wrong one.", ge=0, lt=1)
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,10 @@ class DataConfig(ConfigSection):
     positions_per_doc: int = param(10, "At most this many activation positions per document.", gt=0)
     min_pos: int = param(50, "Earliest token position sampled (enough context); 50 for real "
                          "models.", ge=0)
+    positions: Literal["random", "last"] = param(
+        "random", "random: positions_per_doc positions drawn without replacement (seeded by "
+        "seed and doc_id); last: the document's last positions_per_doc eligible tokens, where "
+        "the whole document has been read (the toy world's attributes are all encoded there).")
     splits: SplitsConfig = param(factory=SplitsConfig, doc="Split by document, never by row.")
     num_docs: int | None = param(None, "Use only the first N documents; null = all (toyworld: "
                                  "how many documents to generate; null = 2000).", gt=0)
@@ -238,6 +243,14 @@ class SFTConfig(ConfigSection):
     weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
     grad_clip: float = param(1.0, "Gradient-norm clip.", gt=0)
     schedule: Literal["cosine", "constant"] = param("cosine", "LR schedule after warm-up.")
+    eval_every: int = param(10, "Held-out metrics (and the AV's real-vs-shuffled control) every "
+                            "this many steps, and always after the last; 0 = only after the last.",
+                            ge=0)
+    eval_rows: int = param(64, "Rows of the eval split scored by the held-out metrics.", gt=0)
+    save_every: int = param(0, "Checkpoint every this many steps (the last step is always "
+                            "saved); 0 = only the last.", ge=0)
+    keep_last: int = param(2, "Checkpoints kept; older ones are deleted once a newer one is "
+                           "complete.", gt=0)
 
     def validate(self):
         _require(self.warmup_steps <= self.steps, "warmup_steps",
@@ -256,7 +269,8 @@ class RLConfig(ConfigSection):
     av_lr: float = param(1e-5, "AV (policy) learning rate.", gt=0)
     ar_lr: float = param(3e-5, "AR learning rate when trained online.", gt=0)
     kl_beta: float = param(0.01, "Weight of the KL to the frozen SFT policy; 0 = off.", ge=0)
-    kl_estimator: Literal["k1", "k3"] = param("k3", "k1: Δ; k3: exp(Δ)-Δ-1; Δ = logπ_ref - logπ.")
+    kl_estimator: Literal["k1", "k3"] = param("k3", "k1: -Δ = logπ - logπ_ref; k3: exp(Δ)-Δ-1; "
+                                              "Δ = logπ_ref - logπ.")
     clip_low: float = param(0.2, "PPO ratio clip below 1.", gt=0, lt=1)
     clip_high: float = param(0.28, "PPO ratio clip above 1.", gt=0)
     advantage: Literal["grpo", "drgrpo"] = param("grpo", "grpo: (r-mean)/(std+1e-6); drgrpo: "
@@ -269,6 +283,35 @@ class RLConfig(ConfigSection):
     is_cap: float = param(2.0, "Cap of the truncated importance weight "
                           "exp(logp_learner - logp_engine).", gt=0)
     online_ar: bool = param(True, "Train the AR on the AV's own explanations during RL.")
+    is_mismatch_threshold: float | None = param(
+        0.1, "Rollouts whose mean |logp_learner - logp_engine| over response tokens exceeds this "
+        "are masked out of the policy loss (counted; a lost injection or a stale engine); "
+        "null = never mask.", gt=0)
+    loss_agg: Literal["token_mean", "seq_mean_token_mean"] = param(
+        "token_mean", "token_mean: policy loss summed over every response token of the step "
+        "(all micro-batches and ranks) / their number; seq_mean_token_mean: token mean within "
+        "each rollout, then mean over rollouts.")
+    length_penalty_coef: float = param(
+        0.01, "c of the hinge length penalty c·max(0, n_tokens - (max_new_tokens - "
+        "length_penalty_margin)), n_tokens counted up to the first EOS; 0 = off.", ge=0)
+    length_penalty_margin: int = param(
+        16, "Tokens below max_new_tokens where the hinge starts (the published runs: 64 with "
+        "max_new_tokens 150-256).", ge=0)
+    random_length_budget: bool = param(
+        False, "Hinge against a per-group budget drawn uniformly from [length_budget_min, "
+        "max_new_tokens - length_penalty_margin] (seeded by step) instead of the fixed one.")
+    length_budget_min: int = param(8, "Smallest random per-group length budget.", gt=0)
+
+    def validate(self):
+        _require(self.length_penalty_coef == 0 or self.length_penalty_margin < self.max_new_tokens,
+                 "length_penalty_margin", f"must be < max_new_tokens ({self.max_new_tokens}) "
+                 f"while length_penalty_coef > 0, found {self.length_penalty_margin}")
+        budget_max = self.max_new_tokens - self.length_penalty_margin
+        _require(not self.random_length_budget or (self.length_penalty_coef > 0
+                 and self.length_budget_min <= budget_max), "random_length_budget",
+                 f"needs length_penalty_coef > 0 and length_budget_min <= max_new_tokens - "
+                 f"length_penalty_margin ({budget_max}), found coef {self.length_penalty_coef} "
+                 f"and length_budget_min {self.length_budget_min}")
 
 
 @dataclass(frozen=True)
@@ -310,6 +353,10 @@ class LearnerConfig(ConfigSection):
     lora_dropout: float = param(0.0, "LoRA dropout.", ge=0, lt=1)
     use_rslora: bool = param(False, "Rank-stabilised LoRA scaling.")
     gradient_checkpointing: bool = param(False, "Recompute activations in backward to save memory.")
+    lora_target_modules: tuple[str, ...] = param(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "Names of the Linear layers that get a LoRA adapter (lora_rank > 0); each must exist in "
+        "the AV.")
     num_cpus_per_rank: float = param(0.5, "Ray CPUs reserved per rank.", ge=0)
     num_gpus_per_rank: float = param(0.0, "Ray GPUs reserved per rank; 0 on CPU.", ge=0)
 
