@@ -1,0 +1,120 @@
+"""Run tracking: every metric goes to ``<run>/logs/metrics.jsonl``; W&B mirrors it when enabled.
+
+Metric names are stable and grouped (``train/av/*``, ``train/ar/*``, ``rollout/*``, ``reward/*``,
+``eval/*``, ``perf/*``, ``health/*``): a name outside the groups is a bug, caught here rather than
+on a dashboard. W&B receives the resolved recipe with secrets redacted; its API key is read from
+the environment variable the recipe names and handed to W&B in memory, never written anywhere.
+``wandb`` is imported only when enabled, so the core does not need it installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+from nla_rl.config import RecipeConfig, redact
+from nla_rl.errors import ConfigError
+from nla_rl.metrics_log import MetricsLog
+
+METRIC_GROUPS = ("train/av", "train/ar", "rollout", "reward", "eval", "perf", "health")
+_METRIC_NAME = re.compile(r"^(" + "|".join(map(re.escape, METRIC_GROUPS)) + r")/[A-Za-z0-9_./@-]+$")
+SAMPLE_COLUMNS = ("step", "activation_id", "explanation", "reward", "mse", "gap")
+WANDB_ID_FILE = "wandb_run_id"  # the same W&B run continues when the run directory resumes
+
+
+def check_metric_names(metrics: dict[str, Any]) -> None:
+    """Raise if a metric name is outside the stable groups (a typo would make a new chart)."""
+    bad = sorted(k for k in metrics if not _METRIC_NAME.match(k))
+    if bad:
+        raise ValueError(f"metric names {bad} are outside the groups "
+                         f"{', '.join(g + '/*' for g in METRIC_GROUPS)}; rename them")
+
+
+class Tracker:
+    """One per process that logs (the coordinator, or a stage driver)."""
+
+    def __init__(self, cfg: RecipeConfig, run_dir: str | Path, *, job_type: str = "train"):
+        self.run_dir = Path(run_dir)
+        self.logs_dir = self.run_dir / "logs"
+        self.jsonl = MetricsLog(self.logs_dir / "metrics.jsonl")
+        self.samples_path = self.logs_dir / "samples.jsonl"
+        self._wandb_run = None
+        if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
+            self._wandb_run = _start_wandb(cfg, self.logs_dir, job_type)
+
+    @property
+    def wandb_run(self):
+        return self._wandb_run
+
+    def log(self, step: int, metrics: dict[str, float], **context) -> dict:
+        """Log ``metrics`` at ``step`` to the jsonl file (always) and W&B (when enabled)."""
+        check_metric_names(metrics)
+        row = self.jsonl.log(step, metrics, **context)
+        if self._wandb_run is not None:
+            self._wandb_run.log({k: row[k] for k in metrics}, step=step)
+        return row
+
+    def log_samples(self, step: int, samples: Sequence[dict]) -> None:
+        """A table of rollouts (columns ``SAMPLE_COLUMNS``) to ``logs/samples.jsonl`` and W&B."""
+        rows = [{c: (step if c == "step" else s.get(c)) for c in SAMPLE_COLUMNS} for s in samples]
+        self.samples_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.samples_path.open("a", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+        if self._wandb_run is not None:
+            import wandb
+
+            table = wandb.Table(columns=list(SAMPLE_COLUMNS),
+                                data=[[r[c] for c in SAMPLE_COLUMNS] for r in rows])
+            self._wandb_run.log({"rollout/samples": table}, step=step)
+
+    def finish(self) -> None:
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
+
+
+def _start_wandb(cfg: RecipeConfig, logs_dir: Path, job_type: str):
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("wandb.enabled is true but wandb is not installed: pip install "
+                          "'nla-rl[wandb]', or set wandb.enabled=false") from None
+    key = os.environ.get(cfg.wandb.api_key_env)
+    if cfg.wandb.mode == "online" and not key:
+        raise ConfigError(f"wandb.mode is online but the environment variable "
+                          f"{cfg.wandb.api_key_env} (wandb.api_key_env) is empty; export the key "
+                          f"there, or use wandb.mode=offline")
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    settings = dict(silent=True, disable_code=True, save_code=False, disable_git=True)
+    if key and cfg.wandb.mode == "online":
+        settings["api_key"] = key  # in memory only: never in the recipe, the logs or the config
+    # Every string W&B stores goes through redact(): a secret must not ride in on a name either.
+    run = wandb.init(project=redact(cfg.wandb.project), entity=redact(cfg.wandb.entity),
+                     name=redact(cfg.run.name),
+                     id=_run_id(logs_dir), resume="allow", dir=str(logs_dir),
+                     mode=cfg.wandb.mode, job_type=job_type, config=redact(cfg),
+                     settings=wandb.Settings(**settings))
+    return run
+
+
+def _run_id(logs_dir: Path) -> str:
+    """A run id stored beside the logs, so a resumed run appends to the same W&B run."""
+    path = logs_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(run_id)
+    os.replace(tmp, path)
+    return run_id

@@ -1,0 +1,67 @@
+"""Tracking: jsonl always, W&B (offline) mirrors it, names are stable, secrets never stored."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nla_rl.config import load_recipe
+from nla_rl.errors import ConfigError
+from nla_rl.tracking import SAMPLE_COLUMNS, Tracker, check_metric_names
+
+TINY = str(Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml")
+SECRET = "sk-test-0123456789abcdef"
+
+
+def _all_bytes(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in root.rglob("*") if p.is_file())
+
+
+def test_metric_names_outside_the_groups_are_rejected():
+    check_metric_names({"train/av/loss": 1, "reward/mean": 1, "health/cjk_rate": 0, "perf/x_s": 1})
+    with pytest.raises(ValueError, match=r"\['loss', 'rewards/mean'\].*train/av/\*"):
+        check_metric_names({"loss": 1, "rewards/mean": 2, "eval/fve": 3})
+
+
+def test_jsonl_without_wandb(tmp_path):
+    cfg = load_recipe(TINY, [])
+    tracker = Tracker(cfg, tmp_path)
+    tracker.log(3, {"reward/mean": -1.5, "health/cjk_rate": float("nan")}, stage="rl")
+    tracker.log_samples(3, [{"activation_id": 7, "explanation": "a red fox", "reward": -0.5,
+                             "mse": 0.5, "gap": 0.1, "ignored": 1}])
+    tracker.finish()
+    rows = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{**rows[0], "step": 3, "stage": "rl", "reward/mean": -1.5, "health/cjk_rate": None}]
+    sample = json.loads((tmp_path / "logs" / "samples.jsonl").read_text())
+    assert list(sample) == list(SAMPLE_COLUMNS) and sample["step"] == 3 and sample["activation_id"] == 7
+    assert not (tmp_path / "logs" / "wandb").exists()
+
+
+def test_wandb_offline_holds_the_metrics_and_no_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_WANDB_KEY", SECRET)
+    cfg = load_recipe(TINY, ["wandb.enabled=true", "wandb.mode=offline",
+                             "wandb.api_key_env=MY_WANDB_KEY", f"wandb.project=p-{SECRET}"])
+    with Tracker(cfg, tmp_path) as tracker:
+        assert tracker.wandb_run is not None
+        tracker.log(0, {"reward/mean": -1.25, "train/ar/fve": 0.125})
+        tracker.log_samples(0, [{"activation_id": 1, "explanation": "x", "reward": -1.0,
+                                 "mse": 1.0, "gap": 0.0}])
+    run_files = list((tmp_path / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1
+    data = run_files[0].read_bytes()
+    for key in (b"reward/mean", b"train/ar/fve", b"-1.25", b"rollout/samples", b"api_key_env"):
+        assert key in data, key  # metrics, the sample table and the recipe as config
+    assert list((tmp_path / "logs" / "wandb").glob("offline-run-*/files/media/table/**/*.table.json"))
+    assert SECRET.encode() not in _all_bytes(tmp_path)
+    first_id = (tmp_path / "logs" / "wandb_run_id").read_text()
+    Tracker(cfg, tmp_path).finish()  # a resumed run continues the same W&B run
+    assert (tmp_path / "logs" / "wandb_run_id").read_text() == first_id
+
+
+def test_online_without_a_key_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("NLA_TEST_NO_SUCH_KEY", raising=False)
+    cfg = load_recipe(TINY, ["wandb.enabled=true", "wandb.mode=online",
+                             "wandb.api_key_env=NLA_TEST_NO_SUCH_KEY"])
+    with pytest.raises(ConfigError, match="NLA_TEST_NO_SUCH_KEY.*empty"):
+        Tracker(cfg, tmp_path)
+    assert not (tmp_path / "logs" / "wandb").exists()
