@@ -22,6 +22,7 @@ from nla_rl.data.corpus import read_corpus
 from nla_rl.data.store import read_activations
 from nla_rl.errors import ConfigError
 from nla_rl.sidecar import DatasetSidecar, make_token_meta, write_dataset_sidecar
+from nla_rl.templates import depth_pct_for
 
 TOYWORLD_DEFAULT_DOCS = 2000
 
@@ -57,7 +58,8 @@ def datagen(cfg: RecipeConfig, run_dir: Path) -> None:
         dataset_id=cfg.run.name, stage="base", row_count=len(vectors), base_model=cfg.model.base,
         d_model=int(vectors.shape[1]), layer_index=cfg.model.layer_index, corpus=cfg.data.corpus,
         positions_per_doc=cfg.data.positions_per_doc,
-        tokens=make_token_meta(tokenizer, cfg.templates.av, cfg.templates.ar, cfg.injection.marker),
+        tokens=make_token_meta(tokenizer, cfg.templates.av, cfg.templates.ar, cfg.injection.marker,
+                               depth_pct=_depth_pct(cfg, base_dir)),
         av_template=cfg.templates.av, ar_template=cfg.templates.ar,
         api_summaries=label_info.get("teacher"), extras=extras)
     write_dataset_sidecar(base_path, sidecar)
@@ -69,6 +71,15 @@ def datagen(cfg: RecipeConfig, run_dir: Path) -> None:
         print(f"[datagen] hard negatives: top_k={params['top_k']} short_rows={params['n_short_rows']}")
     print(f"[datagen] {len(docs)} docs → {len(vectors)} activations in {extract_seconds:.1f}s; "
           f"labelled {table.num_rows}; splits {counts}")
+
+
+def _depth_pct(cfg: RecipeConfig, base_dir: Path) -> int | None:
+    """The depth % shown by a depth template (None for templates without one)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=cfg.model.trust_remote_code)
+    num_layers = getattr(config.get_text_config(), "num_hidden_layers")
+    return depth_pct_for(cfg.templates.av, cfg.model.layer_index, num_layers)
 
 
 def _documents(cfg: RecipeConfig):

@@ -19,6 +19,7 @@ from nla_rl.config import RecipeConfig
 from nla_rl.errors import ConfigError
 from nla_rl.metrics_log import MetricsLog
 from nla_rl.rewards import mse_scale_for
+from nla_rl.templates import depth_pct_for
 from nla_rl.data.store import read_activations, read_rows
 from nla_rl.data.toyworld import score_explanations
 from nla_rl.roundtrip import InjectionSpec, round_trip
@@ -48,7 +49,8 @@ def prepare(cfg: RecipeConfig, run_dir: Path) -> None:
     if cfg.model.layer_index >= n_layers:
         raise ConfigError(f"model.layer_index: must be < {n_layers} (blocks of {base_dir}), "
                           f"found {cfg.model.layer_index}")
-    tokens = make_token_meta(tokenizer, cfg.templates.av, cfg.templates.ar, cfg.injection.marker)
+    tokens = make_token_meta(tokenizer, cfg.templates.av, cfg.templates.ar, cfg.injection.marker,
+                             depth_pct=depth_pct_for(cfg.templates.av, cfg.model.layer_index, n_layers))
     common = dict(
         stage="init", base_checkpoint=cfg.model.base, d_model=model.config.hidden_size,
         extraction_layer_index=cfg.model.layer_index, mse_scale=mse_scale_for(model.config.hidden_size),
@@ -111,7 +113,9 @@ def check(cfg: RecipeConfig, run_dir: Path) -> None:
                         av_template=av_meta.av_template, ar_template=av_meta.ar_template,
                         injection=injection, mse_scale=av_meta.mse_scale,
                         max_new_tokens=cfg.rl.max_new_tokens, reward=cfg.rl.reward,
-                        prefill=cfg.templates.av_prefill)
+                        prefill=cfg.templates.av_prefill,
+                        depth_pct=depth_pct_for(av_meta.av_template, av_meta.extraction_layer_index,
+                                                av.config.num_hidden_layers))
     metrics = {**result.metrics, "perf/check_seconds": time.perf_counter() - started}
     if "attributes" in rows.column_names:
         toy = score_explanations(result.explanations, rows["attributes"].to_pylist())
@@ -150,6 +154,7 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-STAGES = {"prepare": prepare, "datagen": datagen, "check": check}
+STAGES = {"prepare": prepare, "datagen": datagen, "check": check, "ar_sft": ar_sft,
+          "av_sft": av_sft}
 PLANNED = {"ar_sft": "issue 4", "av_sft": "issue 4", "rl": "issues 5-6",
            "export": "issue 7", "eval": "issue 7"}

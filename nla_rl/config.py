@@ -26,7 +26,7 @@ from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type
 import yaml
 
 from nla_rl.errors import ConfigError
-from nla_rl.templates import DEFAULT_AR_TEMPLATE, DEFAULT_AV_TEMPLATE
+from nla_rl.templates import DEFAULT_AR_TEMPLATE, DEFAULT_AV_TEMPLATE, DEPTH_AV_TEMPLATE
 from nla_rl.testing.tiny import FAMILIES as TINY_FAMILIES
 
 REDACTED = "***REDACTED***"
@@ -35,6 +35,8 @@ REDACTED = "***REDACTED***"
 ALL_STAGES = ("prepare", "datagen", "check", "ar_sft", "av_sft", "rl", "export", "eval")
 Stage = Literal["prepare", "datagen", "check", "ar_sft", "av_sft", "rl", "export", "eval"]
 # Env vars whose values are treated as secrets by ``redact`` (defence in depth).
+NAMED_AV_TEMPLATES = {"default": DEFAULT_AV_TEMPLATE, "depth": DEPTH_AV_TEMPLATE}
+NAMED_AR_TEMPLATES = {"default": DEFAULT_AR_TEMPLATE}
 _SECRET_ENV_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 _MIN_SECRET_LEN = 8  # shorter values ("1", "true") would redact innocent text everywhere
 
@@ -149,11 +151,17 @@ class InjectionConfig(ConfigSection):
 
 @dataclass(frozen=True)
 class TemplatesConfig(ConfigSection):
-    av: str = param(DEFAULT_AV_TEMPLATE, "AV user message; must contain {injection_char}.")
-    ar: str = param(DEFAULT_AR_TEMPLATE, "AR input text; must contain {explanation}.")
+    av: str = param(DEFAULT_AV_TEMPLATE, "AV user message; must contain {injection_char}. The "
+                    "names default (the paper's) and depth (with {depth_pct}, the LoRA "
+                    "hard-negative release's) stand for the published texts.")
+    ar: str = param(DEFAULT_AR_TEMPLATE, "AR input text; must contain {explanation}; the name "
+                    "default stands for the paper's.")
     av_prefill: str = param("", "Prefilled after the AV generation prompt, e.g. <explanation>.")
 
     def validate(self):
+        # Named templates keep recipes readable; the resolved text is what the dump records.
+        object.__setattr__(self, "av", NAMED_AV_TEMPLATES.get(self.av, self.av))
+        object.__setattr__(self, "ar", NAMED_AR_TEMPLATES.get(self.ar, self.ar))
         _require("{injection_char}" in self.av, "av", "must contain {injection_char}")
         _require("{explanation}" in self.ar, "ar", "must contain {explanation}")
 
@@ -336,6 +344,8 @@ class NegativesConfig(ConfigSection):
 class EngineConfig(ConfigSection):
     kind: Literal["vllm", "hf"] = param("vllm", "Rollout engine: vllm, or hf (transformers).")
     num_engines: int = param(1, "Rollout engine replicas.", gt=0)
+    tensor_parallel_size: int = param(1, "GPUs per engine (vLLM tensor parallelism); 1 on CPU.",
+                                      gt=0)
     kv_cache_gib: float = param(1.0, "CPU KV cache GiB per engine (VLLM_CPU_KVCACHE_SPACE).", gt=0)
     gpu_memory_utilization: float = param(0.5, "Fraction of GPU memory an engine may take.",
                                           gt=0, le=1)

@@ -74,14 +74,16 @@ def explain(av_model, tokenizer, vectors: torch.Tensor, *, marker: MarkerTokens,
 
 def round_trip(av_model, av_tokenizer, ar, ar_tokenizer, vectors: torch.Tensor, *, marker: MarkerTokens,
                av_template: str, ar_template: str, injection: InjectionSpec, mse_scale: float,
-               max_new_tokens: int, reward: str = "neg_mse", prefill: str = "") -> RoundTrip:
+               max_new_tokens: int, reward: str = "neg_mse", prefill: str = "",
+               depth_pct: int | None = None) -> RoundTrip:
     """Explain ``vectors``, reconstruct them from the explanations, and score the result.
 
     Reward per vector: ``r = REWARDS[reward](MSE(n(ĥ), n(h)))``; a vector whose explanation cannot
     be extracted gets the orthogonal-equivalent failure penalty.
     """
     texts, applied = explain(av_model, av_tokenizer, vectors, marker=marker, template=av_template,
-                             injection=injection, max_new_tokens=max_new_tokens, prefill=prefill)
+                             injection=injection, max_new_tokens=max_new_tokens, prefill=prefill,
+                             depth_pct=depth_pct)
     explanations = [extract_explanation(t) for t in texts]
     failed = torch.tensor([e is None for e in explanations])
     # A failed rollout still needs a prediction shape-wise; it is scored by the penalty only.

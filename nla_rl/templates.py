@@ -39,6 +39,11 @@ def depth_percent(layer_index: int, num_layers: int) -> int:
     return round(100 * (layer_index + 0.5) / num_layers)
 
 
+def depth_pct_for(template: str, layer_index: int, num_layers: int) -> int | None:
+    """The depth % a template needs (``None`` when it shows no depth)."""
+    return depth_percent(layer_index, num_layers) if "{depth_pct}" in template else None
+
+
 def render_av_user_message(template: str, injection_char: str, depth_pct: int | None = None) -> str:
     """The AV's single user message: the template with the marker (and depth, if it asks for one)."""
     fields = {"injection_char": injection_char}
