@@ -82,6 +82,7 @@ def shard_documents(docs: Sequence[Document], docs_per_shard: int) -> list[list[
 
 def run_extraction(spec: ExtractionSpec, docs: Sequence[Document], shard_dir: Path, *,
                    docs_per_shard: int, num_workers: int, cpus_per_worker: float = 1.0,
+                   gpus_per_worker: float = 0.0,
                    progress: bool = True) -> ExtractStats:
     """Extract every unfinished shard; ``num_workers=0`` runs in this process (no Ray).
 
@@ -101,7 +102,8 @@ def run_extraction(spec: ExtractionSpec, docs: Sequence[Document], shard_dir: Pa
             extract_shard(extractor, shards[i], shard_path(shard_dir, i))
             bar.update(len(shards[i]))
     elif todo:
-        _run_on_ray(spec, shards, todo, shard_dir, num_workers, cpus_per_worker, bar)
+        _run_on_ray(spec, shards, todo, shard_dir, num_workers, (cpus_per_worker, gpus_per_worker),
+                    bar)
     bar.close()
     if todo and progress:
         done = sum(len(shards[i]) for i in todo)
@@ -110,11 +112,12 @@ def run_extraction(spec: ExtractionSpec, docs: Sequence[Document], shard_dir: Pa
     return sum((_read_stats(shard_path(shard_dir, i)) for i in range(len(shards))), ExtractStats())
 
 
-def _run_on_ray(spec, shards, todo, shard_dir, num_workers, cpus_per_worker, bar) -> None:
+def _run_on_ray(spec, shards, todo, shard_dir, num_workers, resources, bar) -> None:
     import ray
     from ray.util import ActorPool
 
-    worker_cls = ray.remote(num_cpus=cpus_per_worker)(ExtractionWorker)
+    num_cpus, num_gpus = resources
+    worker_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(ExtractionWorker)
     workers = [worker_cls.remote(spec) for _ in range(min(num_workers, len(todo)))]
     pool = ActorPool(workers)
     jobs = ((i, shards[i], str(shard_path(shard_dir, i))) for i in todo)

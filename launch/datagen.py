@@ -104,7 +104,8 @@ def _extract(cfg: RecipeConfig, base_dir: Path, docs, data_dir: Path):
 
         connect_ray(num_cpus=max(2, math.ceil(cfg.data.workers * cfg.data.cpus_per_worker)))
     return run_extraction(spec, docs, data_dir / "shards", docs_per_shard=cfg.data.docs_per_shard,
-                          num_workers=cfg.data.workers, cpus_per_worker=cfg.data.cpus_per_worker)
+                          num_workers=cfg.data.workers, cpus_per_worker=cfg.data.cpus_per_worker,
+                          gpus_per_worker=cfg.data.gpus_per_worker)
 
 
 def _label(cfg: RecipeConfig, table, tokenizer, data_dir: Path):

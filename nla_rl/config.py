@@ -230,6 +230,8 @@ class DataConfig(ConfigSection):
     workers: int = param(0, "Ray extraction workers, each with a replica of blocks 0..K; 0 = "
                          "extract in this process.", ge=0)
     cpus_per_worker: float = param(1.0, "Ray CPUs reserved per extraction worker.", gt=0)
+    gpus_per_worker: float = param(0.0, "Ray GPUs reserved per extraction worker (extraction runs "
+                                   "on CUDA whenever the process sees one).", ge=0)
     docs_per_shard: int = param(256, "Documents per shard file; finished shards are skipped on "
                                 "rerun, so this is also the resume granularity.", gt=0)
     batch_size: int = param(8, "Documents per extraction forward pass.", gt=0)

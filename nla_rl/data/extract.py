@@ -131,6 +131,8 @@ class ActivationExtractor:
         ar = ActivationReconstructor.from_base(base_dir, self.layer_index, dtype=dtype,
                                                trust_remote_code=trust_remote_code)
         self.backbone = ar.backbone.eval()  # the identity value head is not needed
+        if device is None and torch.cuda.is_available():
+            device = "cuda"  # a Ray worker given a GPU sees exactly that one as cuda:0
         if device is not None:
             self.backbone.to(device)
         self.device = next(self.backbone.parameters()).device
