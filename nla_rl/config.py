@@ -193,6 +193,10 @@ class TeacherConfig(ConfigSection):
     temperature: float = param(0.0, "Teacher sampling temperature.", ge=0)
     min_features: int = param(2, "Rows whose explanation has fewer features are dropped "
                               "(counted); the toyworld teacher uses 1.", gt=0)
+    backend: Literal["auto", "vllm", "hf"] = param(
+        "auto", "Engine of the local teacher: vllm (batched, in-process vLLM), hf (transformers "
+        "generate), auto = vllm when it can be imported, else hf. Both give the same greedy labels "
+        "and share the teacher cache.")
 
     def validate(self):
         _require(self.kind not in ("openai", "anthropic", "local") or bool(self.model), "model",
@@ -293,6 +297,14 @@ class RLConfig(ConfigSection):
     is_cap: float = param(2.0, "Cap of the truncated importance weight "
                           "exp(logp_learner - logp_engine).", gt=0)
     online_ar: bool = param(True, "Train the AR on the AV's own explanations during RL.")
+    save_every: int = param(10, "Checkpoint both learners every this many steps (the last step "
+                            "is always saved).", gt=0)
+    keep_last: int = param(2, "RL checkpoints kept per learner.", gt=0)
+    samples_every: int = param(5, "Log a table of rollouts (explanation, reward, MSE, gap) every "
+                               "this many steps.", gt=0)
+    sync_tolerance: float | None = param(
+        None, "Largest |engine - learner| log-prob on the verification probe after a weight "
+        "sync; null = 2e-3 in float32, 0.15 in bf16/fp16 (the sync is refused above it).", gt=0)
     is_mismatch_threshold: float | None = param(
         0.1, "Rollouts whose mean |logp_learner - logp_engine| over response tokens exceeds this "
         "are masked out of the policy loss (counted; a lost injection or a stale engine); "

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from nla_rl.errors import NLAError
-from nla_rl.grpo import PolicyLoss, PolicyLossSettings, policy_loss
+from nla_rl.grpo import PolicyLoss, PolicyLossSettings, loss_normalizer, policy_loss
 from nla_rl.injection import inject
 from nla_rl.roundtrip import InjectionSpec
 from nla_rl.tokens import MarkerTokens, find_marker_positions
@@ -34,13 +34,20 @@ class PolicyBatch:
     engine_logp: torch.Tensor | None = None  # [B, T-1]
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
+    # How the learner scores it (carried along so a micro-batch knows its own normaliser).
+    settings: PolicyLossSettings | None = None
+    temperature: float = 1.0
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
     def to(self, device) -> "PolicyBatch":
-        return PolicyBatch(**{f.name: None if getattr(self, f.name) is None
-                              else getattr(self, f.name).to(device) for f in fields(self)})
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def num_loss_units(self) -> int:
+        """Tokens (or rollouts) this batch adds to the step's loss normaliser."""
+        return loss_normalizer(self.response_mask, self.settings, self.old_logp, self.engine_logp)
 
     def slice(self, start: int, stop: int) -> "PolicyBatch":
         """Rows ``start:stop`` trimmed to their longest row; marker rows re-indexed."""
@@ -48,7 +55,8 @@ class PolicyBatch:
         cut = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None or f.name in ("marker_positions", "vectors", "advantages"):
+            if not isinstance(value, torch.Tensor) or f.name in ("marker_positions", "vectors",
+                                                                  "advantages"):
                 continue
             per_token = f.name not in ("input_ids", "attention_mask")
             cut[f.name] = value[start:stop, :width - 1 if per_token else width]

@@ -5,8 +5,9 @@ special tokens, so templates that already contain BOS do not get a second one), 
 length, left-padded and generated in batches of ``batch_size``; greedy when ``temperature`` is 0,
 sampled (seeded) otherwise.
 
-Note: a vLLM path for large teachers would live beside this class (same interface, same prompt and
-cleaning); it is not written yet and this module deliberately imports neither vLLM nor Ray.
+The vLLM path for large teachers is ``rollout.vllm_teacher.VLLMLocalTeacher``, a subclass that
+replaces only :meth:`LocalTeacher._load` and :meth:`LocalTeacher._generate` (same name, prompt,
+cleaning and cache keys); this module deliberately imports neither vLLM nor Ray.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class LocalTeacher:
             raise ConfigError(f"LocalTeacher: need max_new_tokens ≥ 1, batch_size ≥ 1 and "
                               f"temperature ≥ 0; found {max_new_tokens}, {batch_size}, {temperature}")
         self.model_dir = Path(model_dir)
+        if not (self.model_dir / "config.json").is_file():
+            raise ConfigError(f"{type(self).__name__}: {str(self.model_dir)!r} is not a model "
+                              f"directory (no config.json there); set data.teacher.model to a local "
+                              f"directory holding an instruct model's config, tokenizer and weights")
         self.model = model_name or str(self.model_dir.resolve())
         self.max_new_tokens, self.batch_size, self.dtype = max_new_tokens, batch_size, dtype
         self.trust_remote_code, self.temperature, self.top_p, self.seed = (
@@ -55,24 +60,37 @@ class LocalTeacher:
         return (f"LocalTeacher(model_dir={str(self.model_dir)!r}, batch_size={self.batch_size}, "
                 f"max_new_tokens={self.max_new_tokens}, temperature={self.temperature})")
 
+    def _torch_dtype(self):
+        """``"auto"`` or the torch dtype named by ``self.dtype`` (a clear error for a bad name)."""
+        import torch
+
+        if self.dtype != "auto" and not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
+            raise ConfigError(f"{type(self).__name__} dtype: expected 'auto' or a torch dtype name "
+                              f"such as 'bfloat16', found {self.dtype!r}")
+        return self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
+
+    def _load_tokenizer(self):
+        """The chat tokenizer, left-padded (shared by every backend, so prompts are identical)."""
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=self.trust_remote_code)
+        if not tok.chat_template:
+            raise ConfigError(f"{type(self).__name__}: the tokenizer in {self.model_dir} has no "
+                              f"chat template; use an instruct/chat model as the teacher")
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
     def _load(self):
         if self._model is not None:
             return
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        if self.dtype != "auto" and not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
-            raise ConfigError(f"LocalTeacher dtype: expected 'auto' or a torch dtype name such as "
-                              f"'bfloat16', found {self.dtype!r}")
-        dtype = self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
+        dtype = self._torch_dtype()
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        tok = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=self.trust_remote_code)
-        if not tok.chat_template:
-            raise ConfigError(f"LocalTeacher: the tokenizer in {self.model_dir} has no chat "
-                              f"template; use an instruct/chat model as the teacher")
-        tok.padding_side = "left"
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+        tok = self._load_tokenizer()
         model = AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=dtype, trust_remote_code=self.trust_remote_code)
         self._model, self._tokenizer = model.to(self.device).eval(), tok
@@ -88,13 +106,17 @@ class LocalTeacher:
         """One result per request, in request order (batched by prompt length internally)."""
         if not requests:
             return []
+        self._load()
+        answers = self._generate([self._chat(r.prefix) for r in requests])
+        return [result_from_raw(r.key, a, self.min_features) for r, a in zip(requests, answers)]
+
+    def _generate(self, texts: list[str]) -> list[str]:
+        """The decoded answer to each rendered chat prompt, in order (transformers ``generate``)."""
         import torch
 
-        self._load()
         tok, model = self._tokenizer, self._model
-        texts = [self._chat(r.prefix) for r in requests]
         lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
-        order = sorted(range(len(requests)), key=lambda i: -lengths[i])
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         gen = dict(max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id)
         if self.temperature > 0:
             gen.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
@@ -110,4 +132,4 @@ class LocalTeacher:
                 out = model.generate(**enc, **gen)
             decoded = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             answers.update(zip(idx, decoded))
-        return [result_from_raw(r.key, answers[i], self.min_features) for i, r in enumerate(requests)]
+        return [answers[i] for i in range(len(texts))]
