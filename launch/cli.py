@@ -2,6 +2,8 @@
 
     nla-rl run RECIPE [key=value …]       run a recipe's stages (same as python -m launch.train)
     nla-rl datagen RECIPE [key=value …]   only the data: base model, activations, labels, splits
+    nla-rl sft-ar RECIPE [key=value …]    only the AR-SFT stage (run.resume=true to resume)
+    nla-rl sft-av RECIPE [key=value …]    only the AV-SFT stage
     nla-rl recipe show RECIPE [key=value …]   print the resolved recipe (secrets redacted)
     nla-rl recipe keys                    every recipe key with its type, default and meaning
     nla-rl sidecar check CHECKPOINT_DIR   validate nla_meta.yaml against the dir's tokenizer/config
@@ -29,6 +31,15 @@ def _cmd_datagen(args) -> int:
 
     print(f"run directory: {run(args.recipe, [*args.overrides, 'run.stages=[prepare,datagen]'])}")
     return 0
+
+
+def _cmd_sft(stage: str):
+    def command(args) -> int:
+        from launch.train import run
+
+        print(f"run directory: {run(args.recipe, [*args.overrides, f'run.stages=[{stage}]'])}")
+        return 0
+    return command
 
 
 def _cmd_recipe_show(args) -> int:
@@ -76,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     datagen.add_argument("recipe")
     datagen.add_argument("overrides", nargs="*")
     datagen.set_defaults(func=_cmd_datagen)
+
+    for name, stage in (("sft-ar", "ar_sft"), ("sft-av", "av_sft")):
+        sft = sub.add_parser(name, help=f"run the {stage} stage")
+        sft.add_argument("recipe")
+        sft.add_argument("overrides", nargs="*")
+        sft.set_defaults(func=_cmd_sft(stage))
 
     recipe = sub.add_parser("recipe", help="inspect recipes").add_subparsers(dest="action", required=True)
     show = recipe.add_parser("show", help="print the resolved recipe")

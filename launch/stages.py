@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from launch.datagen import datagen
+from launch.sft import ar_sft, av_sft
 from nla_rl.ar_model import ActivationReconstructor
 from nla_rl.base_model import DTYPES, load_causal_lm, resolve_base_model
 from nla_rl.config import RecipeConfig
@@ -156,5 +157,5 @@ def _write_json(path: Path, obj) -> None:
 
 STAGES = {"prepare": prepare, "datagen": datagen, "check": check, "ar_sft": ar_sft,
           "av_sft": av_sft}
-PLANNED = {"ar_sft": "issue 4", "av_sft": "issue 4", "rl": "issues 5-6",
+PLANNED = {"rl": "issues 5-6",
            "export": "issue 7", "eval": "issue 7"}

@@ -1,0 +1,93 @@
+"""FSDP2 backend: ``fully_shard`` on every decoder block, then on the root module.
+
+Parameters become DTensors sharded over the ranks; a forward all-gathers one block at a time, so
+*every rank must take part in every forward* (a forward on one rank alone deadlocks).
+Gradients are reduce-scattered at the last micro-batch of a step only
+(``set_requires_gradient_sync``) and averaged over ranks, as DeepSpeed does (the learner scales
+the loss by the world size, so the average is the exact global mean).
+
+State: the full state dict is gathered with ``get_model_state_dict(full_state_dict=True,
+cpu_offload=True)`` (FSDP1's offloaded full state dict segfaults on CPU). Checkpoints hold each
+rank's shards of model + optimiser via ``torch.distributed.checkpoint`` (DCP) and the scheduler
+state (identical on every rank) written by rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from actors.backends import OptimSpec, StepOutcome
+from nla_rl.optim import build_optimizer, build_scheduler, guarded_step
+
+DCP_DIR = "dcp"
+SCHEDULER_FILE = "scheduler.json"
+
+
+def _mp_policy(mixed_precision: str | None) -> MixedPrecisionPolicy:
+    """bf16/fp16 compute with fp32 master weights and fp32 gradient reduction, or plain fp32."""
+    if mixed_precision is None:
+        return MixedPrecisionPolicy()
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[mixed_precision]
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+class FSDP2Backend:
+    """One rank's FSDP2-sharded model, AdamW optimiser and LR schedule (see the module doc)."""
+
+    def __init__(self, model: torch.nn.Module, optim: OptimSpec, *, blocks, device,
+                 mixed_precision: str | None = None):
+        mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+        policy = _mp_policy(mixed_precision)
+        model.to(device)
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        self.module = model
+        self.optim_spec = optim
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.optimizer = build_optimizer(named, lr=optim.lr, weight_decay=optim.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps=optim.warmup_steps,
+                                         total_steps=optim.total_steps, schedule=optim.schedule)
+
+    def backward(self, loss: torch.Tensor, *, last_micro: bool) -> None:
+        self.module.set_requires_gradient_sync(last_micro)
+        loss.backward()
+
+    def step(self) -> StepOutcome:
+        """Clip to ``grad_clip``; skip (grads dropped, no scheduler step) when the norm is not
+        finite. The norm of DTensor gradients is global, so every rank takes the same decision."""
+        result = guarded_step(self.params, self.optimizer, self.scheduler,
+                              max_norm=self.optim_spec.grad_clip)
+        return StepOutcome(float(result.grad_norm), bool(result.skipped), float(result.lr))
+
+    def full_state_dict(self) -> dict:
+        """Every rank must call this; rank 0 gets the full CPU state dict, the others ``{}``."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.module, options=options)
+        return state if dist.get_rank() == 0 else {}
+
+    def save(self, directory: Path) -> None:
+        """This rank's shards of model + optimiser (DCP), and the scheduler state from rank 0."""
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state},
+                 checkpoint_id=str(Path(directory) / DCP_DIR))
+        if dist.get_rank() == 0:
+            (Path(directory) / SCHEDULER_FILE).write_text(json.dumps(self.scheduler.state_dict()))
+
+    def load(self, directory: Path) -> None:
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(Path(directory) / DCP_DIR))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(json.loads((Path(directory) / SCHEDULER_FILE).read_text()))

@@ -1,0 +1,365 @@
+"""A learner group: N Ray actors forming one torch.distributed group that trains one model.
+
+    group = LearnerGroup(spec, world_size=2, num_cpus_per_rank=0.5)
+    stats = group.train_step({"explanations": [...], "vectors": v}, loss="ar_sft")
+    preds = group.reconstruct(texts)                  # AR;  group.av_logprobs(...) for the AV
+    state = group.full_state_dict()                   # gathered on rank 0
+    group.shutdown()
+
+Ranks are placed by a placement group (one bundle per rank) and join one process group (gloo on
+CPU, NCCL on GPU) through a free port on rank 0's node. A sharded model needs *every rank in
+every forward*, so each group method fans out to all ranks, with the rows split evenly across
+them, and returns rank 0's answer. The backend (FSDP2 or DeepSpeed) is chosen by name, the loss
+from :mod:`actors.losses` by name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from actors.backends import OptimSpec
+from actors.learner_models import ModelSpec
+from nla_rl.errors import NLAError
+
+RNG_FILE = "rng_rank{rank}.pt"
+MODEL_FILE = "model.safetensors"
+
+
+class LearnerError(NLAError):
+    """A learner group was asked for something it cannot do with these inputs."""
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """Everything a rank needs to build its share of a learner (picklable, sent once)."""
+
+    model: ModelSpec
+    optim: OptimSpec
+    backend: str = "fsdp2"
+    zero_stage: int = 3
+    micro_batch_size: int = 4
+    seed: int = 0
+    threads_per_rank: int = 1
+
+
+def _all_reduce_sum(values: Sequence[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class LearnerRank:
+    """Ray actor body: one rank of a learner group (see the module doc)."""
+
+    def __init__(self, spec: LearnerSpec, rank: int, world_size: int):
+        torch.set_num_threads(spec.threads_per_rank)
+        self.spec, self.rank, self.world_size = spec, rank, world_size
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0's address and a free port on its node."""
+        from actors.placement import free_port, node_address
+
+        return node_address(), free_port()
+
+    def setup(self, address: str, port: int) -> None:
+        """Join the process group, then build the tokenizer, the model and the backend."""
+        import torch.distributed as dist
+
+        from actors.backends import build_backend
+        from actors.learner_models import build_model, decoder_blocks, frozen_copy, load_tokenizer
+
+        os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                init_method=f"tcp://{address}:{port}", rank=self.rank,
+                                world_size=self.world_size)
+        spec = self.spec
+        self.tokenizer = load_tokenizer(spec.model)
+        model = build_model(spec.model, seed=spec.seed)
+        self.reference = None
+        if spec.model.with_reference and spec.model.lora.rank == 0:
+            self.reference = self._shard_frozen(frozen_copy(model), decoder_blocks)
+        precision = None if spec.model.dtype == "float32" else spec.model.dtype
+        self.backend = build_backend(spec.backend, model, spec.optim,
+                                     blocks=decoder_blocks(model), device=self.device,
+                                     zero_stage=spec.zero_stage, mixed_precision=precision)
+        torch.manual_seed(spec.seed + 1 + self.rank)  # each rank its own stream (dropout)
+
+    def _shard_frozen(self, model, blocks_of):
+        if self.spec.backend != "fsdp2":  # DeepSpeed: the frozen reference stays replicated
+            return model.to(self.device)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        model.to(self.device)
+        for block in blocks_of(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    # ------------------------------------------------------------------------------ training
+    def train_step(self, rows: dict, loss_name: str) -> dict:
+        """Micro-batched forward/backward of this rank's rows, then one (guarded) optimiser step.
+
+        Each micro-batch's summed loss is scaled by ``world_size / N_global`` (gradients are
+        averaged over ranks), so the accumulated gradient is that of the exact step mean.
+        """
+        from actors.losses import get_loss
+        from nla_rl.sft import micro_batches
+
+        loss = get_loss(loss_name, self.spec.model.role)
+        model = self.backend.module
+        model.train()
+        micros = list(micro_batches(loss.build(self, rows), self.spec.micro_batch_size))
+        local_count = sum(loss.count(m) for m in micros)
+        local_tokens = sum(int(m.attention_mask.sum()) for m in micros)
+        total, = _all_reduce_sum([local_count], self.device)
+        summed = torch.zeros((), dtype=torch.float64)
+        for i, micro in enumerate(micros):
+            value, _ = loss.compute(self, model, micro.to(self.device))
+            self.backend.backward(value * (self.world_size / total),
+                                  last_micro=i == len(micros) - 1)
+            summed += value.detach().to("cpu", torch.float64)
+        outcome = self.backend.step()
+        loss_sum, tokens = _all_reduce_sum([summed, local_tokens], self.device)
+        return {"loss": loss_sum / total, "grad_norm": outcome.grad_norm,
+                "skipped": float(outcome.skipped), "lr": outcome.lr, "count": total,
+                "tokens": tokens}
+
+    @torch.no_grad()
+    def evaluate(self, rows: dict, loss_name: str) -> dict:
+        """The loss's global mean over ``rows`` (no gradients, no step)."""
+        from actors.losses import get_loss
+        from nla_rl.sft import micro_batches
+
+        loss = get_loss(loss_name, self.spec.model.role)
+        model = self.backend.module
+        model.eval()
+        summed, count = 0.0, 0
+        for micro in micro_batches(loss.build(self, rows), self.spec.micro_batch_size):
+            value, n = loss.compute(self, model, micro.to(self.device))
+            summed, count = summed + float(value), count + n
+        summed, count = _all_reduce_sum([summed, count], self.device)
+        return {"loss": summed / count, "count": count}
+
+    # ----------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def av_logprobs(self, prompts: list, completions: list, vectors, reference: bool,
+                    temperature: float = 1.0) -> list:
+        """Per-token log-probs of ``completions`` (injection at each prompt's marker); with
+        ``reference`` the frozen policy (LoRA: the same model with its adapter disabled)."""
+        import contextlib
+
+        from actors.losses import completion_logprobs
+
+        spec, size = self.spec.model, self.spec.micro_batch_size
+        model, context = self.backend.module, contextlib.nullcontext()
+        if reference and self.reference is not None:
+            model = self.reference
+        elif reference and spec.lora.rank > 0:
+            context = model.disable_adapter()
+        elif reference:
+            raise LearnerError("no reference policy: build the AV learner with with_reference=True")
+        model.eval()
+        vectors = torch.as_tensor(np.asarray(vectors), dtype=torch.float32)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = []
+        with context:
+            for i in range(0, len(prompts), size):
+                out += completion_logprobs(model, prompts[i:i + size], completions[i:i + size],
+                                           vectors[i:i + size], marker=spec.marker,
+                                           injection=spec.injection, pad_id=pad,
+                                           device=self.device, temperature=temperature)
+        return out
+
+    @torch.no_grad()
+    def reconstruct(self, texts: list[str]) -> torch.Tensor:
+        model = self.backend.module
+        model.eval()
+        return model.reconstruct(self.tokenizer, texts, template=self.spec.model.ar_template,
+                                 batch_size=self.spec.micro_batch_size)
+
+    # ---------------------------------------------------------------------------------- state
+    def full_state_dict(self) -> dict:
+        return self.backend.full_state_dict()
+
+    def save_state(self, directory: str) -> None:
+        """This rank's share: backend state (model + optimiser + scheduler) and its RNG state."""
+        from nla_rl.checkpoint import capture_rng_state
+
+        self.backend.save(Path(directory))
+        torch.save(capture_rng_state(), Path(directory) / RNG_FILE.format(rank=self.rank))
+
+    def load_state(self, directory: str) -> None:
+        from nla_rl.checkpoint import restore_rng_state
+
+        self.backend.load(Path(directory))
+        path = Path(directory) / RNG_FILE.format(rank=self.rank)
+        restore_rng_state(torch.load(path, weights_only=True))
+
+    def ping(self) -> int:
+        return self.rank
+
+
+def split_rows(rows: dict, parts: int) -> list[dict]:
+    """``rows`` (columns of equal length) cut into ``parts`` equal contiguous shares.
+
+    Columns that are not per-row (scalars such as ``shuffle_seed``) go to every share.
+    """
+    lengths = {k: len(v) for k, v in rows.items() if hasattr(v, "__len__") and not isinstance(v, str)}
+    if len(set(lengths.values())) != 1:
+        raise LearnerError(f"rows: every column needs the same number of rows, found {lengths}")
+    n = next(iter(lengths.values()))
+    if n == 0 or n % parts:
+        raise LearnerError(f"{n} rows cannot be split evenly over {parts} ranks; use a batch "
+                           f"size that is a multiple of the number of ranks")
+    share = n // parts
+    return [{k: (v[r * share:(r + 1) * share] if k in lengths else v) for k, v in rows.items()}
+            for r in range(parts)]
+
+
+def _pad_to_multiple(items: list, multiple: int) -> tuple[list, int]:
+    """``items`` repeated at the end up to a multiple of ``multiple``; returns (padded, n real)."""
+    n = len(items)
+    extra = (-n) % multiple
+    return items + [items[i % n] for i in range(extra)], n
+
+
+class LearnerGroup:
+    """Driver-side handle of N learner ranks (see the module doc)."""
+
+    def __init__(self, spec: LearnerSpec, *, world_size: int, num_cpus_per_rank: float = 1.0,
+                 num_gpus_per_rank: float = 0.0, name: str = "learner", checkpoints=None):
+        """``checkpoints``: a :class:`nla_rl.checkpoint.CheckpointManager` for :meth:`save` /
+        :meth:`load` (its root must be reachable by every rank)."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from actors.placement import reserve
+
+        self.spec, self.world_size, self.name = spec, world_size, name
+        self.checkpoints = checkpoints
+        self.placement = reserve(world_size, num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank)
+        threads = str(spec.threads_per_rank)
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+               "TOKENIZERS_PARALLELISM": "false"}
+        actor = ray.remote(LearnerRank)
+        try:
+            self.ranks = [
+                actor.options(
+                    num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank,
+                    name=None, runtime_env={"env_vars": env},
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        self.placement, placement_group_bundle_index=r),
+                ).remote(spec, r, world_size)
+                for r in range(world_size)
+            ]
+            address, port = ray.get(self.ranks[0].rendezvous.remote())
+            ray.get([r.setup.remote(address, port) for r in self.ranks])
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ------------------------------------------------------------------------------- fan-out
+    def _all(self, method: str, *args, per_rank: list | None = None, **kwargs) -> list:
+        """Call ``method`` on every rank (``per_rank[r]`` prepended to rank r's args)."""
+        import ray
+
+        refs = [getattr(rank, method).remote(*((per_rank[r],) if per_rank else ()), *args, **kwargs)
+                for r, rank in enumerate(self.ranks)]
+        return ray.get(refs)
+
+    def train_step(self, rows: dict, *, loss: str) -> dict:
+        """One optimiser step on ``rows`` (split evenly over the ranks); rank 0's global stats."""
+        return self._all("train_step", loss, per_rank=split_rows(rows, self.world_size))[0]
+
+    def evaluate(self, rows: dict, *, loss: str) -> dict:
+        """The global mean of ``loss`` over ``rows``, without gradients."""
+        return self._all("evaluate", loss, per_rank=split_rows(rows, self.world_size))[0]
+
+    def av_logprobs(self, prompts: list[list[int]], completions: list[list[int]], vectors, *,
+                    reference: bool = False, temperature: float = 1.0) -> list[torch.Tensor]:
+        """Per-token log-probs (after ``temperature``) of each completion given its prompt with
+        ``vectors[b]`` injected; ``reference``: the frozen policy's."""
+        vectors = list(np.asarray(vectors, dtype=np.float32))
+        triples, n = _pad_to_multiple(list(zip(prompts, completions, vectors)), self.world_size)
+        shares = split_rows({"p": [t[0] for t in triples], "c": [t[1] for t in triples],
+                             "v": np.stack([t[2] for t in triples])}, self.world_size)
+        import ray
+
+        refs = [rank.av_logprobs.remote(s["p"], s["c"], s["v"], reference, temperature)
+                for rank, s in zip(self.ranks, shares)]
+        return [lp for part in ray.get(refs) for lp in part][:n]
+
+    def reconstruct(self, texts: list[str]) -> torch.Tensor:
+        """The AR's predictions [len(texts), d] (fp32, CPU)."""
+        padded, n = _pad_to_multiple(list(texts), self.world_size)
+        shares = split_rows({"t": padded}, self.world_size)
+        parts = self._all("reconstruct", per_rank=[s["t"] for s in shares])
+        return torch.cat(parts)[:n]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full (unsharded) state dict on CPU; every rank takes part, rank 0 returns it."""
+        return self._all("full_state_dict")[0]
+
+    def save_state(self, directory: str | Path) -> None:
+        """Every rank writes its share of model, optimiser, scheduler and RNG into ``directory``
+        (a directory all ranks can reach: one node, or a shared file system)."""
+        self._all("save_state", str(directory))
+
+    def load_state(self, directory: str | Path) -> None:
+        self._all("load_state", str(directory))
+
+    def save(self, step: int, *, extra_files=None) -> Path:
+        """Checkpoint ``step`` atomically: every rank's share (model, optimiser, scheduler, RNG),
+        the gathered full weights as ``model.safetensors``, and ``extra_files(staging_dir)`` (the
+        data cursor). A failure leaves the previous checkpoint as the latest."""
+        from safetensors.torch import save_file
+
+        def write(staging: Path) -> None:
+            self.save_state(staging)
+            full = self.full_state_dict()  # cloned: tied weights share storage
+            save_file({k: v.contiguous().clone() for k, v in full.items()},
+                      str(staging / MODEL_FILE))
+            if extra_files is not None:
+                extra_files(staging)
+
+        return self._manager().save(step, write)
+
+    def load(self) -> Path | None:
+        """Restore the latest valid checkpoint (a damaged one is skipped with a warning, another
+        recipe's refused); returns its directory, or None when there is none."""
+        path = self._manager().latest_valid()
+        if path is not None:
+            self.load_state(path)
+        return path
+
+    def _manager(self):
+        if self.checkpoints is None:
+            raise LearnerError("this learner group was built without a CheckpointManager")
+        return self.checkpoints
+
+    def shutdown(self) -> None:
+        """Kill the ranks and release their placement group (idempotent)."""
+        import ray
+
+        from actors.placement import release
+
+        for rank in getattr(self, "ranks", []):
+            ray.kill(rank)
+        self.ranks = []
+        if getattr(self, "placement", None) is not None:
+            release(self.placement)
+            self.placement = None

@@ -1,0 +1,108 @@
+"""Losses a learner group trains with, chosen by name (adding one = adding one ``Loss`` entry).
+
+Each loss turns a rank's share of a step's rows (a dict of columns) into a batch, says how many
+units (tokens or rows) each micro-batch contributes to the step's mean, and returns the *summed*
+loss of a micro-batch; the learner divides by the global count (all ranks, all micro-batches), so
+the step's loss is the exact mean over the whole step. The formulas are in the docstrings of the
+functions in :mod:`nla_rl.sft`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from nla_rl.sft import (ar_sft_loss, av_sft_loss, build_ar_sft_batch, build_av_sft_batch,
+                        shuffled)
+
+
+@dataclass(frozen=True)
+class Loss:
+    """``build(rank, rows) -> batch``; ``count(batch) -> int``;
+    ``compute(rank, model, micro) -> (summed loss, count)``."""
+
+    role: str
+    build: Callable[[Any, dict], Any]
+    count: Callable[[Any], int]
+    compute: Callable[[Any, torch.nn.Module, Any], tuple[torch.Tensor, int]]
+
+
+def _vectors(rows: dict) -> torch.Tensor:
+    """The rows' vectors as a tensor of its own (Ray hands numpy arrays over read-only)."""
+    return torch.tensor(np.asarray(rows["vectors"]), dtype=torch.float32)
+
+
+def _build_av(rank, rows: dict):
+    spec = rank.spec.model
+    return build_av_sft_batch(rank.tokenizer, list(rows["explanations"]), _vectors(rows),
+                              marker=spec.marker, template=spec.av_template,
+                              prefill=spec.av_prefill, depth_pct=spec.depth_pct)
+
+
+def _build_av_shuffled(rank, rows: dict):
+    """The real-vs-shuffled control: each explanation paired with another row's vector."""
+    return shuffled(_build_av(rank, rows), seed=int(rows.get("shuffle_seed", 0)) + rank.rank)
+
+
+def _build_ar(rank, rows: dict):
+    return build_ar_sft_batch(rank.tokenizer, list(rows["explanations"]), _vectors(rows),
+                              template=rank.spec.model.ar_template)
+
+
+def _av_compute(rank, model, micro):
+    return av_sft_loss(model, micro, rank.spec.model.injection)
+
+
+def _ar_compute(rank, model, micro):
+    return ar_sft_loss(model, micro, rank.spec.model.mse_scale)
+
+
+LOSSES: dict[str, Loss] = {
+    "av_sft": Loss("av", _build_av, lambda b: b.num_target_tokens(), _av_compute),
+    "av_sft_shuffled": Loss("av", _build_av_shuffled, lambda b: b.num_target_tokens(),
+                            _av_compute),
+    "ar_sft": Loss("ar", _build_ar, len, _ar_compute),
+}
+
+
+def get_loss(name: str, role: str) -> Loss:
+    """The registered loss ``name``, checked to belong to ``role``."""
+    loss = LOSSES.get(name)
+    if loss is None:
+        raise KeyError(f"unknown loss {name!r}; registered: {', '.join(LOSSES)}")
+    if loss.role != role:
+        raise ValueError(f"loss {name!r} trains the {loss.role.upper()}, not the {role.upper()}")
+    return loss
+
+
+def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]],
+                        vectors: torch.Tensor, *, marker, injection, pad_id: int,
+                        device, temperature: float = 1.0) -> list[torch.Tensor]:
+    """Per-token ``log softmax(z / T)[c_t]`` of each completion (``z`` the logits given the prompt
+    and ``c_<t``), with ``vectors[b]`` injected at the marker of ``prompts[b]`` (fp32); one 1-D
+    tensor per row. ``T = temperature`` gives the post-temperature values sampling used.
+
+    Rows are right-padded ``prompt + completion``; the logit at column ``t`` scores token ``t+1``.
+    """
+    from nla_rl.injection import inject
+    from nla_rl.tokens import find_marker_positions
+
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[b, :len(row)] = 1
+    positions = find_marker_positions(ids, marker, expected=len(rows))
+    with inject(model, family=injection.family, vectors=vectors, positions=positions,
+                scale=injection.scale, layer=injection.layer, coeff=injection.coeff):
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       use_cache=False).logits.float()
+    logp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
+    token_logp = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+    return [token_logp[b, len(p) - 1:len(p) - 1 + len(c)].cpu()
+            for b, (p, c) in enumerate(zip(prompts, completions))]

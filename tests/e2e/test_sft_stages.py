@@ -1,0 +1,133 @@
+"""The ar_sft and av_sft stages on a tiny run directory, as `python -m launch.train` runs them.
+
+Learning quality on the tiny data is not asserted beyond what a few steps show (the train losses
+fall, the AR fits its training batches better); the held-out AR FVE and the AV's
+real-vs-shuffled gap are logged and checked finite (see the report of issue 4 for the numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from launch.train import main
+from nla_rl.ar_model import ActivationReconstructor
+from nla_rl.sidecar import read_model_sidecar
+from tests.e2e.conftest import FAST, TINY
+
+pytestmark = pytest.mark.slow
+
+DATA = [o for o in FAST if not o.startswith("rl.")] + ["data.num_docs=120"]
+SFT = ["ar_sft.steps=6", "av_sft.steps=6", "ar_sft.batch_size=8", "av_sft.batch_size=8",
+       "ar_sft.micro_batch_size=2", "av_sft.micro_batch_size=2", "ar_sft.eval_every=3",
+       "av_sft.eval_every=3", "ar_sft.warmup_steps=1", "av_sft.warmup_steps=1",
+       "ar_sft.save_every=3", "av_sft.save_every=3", "ar_sft.keep_last=3"]
+
+
+def run(run_dir: Path, *overrides: str) -> int:
+    return main([TINY, f"run.dir={run_dir}", *DATA, *SFT, *overrides])
+
+
+@pytest.fixture(scope="module")
+def data_run(tmp_path_factory, toy_base) -> Path:
+    """prepare + datagen once; each test copies it."""
+    run_dir = tmp_path_factory.mktemp("sft") / "data_run"
+    run_dir.mkdir()
+    shutil.copytree(toy_base, run_dir / "base")
+    assert run(run_dir, "run.stages=[prepare,datagen]") == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def trained(data_run, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("sft") / "trained"
+    shutil.copytree(data_run, run_dir)
+    assert run(run_dir, "run.stages=[ar_sft,av_sft]") == 0
+    return run_dir
+
+
+def metrics(run_dir: Path, stage: str) -> list[dict]:
+    lines = (run_dir / "logs/metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("stage") == stage]
+
+
+def test_stages_log_the_metrics(trained):
+    ar, av = metrics(trained, "ar_sft"), metrics(trained, "av_sft")
+    assert [r["step"] for r in ar] == [1, 2, 3, 4, 5, 6] == [r["step"] for r in av]
+    for name in ("train/ar/loss", "train/ar/fve", "train/ar/grad_norm", "train/ar/lr",
+                 "perf/ar/tokens_per_s", "health/skipped_steps"):
+        assert all(r[name] is not None for r in ar), name
+    assert ar[-1]["health/skipped_steps"] == 0 == av[-1]["health/skipped_steps"]
+    assert ar[-1]["eval/ar/fve"] is not None and ar[2]["eval/ar/fve"] is not None
+    for key in ("train/av/shuffled_loss", "train/av/shuffle_gap", "eval/av/shuffle_gap"):
+        assert av[-1][key] is not None, key
+    assert av[-1]["train/av/shuffle_gap"] == pytest.approx(
+        av[-1]["train/av/shuffled_loss"] - av[-1]["train/av/loss"])
+    assert av[-1]["train/av/loss"] < av[0]["train/av/loss"]  # it learns the explanation format
+    assert min(r["train/ar/loss"] for r in ar[3:]) < ar[0]["train/ar/loss"]
+
+
+def test_final_models_load_with_their_sidecars(trained):
+    from transformers import AutoModelForCausalLM
+
+    ar_meta = read_model_sidecar(trained / "ar_sft/final")
+    av_meta = read_model_sidecar(trained / "av_sft/final")
+    assert (ar_meta.stage, av_meta.stage) == ("ar_sft", "av_sft")
+    assert av_meta.injection_scale is not None and av_meta.injection_scale > 0
+    ar = ActivationReconstructor.from_pretrained(trained / "ar_sft/final")
+    init = ActivationReconstructor.from_pretrained(trained / "init/ar")
+    assert not torch.equal(ar.value_head.weight, init.value_head.weight)  # trained
+    # The last checkpoint's gathered weights are what final/ holds.
+    saved = load_file(str(trained / "ar_sft/step_000006/model.safetensors"))
+    assert torch.equal(saved["value_head.weight"], ar.value_head.weight)
+    av = AutoModelForCausalLM.from_pretrained(trained / "av_sft/final")
+    assert av.config.hidden_size == av_meta.d_model
+    assert (trained / "ar_sft/latest").read_text().strip() == "step_000006"
+    assert not list(trained.rglob("*.partial")) and not list(trained.rglob("*.tmp*"))
+
+
+def test_resume_continues_exactly(trained, data_run, tmp_path):
+    """Steps 1-3 checkpointed, the run's later state removed, resumed: same final weights."""
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(data_run, run_dir)
+    assert run(run_dir, "run.stages=[ar_sft]") == 0
+    shutil.rmtree(run_dir / "ar_sft/step_000006")
+    shutil.rmtree(run_dir / "ar_sft/final")
+    (run_dir / "ar_sft/latest").write_text("step_000003\n")
+    assert run(run_dir, "run.stages=[ar_sft]", "run.resume=true") == 0
+    resumed = load_file(str(run_dir / "ar_sft/step_000006/model.safetensors"))
+    straight = load_file(str(trained / "ar_sft/step_000006/model.safetensors"))
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_bad_inputs_are_one_clear_error(data_run, tmp_path, capsys):
+    run_dir = tmp_path / "bad"
+    shutil.copytree(data_run, run_dir)
+    (run_dir / "data/ar_sft.parquet").rename(run_dir / "ar.parquet")
+    assert run(run_dir, "run.stages=[ar_sft]") == 2
+    assert "ar_sft.parquet does not exist" in capsys.readouterr().err
+    (run_dir / "ar.parquet").rename(run_dir / "data/ar_sft.parquet")
+
+    sidecar = run_dir / "data/av_sft.parquet.nla_meta.yaml"
+    meta = yaml.safe_load(sidecar.read_text())
+    meta["extraction"]["d_model"] = 4096
+    sidecar.write_text(yaml.safe_dump(meta))
+    assert run(run_dir, "run.stages=[av_sft]") == 2
+    err = capsys.readouterr().err
+    assert "extraction.d_model is 4096" in err and "Traceback" not in err
+    shutil.copy(data_run / "data/av_sft.parquet.nla_meta.yaml", sidecar)
+
+    assert run(run_dir, "run.stages=[av_sft]", "learner.lora_rank=4",
+               "learner.lora_target_modules=[nonexistent_proj]") == 2
+    assert "nonexistent_proj" in capsys.readouterr().err
+
+    assert run(run_dir, "run.stages=[ar_sft]", "ar_sft.steps=3") == 0
+    assert run(run_dir, "run.stages=[ar_sft]", "run.resume=true", "injection.add_coeff=2.0") == 2
+    assert "recipe mismatch" in capsys.readouterr().err
