@@ -10,6 +10,18 @@ from __future__ import annotations
 import os
 
 
+def recipe_cpus(cfg) -> int:
+    """Logical CPUs a local cluster needs for every stage of ``cfg`` (the first stage to start
+    Ray sizes it for the whole pipeline: extraction workers, or engines plus both learner
+    groups, whichever is larger). Logical CPUs may exceed the machine's cores."""
+    import math
+
+    extraction = cfg.data.workers * cfg.data.cpus_per_worker
+    per_rank = cfg.learner.num_cpus_per_rank
+    training = cfg.engine.num_engines * per_rank + (cfg.learner.ranks_av + cfg.learner.ranks_ar) * per_rank
+    return max(2, math.ceil(max(extraction, training)))
+
+
 def connect_ray(num_cpus: float | None = None):
     """Initialise Ray once per process and return the module.
 

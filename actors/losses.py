@@ -56,6 +56,33 @@ def _av_compute(rank, model, micro):
     return av_sft_loss(model, micro, rank.spec.model.injection)
 
 
+def _build_grpo(rank, rows: dict):
+    """Rollouts → a :class:`nla_rl.rl_batch.PolicyBatch` carrying the step's loss settings."""
+    from nla_rl.grpo import PolicyLossSettings
+    from nla_rl.rl_batch import build_policy_batch
+
+    spec = rank.spec.model
+    settings = PolicyLossSettings(
+        clip_low=rows["clip_low"], clip_high=rows["clip_high"], kl_beta=rows["kl_beta"],
+        kl_estimator=rows["kl_estimator"], is_cap=rows["is_cap"],
+        mismatch_threshold=rows["mismatch_threshold"], loss_agg=rows["loss_agg"])
+    pad = rank.tokenizer.pad_token_id if rank.tokenizer.pad_token_id is not None else 0
+    batch = build_policy_batch(rows["prompts"], rows["completions"], _vectors(rows),
+                               rows["advantages"], marker=spec.marker, pad_id=pad,
+                               engine_logp=rows.get("engine_logp"), old_logp=rows.get("old_logp"),
+                               ref_logp=rows.get("ref_logp"))
+    batch.settings, batch.temperature = settings, float(rows["temperature"])
+    return batch
+
+
+def _grpo_compute(rank, model, micro):
+    from nla_rl.rl_batch import grpo_micro_loss
+
+    out = grpo_micro_loss(model, micro, rank.spec.model.injection, micro.settings,
+                          micro.temperature)
+    return out.loss_sum, out.normalizer
+
+
 def _ar_compute(rank, model, micro):
     return ar_sft_loss(model, micro, rank.spec.model.mse_scale)
 
@@ -65,6 +92,8 @@ LOSSES: dict[str, Loss] = {
     "av_sft_shuffled": Loss("av", _build_av_shuffled, lambda b: b.num_target_tokens(),
                             _av_compute),
     "ar_sft": Loss("ar", _build_ar, len, _ar_compute),
+    # GRPO (nla_rl.grpo.policy_loss): PPO clip, KL to the reference, truncated IS.
+    "grpo": Loss("av", _build_grpo, lambda b: b.num_loss_units(), _grpo_compute),
 }
 
 

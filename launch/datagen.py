@@ -7,7 +7,6 @@ shard (and the teacher cache makes labels free the second time).
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -100,9 +99,9 @@ def _extract(cfg: RecipeConfig, base_dir: Path, docs, data_dir: Path):
                           text_prefix=cfg.data.teacher.kind not in ("toyworld", "none"),
                           extractor_kwargs={"trust_remote_code": cfg.model.trust_remote_code})
     if cfg.data.workers:
-        from actors.cluster import connect_ray
+        from actors.cluster import connect_ray, recipe_cpus
 
-        connect_ray(num_cpus=max(2, math.ceil(cfg.data.workers * cfg.data.cpus_per_worker)))
+        connect_ray(num_cpus=recipe_cpus(cfg))
     return run_extraction(spec, docs, data_dir / "shards", docs_per_shard=cfg.data.docs_per_shard,
                           num_workers=cfg.data.workers, cpus_per_worker=cfg.data.cpus_per_worker,
                           gpus_per_worker=cfg.data.gpus_per_worker)

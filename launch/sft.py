@@ -158,7 +158,7 @@ def held_out(group, role: str, held: Split | None, *, rows: int, world: int, mse
 
 def run_sft(cfg: RecipeConfig, run_dir: Path, stage: str) -> Path:
     """Train ``stage``'s role; returns the ``final/`` directory."""
-    from actors.cluster import connect_ray
+    from actors.cluster import connect_ray, recipe_cpus
     from actors.learner import LearnerGroup
     from nla_rl.checkpoint import CheckpointManager
 
@@ -174,7 +174,7 @@ def run_sft(cfg: RecipeConfig, run_dir: Path, stage: str) -> Path:
     injection = injection_for(meta, train.vectors) if role == "av" else None
     spec, ranks = learner_spec(cfg, stage, init_dir, meta, injection)
     manager = CheckpointManager.for_recipe(run_dir / stage, cfg, stage, keep_last=sft.keep_last)
-    connect_ray()
+    connect_ray(num_cpus=recipe_cpus(cfg))
     group = LearnerGroup(spec, world_size=ranks, num_cpus_per_rank=cfg.learner.num_cpus_per_rank,
                          num_gpus_per_rank=cfg.learner.num_gpus_per_rank, name=stage,
                          checkpoints=manager)
@@ -241,48 +241,56 @@ def _train(cfg, run_dir: Path, stage: str, group, train: Split, held: Split | No
 def write_final(cfg, run_dir: Path, stage: str, group, meta: ModelSidecar,
                 injection: InjectionSpec | None, spec) -> Path:
     """``<run>/<stage>/final``: the trained model as an HF directory (LoRA merged) + sidecar."""
+    role, sft = ROLE_OF[stage], getattr(cfg, stage)
+    training = {"steps": sft.steps, "lr": sft.lr, "batch_size": sft.batch_size,
+                "backend": cfg.learner.backend, "lora_rank": spec.model.lora.rank}
+    return save_trained(cfg, group, role, run_dir / "init" / role, meta, run_dir / stage / "final",
+                        stage=stage, injection=injection, lora=spec.model.lora,
+                        trained_on=str(run_dir / "data" / f"{stage}.parquet"), training=training)
+
+
+def save_trained(cfg, group, role: str, source_dir: Path, meta: ModelSidecar, out_dir: Path, *,
+                 stage: str, injection: InjectionSpec | None, trained_on: str, training: dict,
+                 lora=None) -> Path:
+    """The group's trained weights as an HF directory at ``out_dir`` (built on the config of
+    ``source_dir``, LoRA merged) with a validated sidecar for ``stage``; written atomically."""
     import dataclasses
 
     from transformers import AutoTokenizer
 
     from nla_rl.sidecar import validate_model_sidecar, write_model_sidecar
 
-    role, sft = ROLE_OF[stage], getattr(cfg, stage)
-    init_dir, final = run_dir / "init" / role, run_dir / stage / "final"
     state = group.full_state_dict()
-    tokenizer = AutoTokenizer.from_pretrained(init_dir, local_files_only=True,
+    tokenizer = AutoTokenizer.from_pretrained(source_dir, local_files_only=True,
                                               trust_remote_code=cfg.model.trust_remote_code)
     sidecar = dataclasses.replace(
         meta, stage=stage, created_at="",
         injection_scale=injection.scale if injection is not None else meta.injection_scale,
-        trained_on=(str(run_dir / "data" / f"{stage}.parquet"),),
-        parent_checkpoints=(str(init_dir),),
-        training={"steps": sft.steps, "lr": sft.lr, "batch_size": sft.batch_size,
-                  "backend": cfg.learner.backend, "lora_rank": spec.model.lora.rank})
+        trained_on=(trained_on,), parent_checkpoints=(str(source_dir),), training=training)
     if role == "ar":
         from nla_rl.ar_model import ActivationReconstructor
 
-        model = ActivationReconstructor.from_pretrained(init_dir)
+        model = ActivationReconstructor.from_pretrained(source_dir)
         model.load_state_dict(state)
-        model.save_pretrained(final, tokenizer, extra_files=lambda d: write_model_sidecar(d, sidecar))
+        model.save_pretrained(out_dir, tokenizer, extra_files=lambda d: write_model_sidecar(d, sidecar))
     else:
         from launch.stages import _save_av
         from nla_rl.base_model import DTYPES, load_causal_lm
 
-        model, _ = load_causal_lm(init_dir, dtype="float32",
+        model, _ = load_causal_lm(source_dir, dtype="float32",
                                   trust_remote_code=cfg.model.trust_remote_code)
-        if spec.model.lora.rank > 0:
+        if lora is not None and lora.rank > 0:
             from actors.learner_models import apply_lora
 
-            model = apply_lora(model, spec.model.lora)
+            model = apply_lora(model, lora)
             model.load_state_dict(state)
             model = model.merge_and_unload()
         else:
             model.load_state_dict(state)
-        _save_av(model.to(DTYPES[cfg.model.dtype]), tokenizer, sidecar, final)
-    validate_model_sidecar(read_model_sidecar(final), tokenizer, model.config, role=role)
-    print(f"[{stage}] wrote {final}")
-    return final
+        _save_av(model.to(DTYPES[cfg.model.dtype]), tokenizer, sidecar, out_dir)
+    validate_model_sidecar(read_model_sidecar(out_dir), tokenizer, model.config, role=role)
+    print(f"[{stage}] wrote {out_dir}")
+    return out_dir
 
 
 def ar_sft(cfg: RecipeConfig, run_dir: Path) -> None:

@@ -297,6 +297,9 @@ class RLConfig(ConfigSection):
     is_cap: float = param(2.0, "Cap of the truncated importance weight "
                           "exp(logp_learner - logp_engine).", gt=0)
     online_ar: bool = param(True, "Train the AR on the AV's own explanations during RL.")
+    stop_on_unhealthy: bool = param(
+        True, "Stop after the first step if injection is broken or > 50% of rollouts have no "
+        "extractable explanation (an untrained or mismatched AV); false only for smoke tests.")
     save_every: int = param(10, "Checkpoint both learners every this many steps (the last step "
                             "is always saved).", gt=0)
     keep_last: int = param(2, "RL checkpoints kept per learner.", gt=0)

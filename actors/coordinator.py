@@ -1,0 +1,286 @@
+"""The GRPO coordinator: one RL step, as the paper describes it, over Ray actors.
+
+    batch    = data.next_batch()                     activations + drawn hard negatives
+    rollouts = generate(batch)                       G samples each, injection at the marker
+    preds    = critic.reconstruct(explanations)      the live AR
+    scored   = step_rewards(preds, gold, negatives)  −MSE (or −log MSE), penalties, contrast
+    adv      = compute_advantages(scored.rewards)    GRPO / Dr.GRPO within each group
+    train policy (GRPO) and critic (online AR) concurrently
+    sync the engines (verified), log, checkpoint
+
+The helpers below are each one named piece of that list; the loop in :func:`rl_loop` fits on
+one screen. Everything that touches a model lives in an actor; this process holds only numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from nla_rl.config import RecipeConfig
+from nla_rl.grpo import compute_advantages
+from nla_rl.health import check_step0_health, rollout_health
+from nla_rl.metrics import cosine
+from nla_rl.rewards import normalized_mse
+from nla_rl.rl_batch import trim_at_eos
+from nla_rl.rl_data import RLBatch, RLData
+from nla_rl.rl_rewards import step_rewards
+from nla_rl.templates import extract_explanation
+from nla_rl.tracking import Tracker
+from rollout.base import RolloutRequest, SamplingSpec
+
+
+@dataclass
+class RLWorld:
+    """Everything the loop talks to: the actors, the data, the prompt, the tracker."""
+
+    cfg: RecipeConfig
+    policy: object  # LearnerGroup, role av
+    critic: object  # LearnerGroup, role ar
+    engines: object  # RolloutPool
+    data: RLData
+    tracker: Tracker
+    prompt_ids: list[int]
+    prefill: str
+    eos_ids: frozenset[int]
+    mse_scale: float | None
+    probe: tuple = ()  # (requests, completions) for the weight-sync verification
+    sync_tolerance: float = 2e-3
+    save: object = None  # callable(step, skipped) writing both checkpoints
+    adapter_dir: str = ""  # LoRA runs: where the synced adapter is written for the engines
+    skipped_steps: float = 0.0
+    sync_seconds: list = field(default_factory=list)
+
+
+@dataclass
+class Rollouts:
+    """Flat over P activations × G samples (sample j of activation i at i·G + j)."""
+
+    completions: list[list[int]]
+    engine_logp: list[list[float]]
+    texts: list[str]
+    explanations: list[str | None]
+    finish_reasons: list[str]
+    group_ids: np.ndarray
+    injection_applied: int
+    seconds: float
+
+
+def generate(world: RLWorld, batch: RLBatch, step: int) -> Rollouts:
+    """G samples per activation from the engine pool, trimmed at the first EOS."""
+    rl = world.cfg.rl
+    requests = [RolloutRequest(world.prompt_ids, torch.from_numpy(v), f"{step}:{r}")
+                for v, r in zip(batch.vectors, batch.rows)]
+    sampling = SamplingSpec(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
+                            max_new_tokens=rl.max_new_tokens,
+                            seed=world.cfg.run.seed * 1_000_003 + step * len(requests))
+    started = time.perf_counter()
+    groups = world.engines.generate(requests, sampling)
+    samples = [s for group in groups for s in group]
+    completions = [trim_at_eos(s.token_ids, world.eos_ids) for s in samples]
+    texts = [world.prefill + s.text for s in samples]
+    return Rollouts(
+        completions, [list(s.logprobs[:len(c)]) for s, c in zip(samples, completions)], texts,
+        [extract_explanation(t) for t in texts], [s.finish_reason for s in samples],
+        np.repeat(np.arange(len(groups)), rl.group_size),
+        sum(bool(s.injection_applied) for s in samples), time.perf_counter() - started)
+
+
+def score(world: RLWorld, batch: RLBatch, rollouts: Rollouts, preds: torch.Tensor, step: int):
+    """Rewards of every rollout against its gold activation (and drawn hard negatives)."""
+    g = world.cfg.rl.group_size
+    gold = torch.from_numpy(np.repeat(batch.vectors, g, axis=0))
+    negatives = None if batch.negatives is None else torch.from_numpy(
+        np.repeat(batch.negatives, g, axis=0))
+    token_ids = [c or [] for c in rollouts.completions]
+    failed = [e is None for e in rollouts.explanations]
+    preds = [None if f else p for f, p in zip(failed, preds)]
+    return step_rewards(preds, gold, token_ids, rollouts.finish_reasons, world.cfg.rl,
+                        scale=world.mse_scale, eos_token_ids=sorted(world.eos_ids),
+                        negatives_cfg=world.cfg.negatives if negatives is not None else None,
+                        hard_negatives=negatives, group_ids=torch.from_numpy(rollouts.group_ids),
+                        seed=world.cfg.run.seed, step=step)
+
+
+def policy_rows(world: RLWorld, batch: RLBatch, rollouts: Rollouts, advantages, keep,
+                old_logp) -> dict:
+    """The policy learner's rows: one per kept rollout (capped rollouts stay: keep is True)."""
+    g, rl = world.cfg.rl.group_size, world.cfg.rl
+    idx = np.flatnonzero(np.asarray(keep))
+    vectors = np.repeat(batch.vectors, g, axis=0)
+    rows = {"prompts": [world.prompt_ids] * len(idx),
+            "completions": [rollouts.completions[i] for i in idx],
+            "vectors": vectors[idx], "advantages": np.asarray(advantages, np.float32)[idx],
+            "engine_logp": [rollouts.engine_logp[i] for i in idx],
+            "old_logp": [old_logp[i] for i in idx],
+            "temperature": float(rl.temperature), "clip_low": rl.clip_low,
+            "clip_high": rl.clip_high, "kl_beta": rl.kl_beta, "kl_estimator": rl.kl_estimator,
+            "is_cap": rl.is_cap, "mismatch_threshold": rl.is_mismatch_threshold,
+            "loss_agg": rl.loss_agg}
+    if rl.kl_beta > 0:
+        ref = world.policy.av_logprobs(rows["prompts"], rows["completions"], rows["vectors"],
+                                       reference=True, temperature=rl.temperature)
+        rows["ref_logp"] = [r.tolist() for r in ref]
+    return _trim_to_ranks(rows, world.policy.world_size)
+
+
+def critic_rows(world: RLWorld, batch: RLBatch, rollouts: Rollouts) -> dict | None:
+    """The online AR's rows: each extracted explanation against its gold activation."""
+    g = world.cfg.rl.group_size
+    vectors = np.repeat(batch.vectors, g, axis=0)
+    idx = [i for i, e in enumerate(rollouts.explanations) if e is not None]
+    rows = {"explanations": [rollouts.explanations[i] for i in idx], "vectors": vectors[idx]}
+    rows = _trim_to_ranks(rows, world.critic.world_size)
+    return rows if rows["explanations"] else None
+
+
+def _trim_to_ranks(rows: dict, ranks: int) -> dict:
+    """Drop the last few rows so every rank gets the same number (at most ranks-1 dropped)."""
+    n = next(len(v) for v in rows.values() if isinstance(v, (list, np.ndarray)))
+    keep = n - n % ranks
+    return {k: (v[:keep] if isinstance(v, (list, np.ndarray)) else v) for k, v in rows.items()}
+
+
+def train_both(world: RLWorld, p_rows: dict, c_rows: dict | None) -> tuple[dict, dict]:
+    """The policy's GRPO step and the critic's online step, at the same time."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        policy = pool.submit(world.policy.train_step, p_rows, loss="grpo") if p_rows["completions"] \
+            else None
+        critic = pool.submit(world.critic.train_step, c_rows, loss="ar_sft") \
+            if c_rows is not None and world.cfg.rl.online_ar else None
+        return (policy.result() if policy else {}), (critic.result() if critic else {})
+
+
+def sync_engines(world: RLWorld) -> dict:
+    """Push the policy's weights to every engine, then prove they arrived: the engines' log-probs
+    of a fixed probe must equal the learner's (a silent no-op sync raises here)."""
+    started = time.perf_counter()
+    state = world.policy.full_state_dict()
+    lora = world.policy.spec.model.lora
+    if lora.rank > 0:  # only the adapter travels; engines merge it on their side
+        world.engines.sync_adapter(save_adapter(state, lora, world.adapter_dir))
+    else:
+        world.engines.sync_weights(state.items())
+    requests, completions = world.probe
+    expected = world.policy.av_logprobs([list(r.prompt_ids) for r in requests], completions,
+                                        np.stack([r.vector.numpy() for r in requests]))
+    delta = world.engines.verify_sync([e.tolist() for e in expected], world.probe,
+                                      world.sync_tolerance)
+    seconds = time.perf_counter() - started
+    world.sync_seconds.append(seconds)
+    return {"perf/sync_s": seconds, "health/sync_logp_delta": delta}
+
+
+def save_adapter(state: dict, lora, out_dir) -> str:
+    """The LoRA tensors of a peft-wrapped state dict as a peft adapter directory (written to a
+    temp dir, then swapped in), which vLLM loads in place."""
+    import shutil
+    from pathlib import Path
+
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k.replace(".default", ""): v.contiguous() for k, v in state.items() if "lora_" in k}
+    save_file(tensors, str(tmp / "adapter_model.safetensors"))
+    LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+               use_rslora=lora.use_rslora, target_modules=list(lora.target_modules),
+               task_type="CAUSAL_LM").save_pretrained(str(tmp))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return str(out_dir)
+
+
+def step_metrics(world, batch, rollouts, scored, adv, preds, av_stats, ar_stats, old_logp):
+    """Every metric of a step, under the stable groups."""
+    g = world.cfg.rl.group_size
+    gold = torch.from_numpy(np.repeat(batch.vectors, g, axis=0))
+    ok = [i for i, e in enumerate(rollouts.explanations) if e is not None]
+    health = rollout_health(rollouts.texts, rollouts.explanations,
+                            injection_applied=rollouts.injection_applied,
+                            injection_expected=len(rollouts.texts),
+                            learner_logp=_pad(old_logp), engine_logp=_pad(rollouts.engine_logp),
+                            mask=_pad_mask(rollouts.completions), skipped_steps=world.skipped_steps)
+    metrics = {**scored.metrics, **health, "perf/generate_s": rollouts.seconds,
+               "rollout/zero_variance_groups": float(adv.zero_variance_groups)}
+    if ok:
+        metrics["rollout/cosine"] = float(cosine(preds[ok], gold[ok]).mean())
+    for prefix, stats in (("train/av", av_stats), ("train/ar", ar_stats)):
+        for key in ("loss", "grad_norm", "lr"):
+            if key in stats:
+                metrics[f"{prefix}/{key}"] = float(stats[key])
+    return metrics
+
+
+def _pad(rows: list) -> torch.Tensor:
+    width = max([len(r) for r in rows] + [1])
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.float32)
+    return out
+
+
+def _pad_mask(rows: list) -> torch.Tensor:
+    width = max([len(r) for r in rows] + [1])
+    out = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = True
+    return out
+
+
+def samples_table(batch: RLBatch, rollouts: Rollouts, scored, preds: torch.Tensor, g: int,
+                  mse_scale: float | None, limit: int = 16) -> list:
+    """Rows of the sample table: the first sample of the first ``limit`` activations."""
+    out = []
+    for i in range(min(limit, len(batch.rows))):
+        j = i * g
+        gold = torch.from_numpy(batch.vectors[i:i + 1])
+        row = {"activation_id": int(batch.rows[i]), "explanation": rollouts.texts[j],
+               "reward": float(scored.rewards[j]), "mse": None, "gap": None}
+        if rollouts.explanations[j] is not None:
+            pred = preds[j:j + 1]
+            row["mse"] = float(normalized_mse(pred, gold, mse_scale)[0])
+            if batch.negatives is not None:
+                negs = torch.from_numpy(batch.negatives[i])
+                row["gap"] = float(cosine(pred, gold)[0] - cosine(pred.expand_as(negs), negs).max())
+        out.append(row)
+    return out
+
+
+def rl_loop(world: RLWorld, start: int) -> None:
+    """Steps ``start .. rl.steps - 1``; each one as in the module docstring."""
+    rl = world.cfg.rl
+    for step in range(start, rl.steps):
+        started = time.perf_counter()
+        batch = world.data.next_batch(rl.prompts_per_step, step)
+        rollouts = generate(world, batch, step)
+        preds = world.critic.reconstruct([e or "" for e in rollouts.explanations])
+        scored = score(world, batch, rollouts, preds, step)
+        adv = compute_advantages(scored.rewards, rl.advantage,
+                                 torch.from_numpy(rollouts.group_ids))
+        old_logp = [lp.tolist() for lp in world.policy.av_logprobs(
+            [world.prompt_ids] * len(rollouts.completions), rollouts.completions,
+            np.repeat(batch.vectors, rl.group_size, axis=0), temperature=rl.temperature)]
+        av_stats, ar_stats = train_both(
+            world, policy_rows(world, batch, rollouts, adv.advantages, scored.keep, old_logp),
+            critic_rows(world, batch, rollouts))
+        world.skipped_steps += av_stats.get("skipped", 0.0) + ar_stats.get("skipped", 0.0)
+        metrics = step_metrics(world, batch, rollouts, scored, adv, preds, av_stats, ar_stats,
+                               old_logp)
+        if step == start and rl.stop_on_unhealthy:
+            check_step0_health(metrics)  # broken injection or >50% failures: stop now
+        metrics.update(sync_engines(world))
+        metrics["perf/step_s"] = time.perf_counter() - started
+        world.tracker.log(step + 1, metrics, stage="rl")
+        if (step + 1) % rl.samples_every == 0 or step + 1 == rl.steps:
+            world.tracker.log_samples(step + 1, samples_table(
+                batch, rollouts, scored, preds, rl.group_size, world.mse_scale))
+        if (step + 1) % rl.save_every == 0 or step + 1 == rl.steps:
+            world.save(step + 1, world.skipped_steps)

@@ -1,0 +1,188 @@
+"""The ``rl`` stage: GRPO on the AV with the AR trained online, on Ray actors.
+
+Reads the SFT models (``<run>/{av_sft,ar_sft}/final``, or the untrained ``<run>/init/*`` when
+the SFT stages were not run) and ``<run>/data/rl.parquet`` (+ its hard negatives); builds an
+engine pool and two learner groups; runs :func:`actors.coordinator.rl_loop`; checkpoints to
+``<run>/rl/{av,ar}/step_NNNNNN`` (resumed with ``run.resume=true``); writes the trained pair to
+``<run>/rl/final/{av,ar}`` for export and eval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from launch.sft import SFTStageError, injection_for, learner_spec
+from nla_rl.config import RecipeConfig
+from nla_rl.sidecar import ModelSidecar, read_model_sidecar
+
+PROGRESS_FILE = "progress.json"
+CURSOR_FILE = "data_cursor.json"
+
+
+def trained_or_initial(run_dir: Path, role: str) -> Path:
+    """The SFT model of ``role`` when the SFT stage ran, else the initial one."""
+    for path in (run_dir / f"{role}_sft" / "final", run_dir / "init" / role):
+        if (path / "nla_meta.yaml").is_file():
+            return path
+    raise SFTStageError(f"rl: no {role.upper()} to start from in {run_dir} (neither "
+                        f"{role}_sft/final nor init/{role}); run.stages must include prepare")
+
+
+def check_pair(av: ModelSidecar, ar: ModelSidecar) -> None:
+    """The AV and the AR must read the same activations."""
+    for name in ("base_checkpoint", "d_model", "extraction_layer_index", "mse_scale"):
+        if getattr(av, name) != getattr(ar, name):
+            raise SFTStageError(f"rl: the AV and the AR disagree on {name} ({getattr(av, name)!r} "
+                                f"vs {getattr(ar, name)!r}); they must come from the same run")
+
+
+def rl_learner_spec(cfg: RecipeConfig, role: str, model_dir: Path, meta, injection):
+    """A learner spec for RL: the SFT spec with the RL learning rate, a constant schedule and
+    (for the AV with β > 0) a frozen reference policy."""
+    from actors.backends import OptimSpec
+
+    spec, ranks = learner_spec(cfg, f"{role}_sft", model_dir, meta, injection)
+    lr = cfg.rl.av_lr if role == "av" else cfg.rl.ar_lr
+    optim = OptimSpec(lr=lr, weight_decay=0.0, warmup_steps=0, total_steps=cfg.rl.steps,
+                      schedule="constant", grad_clip=spec.optim.grad_clip)
+    model = dataclasses.replace(spec.model, with_reference=role == "av" and cfg.rl.kl_beta > 0)
+    return dataclasses.replace(spec, model=model, optim=optim), ranks
+
+
+def build_world(cfg: RecipeConfig, run_dir: Path):
+    """Everything the loop needs; returns (world, actors to shut down)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from actors.cluster import connect_ray, recipe_cpus
+    from actors.coordinator import RLWorld
+    from actors.learner import LearnerGroup
+    from actors.rollout import pool_from_recipe
+    from nla_rl.checkpoint import CheckpointManager
+    from nla_rl.rl_data import RLData
+    from nla_rl.sft import turn_close_ids
+    from nla_rl.templates import av_prompt_ids, depth_pct_for
+    from nla_rl.tracking import Tracker
+    from rollout.base import RolloutRequest
+
+    av_dir, ar_dir = trained_or_initial(run_dir, "av"), trained_or_initial(run_dir, "ar")
+    av_meta, ar_meta = read_model_sidecar(av_dir), read_model_sidecar(ar_dir)
+    check_pair(av_meta, ar_meta)
+    negatives = cfg.negatives.per_sample if cfg.negatives.enabled else 0
+    data = RLData(run_dir / "data", seed=cfg.run.seed, per_sample=negatives)
+    injection = injection_for(av_meta, data.vectors)
+    tokenizer = AutoTokenizer.from_pretrained(av_dir, local_files_only=True)
+    from transformers import AutoConfig
+    layers = AutoConfig.from_pretrained(av_dir).get_text_config().num_hidden_layers
+    prompt = av_prompt_ids(tokenizer, av_meta.av_template, av_meta.marker.char,
+                           depth_pct=depth_pct_for(av_meta.av_template,
+                                                   av_meta.extraction_layer_index, layers),
+                           prefill=cfg.templates.av_prefill)
+    eos = {tokenizer.eos_token_id, *turn_close_ids(tokenizer)} - {None}
+
+    connect_ray(num_cpus=recipe_cpus(cfg))
+    started = []
+    try:
+        engines = pool_from_recipe(cfg, model_dir=str(av_dir), marker=av_meta.marker,
+                                   injection=injection,
+                                   max_model_len=len(prompt) + cfg.rl.max_new_tokens + 16,
+                                   num_cpus_per_engine=cfg.learner.num_cpus_per_rank)
+        started.append(engines)
+        groups = {}
+        for role, model_dir, meta in (("av", av_dir, av_meta), ("ar", ar_dir, ar_meta)):
+            spec, ranks = rl_learner_spec(cfg, role, model_dir, meta,
+                                          injection if role == "av" else None)
+            manager = CheckpointManager.for_recipe(run_dir / "rl" / role, cfg, f"rl_{role}",
+                                                   keep_last=cfg.rl.keep_last)
+            groups[role] = LearnerGroup(spec, world_size=ranks,
+                                        num_cpus_per_rank=cfg.learner.num_cpus_per_rank,
+                                        num_gpus_per_rank=cfg.learner.num_gpus_per_rank,
+                                        name=f"rl_{role}", checkpoints=manager)
+            started.append(groups[role])
+    except BaseException:
+        for actor in started:
+            actor.shutdown()
+        raise
+    probe_completion = tokenizer("<explanation>\nprobe of the weight sync\n</explanation>",
+                                 add_special_tokens=False)["input_ids"]
+    probe = ([RolloutRequest(prompt, torch.from_numpy(data.vectors[0]), "probe")],
+             [probe_completion])
+    tolerance = cfg.rl.sync_tolerance or (2e-3 if cfg.model.dtype == "float32" else 0.15)
+    world = RLWorld(cfg=cfg, policy=groups["av"], critic=groups["ar"], engines=engines, data=data,
+                    tracker=Tracker(cfg, run_dir, job_type="rl"), prompt_ids=prompt,
+                    prefill=cfg.templates.av_prefill, eos_ids=frozenset(eos),
+                    mse_scale=av_meta.mse_scale, probe=probe, sync_tolerance=tolerance,
+                    adapter_dir=str(run_dir / "rl" / "adapter"))
+    world.save = lambda step, skipped: save_both(world, step, skipped)
+    return world, (av_dir, ar_dir, av_meta, ar_meta, injection), started
+
+
+def save_both(world, step: int, skipped: float) -> None:
+    """Checkpoint both learners; the policy's checkpoint carries the data cursor and progress."""
+    from nla_rl.checkpoint import atomic_write_json, save_data_cursor
+
+    def extra(staging: Path) -> None:
+        save_data_cursor(world.data.cursor, staging / CURSOR_FILE)
+        atomic_write_json(staging / PROGRESS_FILE, {"step": step, "skipped_steps": skipped})
+
+    world.critic.save(step)
+    world.policy.save(step, extra_files=extra)
+
+
+def resume(world, cfg: RecipeConfig) -> int:
+    """Restore both learners and the data cursor; returns the first step to run."""
+    from nla_rl.checkpoint import load_data_cursor
+
+    if not cfg.run.resume:
+        return 0
+    path = world.policy.load()
+    if path is None:
+        return 0
+    critic_path = world.critic.load()
+    progress = json.loads((path / PROGRESS_FILE).read_text())
+    if critic_path is None or critic_path.name != path.name:
+        raise SFTStageError(f"rl: the AV checkpoint {path.name} has no AR checkpoint of the same "
+                            f"step (found {critic_path}); delete {path.parent} to restart RL")
+    world.data.cursor = load_data_cursor(path / CURSOR_FILE, num_items=len(world.data.vectors),
+                                         seed=cfg.run.seed)
+    world.skipped_steps = float(progress["skipped_steps"])
+    print(f"[rl] resumed from {path} (step {progress['step']})")
+    return int(progress["step"])
+
+
+def rl(cfg: RecipeConfig, run_dir: Path) -> None:
+    """Run (or resume) GRPO and write ``<run>/rl/final/{av,ar}``."""
+    from actors.coordinator import rl_loop, sync_engines
+
+    world, (av_dir, ar_dir, av_meta, ar_meta, injection), actors = build_world(cfg, run_dir)
+    try:
+        start = resume(world, cfg)
+        if start:
+            sync_engines(world)  # the engines still hold the SFT weights
+        rl_loop(world, start)
+        write_finals(cfg, run_dir, world, av_dir, ar_dir, av_meta, ar_meta, injection)
+        if world.sync_seconds:
+            print(f"[rl] weight sync: mean {np.mean(world.sync_seconds):.3f}s")
+    finally:
+        world.tracker.finish()
+        for actor in actors:
+            actor.shutdown()
+
+
+def write_finals(cfg, run_dir, world, av_dir, ar_dir, av_meta, ar_meta, injection) -> None:
+    """``<run>/rl/final/{av,ar}``: the trained pair as HF directories with their sidecars."""
+    from launch.sft import save_trained
+
+    training = {"steps": cfg.rl.steps, "av_lr": cfg.rl.av_lr, "ar_lr": cfg.rl.ar_lr,
+                "group_size": cfg.rl.group_size, "prompts_per_step": cfg.rl.prompts_per_step,
+                "negatives": cfg.negatives.enabled, "backend": cfg.learner.backend}
+    data = str(run_dir / "data" / "rl.parquet")
+    save_trained(cfg, world.policy, "av", av_dir, av_meta, run_dir / "rl" / "final" / "av",
+                 stage="rl", injection=injection, trained_on=data, training=training,
+                 lora=world.policy.spec.model.lora)
+    save_trained(cfg, world.critic, "ar", ar_dir, ar_meta, run_dir / "rl" / "final" / "ar",
+                 stage="rl", injection=None, trained_on=data, training=training)
