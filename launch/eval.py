@@ -1,0 +1,190 @@
+"""The ``eval`` stage and ``nla-rl eval RUN_DIR``: score an AV/AR pair on the held-out split.
+
+Reads ``<run>/data/eval.parquet`` (first N rows) and, by default, the most trained pair present in
+the run (``export`` → ``rl/final`` → ``{av,ar}_sft/final`` → ``init``; the report names it).
+Writes ``<run>/eval/report.json``, ``report.md`` and PNG plots, and logs ``eval/*`` metrics.
+
+Two controls, both reported, say what the numbers would be without information about the row:
+
+* ``shuffled``: every row's explanation is generated from *another* row's vector (a derangement)
+  and scored against its own gold — the AV works normally but says nothing about this row;
+* ``no_injection``: the same prompts with the injection disabled (the marker keeps its plain
+  embedding), so every row gets the same, vector-free explanation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nla_rl.config import RecipeConfig, load_recipe
+from nla_rl.data.store import read_activations, read_rows
+from nla_rl.errors import NLAError
+from nla_rl.evaluation import (derangement, eval_negatives, prefix_curve, round_trip_metrics,
+                               toy_metrics)
+from nla_rl.inference import NLA
+from nla_rl.metrics_log import MetricsLog
+from nla_rl.sidecar import MODEL_SIDECAR_NAME
+from nla_rl.tracking import check_metric_names
+
+EVAL_ROWS = 256  # default rows of the eval split scored
+# (label, AV dir, AR dir), most trained first.
+CANDIDATES = (("export", "export/av", "export/ar"), ("rl", "rl/final/av", "rl/final/ar"),
+              ("sft", "av_sft/final", "ar_sft/final"), ("init", "init/av", "init/ar"))
+CONTROLS = ("shuffled", "no_injection")
+
+
+class EvalError(NLAError):
+    """The eval stage cannot run as asked (no models, no eval split, bad arguments)."""
+
+
+def pick_models(run_dir: Path) -> tuple[str, Path, Path]:
+    """``(label, av_dir, ar_dir)`` of the most trained pair of ``run_dir`` with both sidecars."""
+    for label, av, ar in CANDIDATES:
+        av_dir, ar_dir = run_dir / av, run_dir / ar
+        if (av_dir / MODEL_SIDECAR_NAME).is_file() and (ar_dir / MODEL_SIDECAR_NAME).is_file():
+            return label, av_dir, ar_dir
+    looked = ", ".join(f"{av} + {ar}" for _, av, ar in CANDIDATES)
+    raise EvalError(f"{run_dir}: no AV/AR pair found (looked for {looked}); run the prepare stage "
+                    "first, or pass --av and --ar")
+
+
+def _run_recipe(run_dir: Path) -> RecipeConfig | None:
+    path = run_dir / "recipe.yaml"
+    return load_recipe(path) if path.is_file() else None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _finite_or_none(obj):
+    """JSON-safe copy of ``obj``: NaN/inf → null (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _score(nla: NLA, gold: torch.Tensor, generation, negatives, attributes) -> tuple[dict, dict]:
+    """Metrics and per-row numbers of one generation scored against ``gold``."""
+    result = nla.score_generation(gold, generation)
+    metrics = round_trip_metrics(result.predictions, gold, mse_scale=nla.mse_scale,
+                                 texts=result.texts, explanations=result.explanations,
+                                 negatives=negatives)
+    if attributes is not None:
+        metrics.update(toy_metrics(result.explanations, attributes))
+    return metrics, {"mse": result.mse.tolist(), "cosine": result.cosine.tolist()}
+
+
+def evaluate(run_dir: str | Path, *, av: str | Path | None = None, ar: str | Path | None = None,
+             rows: int = EVAL_ROWS, max_new_tokens: int | None = None, batch_size: int = 16,
+             cfg: RecipeConfig | None = None) -> dict:
+    """Evaluate a pair on ``<run>/data/eval.parquet``; write the report; return its dict."""
+    run_dir = Path(run_dir)
+    if (av is None) != (ar is None):
+        raise EvalError("pass both --av and --ar, or neither (the run's most trained pair)")
+    label, av_dir, ar_dir = ("given", Path(av), Path(ar)) if av is not None else pick_models(run_dir)
+    eval_path = run_dir / "data" / "eval.parquet"
+    if not eval_path.is_file():
+        raise EvalError(f"{eval_path} does not exist: the datagen stage writes it")
+    if rows < 2:
+        raise EvalError(f"rows: expected ≥ 2 (FVE needs a variance), found {rows}")
+    cfg = cfg or _run_recipe(run_dir)
+    max_new_tokens = max_new_tokens or (cfg.rl.max_new_tokens if cfg else 128)
+    table = read_rows(eval_path).slice(0, rows)
+    gold = torch.from_numpy(read_activations(eval_path)[:table.num_rows].copy())
+    doc_ids = np.asarray(table["doc_id"].to_pylist())
+    attributes = table["attributes"].to_pylist() if "attributes" in table.column_names else None
+    started = time.perf_counter()
+    nla = NLA.from_pretrained(av_dir, ar_dir, dtype=cfg.model.dtype if cfg else "float32",
+                              prefill=cfg.templates.av_prefill if cfg else "")
+    negatives = eval_negatives(gold.numpy(), doc_ids)
+    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    generation = nla.generate(gold, **gen)
+    if generation.injections_applied != len(gold):
+        raise EvalError(f"injection broken: {generation.injections_applied} rows injected for "
+                        f"{len(gold)} vectors; check the AV's marker tokens (nla-rl sidecar check)")
+    metrics, per_row = _score(nla, gold, generation, negatives, attributes)
+    perm = torch.from_numpy(derangement(len(gold), seed=0))
+    control_gens = {"shuffled": nla.generate(gold[perm], **gen),
+                    "no_injection": nla.generate(gold, inject=False, **gen)}
+    controls, control_rows = {}, {}
+    for name, control_gen in control_gens.items():
+        controls[name], control_rows[name] = _score(nla, gold, control_gen, negatives, attributes)
+    curve = prefix_curve(nla.reconstruct, nla.ar_tokenizer, generation.explanations, gold,
+                         mse_scale=nla.mse_scale)
+    report = {
+        "models": {"label": label, "av": str(av_dir), "ar": str(ar_dir),
+                   "av_stage": nla.av_meta.stage, "ar_stage": nla.ar_meta.stage},
+        "data": {"split": str(eval_path), "rows": len(gold), "documents": int(len(set(doc_ids))),
+                 "hard_negatives_per_row": 0 if negatives is None else int(negatives.shape[1])},
+        "settings": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
+                     "injection_family": nla.injection.family,
+                     "injection_scale": generation.injection_scale, "mse_scale": nla.mse_scale,
+                     "prefill": nla.prefill, "depth_pct": nla.depth_pct},
+        "metrics": metrics, "controls": controls, "prefix_curve": curve,
+        "seconds": time.perf_counter() - started,
+        "samples": [{"doc_id": int(doc_ids[i]), "explanation": generation.explanations[i],
+                     "mse": per_row["mse"][i], "cosine": per_row["cosine"][i],
+                     "shuffled_control": control_gens["shuffled"].explanations[i],
+                     "no_injection_control": control_gens["no_injection"].explanations[i]}
+                    for i in range(min(8, len(gold)))],
+    }
+    out_dir = run_dir / "eval"
+    report["plots"] = _plots(run_dir, out_dir, curve, controls, metrics,
+                             {"model": per_row, **control_rows})
+    _write_report(out_dir, report)
+    _log(run_dir, metrics, controls)
+    return report
+
+
+def _plots(run_dir, out_dir, curve, controls, metrics, per_row) -> list[str]:
+    # matplotlib is imported here, not at module level: every stage imports this module.
+    from launch.eval_plots import plot_prefix_curve, plot_row_histograms, plot_training_curves
+
+    logged = MetricsLog(run_dir / "logs" / "metrics.jsonl").read()
+    paths = [plot_training_curves(logged, out_dir / "training_curves.png"),
+             plot_prefix_curve(curve, {"model": metrics["fve"],
+                                       **{f"control: {k}": v["fve"] for k, v in controls.items()}},
+                               out_dir / "prefix_curve.png"),
+             plot_row_histograms(per_row, out_dir / "row_errors.png")]
+    return [p.name for p in paths if p is not None]
+
+
+def _log(run_dir: Path, metrics: dict, controls: dict) -> None:
+    flat = {f"eval/{k}": v for k, v in metrics.items()}
+    flat.update({f"eval/control/{c}/{k}": v for c, m in controls.items() for k, v in m.items()})
+    check_metric_names(flat)
+    MetricsLog(run_dir / "logs" / "metrics.jsonl").log(0, flat, stage="eval")
+
+
+def _write_report(out_dir: Path, report: dict) -> None:
+    from launch.eval_report import render_markdown
+
+    _atomic_write(out_dir / "report.json", json.dumps(_finite_or_none(report), indent=2,
+                                                      ensure_ascii=False))
+    _atomic_write(out_dir / "report.md", render_markdown(report))
+
+
+def eval_stage(cfg: RecipeConfig, run_dir: Path) -> None:
+    """Pipeline stage: evaluate the run's most trained pair (see the module docstring)."""
+    report = evaluate(run_dir, cfg=cfg)
+    m = report["metrics"]
+    print(f"[eval] {report['models']['label']}: fve={m['fve']:.4g} cosine={m['cosine']:.4g} "
+          f"gap={m['gap']:.4g} top1={m['top1']:.4g} "
+          f"(shuffled fve={report['controls']['shuffled']['fve']:.4g}, "
+          f"no-injection fve={report['controls']['no_injection']['fve']:.4g}) "
+          f"→ {run_dir / 'eval' / 'report.md'}")
