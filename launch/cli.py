@@ -7,6 +7,11 @@
     nla-rl recipe show RECIPE [key=value …]   print the resolved recipe (secrets redacted)
     nla-rl recipe keys                    every recipe key with its type, default and meaning
     nla-rl sidecar check CHECKPOINT_DIR   validate nla_meta.yaml against the dir's tokenizer/config
+    nla-rl export RUN_DIR [--from rl|sft|init|checkpoint] [--step N]
+                                          verified HF exports of the AV/AR pair in RUN_DIR/export
+    nla-rl extract --base DIR --layer K --text "…" --out v.npy   activations of a base model
+    nla-rl explain --av DIR --ar DIR --vectors v.npy   explanations, MSE, cosine, FVE
+    nla-rl eval RUN_DIR [--av DIR --ar DIR] [--rows N]   the eval report of a run
 """
 
 from __future__ import annotations
@@ -54,6 +59,13 @@ def _cmd_recipe_keys(args) -> int:
     from nla_rl.config import describe
 
     print(describe())
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from launch.export import export_run
+
+    export_run(args.run_dir, source=args.source, step=args.step)
     return 0
 
 
@@ -105,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = sidecar.add_parser("check", help="validate a checkpoint's nla_meta.yaml")
     check.add_argument("checkpoint")
     check.set_defaults(func=_cmd_sidecar_check)
+
+    export = sub.add_parser("export", help="export a run's AV/AR pair as verified HF directories")
+    export.add_argument("run_dir")
+    export.add_argument("--from", dest="source", choices=("rl", "sft", "init", "checkpoint"),
+                        help="default: the most trained pair present (rl, then sft, then init)")
+    export.add_argument("--step", type=int, help="with --from checkpoint: this step (default latest)")
+    export.set_defaults(func=_cmd_export)
+
+    from launch.cli_inference import add_inference_commands
+    add_inference_commands(sub)
     return parser
 
 

@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 
 from launch.datagen import datagen
+from launch.eval import eval_stage
+from launch.export import export
+from launch.rl import rl
 from launch.sft import ar_sft, av_sft
 from nla_rl.ar_model import ActivationReconstructor
 from nla_rl.base_model import DTYPES, load_causal_lm, resolve_base_model
@@ -156,6 +159,5 @@ def _write_json(path: Path, obj) -> None:
 
 
 STAGES = {"prepare": prepare, "datagen": datagen, "check": check, "ar_sft": ar_sft,
-          "av_sft": av_sft}
-PLANNED = {"rl": "issues 5-6",
-           "export": "issue 7", "eval": "issue 7"}
+          "av_sft": av_sft, "rl": rl, "eval": eval_stage, "export": export}
+PLANNED: dict[str, str] = {}  # stages named in the recipe schema but not built yet
