@@ -32,9 +32,14 @@ def monkeypatch_module():
 
 
 def test_run_writes_the_run_directory(tiny_run):
-    for rel in ("recipe.yaml", "base/config.json", "data/rl.parquet", "data/rl.negatives.parquet", "init/av/model.safetensors", "init/av/nla_meta.yaml",
+    for rel in ("recipe.yaml", "base/config.json", "data/rl.parquet", "data/rl.negatives.parquet",
+                "init/av/model.safetensors", "init/av/nla_meta.yaml",
                 "init/ar/value_head.safetensors", "init/ar/nla_meta.yaml", "logs/metrics.jsonl",
-                "eval/check.json"):
+                "eval/check.json", "ar_sft/final/nla_meta.yaml", "av_sft/final/nla_meta.yaml",
+                "rl/final/av/nla_meta.yaml", "rl/final/ar/value_head.safetensors",
+                "export/av/model.safetensors", "export/av/nla_meta.yaml",
+                "export/ar/value_head.safetensors", "eval/report.md", "eval/report.json",
+                "eval/prefix_curve.png"):
         assert (tiny_run / rel).is_file(), rel
     assert not list(tiny_run.rglob("*.tmp*")), "a temp file or dir was left behind"
 
@@ -47,9 +52,21 @@ def test_checkpoints_are_consistent(tiny_run):
     assert config["num_hidden_layers"] == 3
 
 
+def test_every_stage_logged(tiny_run):
+    rows = [json.loads(line) for line in (tiny_run / "logs/metrics.jsonl").read_text().splitlines()]
+    stages = [r.get("stage") for r in rows]
+    for stage in ("check", "ar_sft", "av_sft", "rl"):
+        assert stage in stages, stage
+    assert stages.index("check") < stages.index("ar_sft") < stages.index("av_sft") < stages.index("rl")
+    export = read_model_sidecar(tiny_run / "export/av")
+    assert export.role == "av" and export.stage == "export"
+    assert json.loads((tiny_run / "eval/report.json").read_text())
+
+
 def test_check_stage_metrics(tiny_run):
     rows = [json.loads(line) for line in (tiny_run / "logs/metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and rows[0]["stage"] == "check"
+    rows = [r for r in rows if r.get("stage") == "check"]
+    assert len(rows) == 1
     n_eval = min(32, json.loads(json.dumps(yaml.safe_load(
         (tiny_run / "data/eval.parquet.nla_meta.yaml").read_text())))["row_count"])
     assert rows[0]["health/injections_applied"] == n_eval
@@ -77,8 +94,8 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "did you mean 'rl.steps'" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists(), "a bad recipe must not create the run directory"
-    assert main([TINY, f"run.dir={tmp_path / 'r'}", "run.stages=[prepare,rl]"]) == 2
-    assert "'rl' is not implemented yet" in capsys.readouterr().err
+    assert main([TINY, f"run.dir={tmp_path / 'r'}", "run.stages=[rl,prepare]"]) == 2
+    assert "in the pipeline order" in capsys.readouterr().err
     assert main([TINY, f"run.dir={tmp_path / 'r2'}", "model.base=tiny:qwen2",
                  "data.corpus=/nonexistent.txt", "run.stages=[prepare,datagen]"]) == 2
     assert "/nonexistent.txt" in capsys.readouterr().err
