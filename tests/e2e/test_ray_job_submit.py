@@ -76,9 +76,15 @@ def head(tmp_path_factory):
 
 
 def _submit(address: str, token_file: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}",
-                           "--", "python", "-m", "launch.train", "recipes/tiny.yaml", *args],
-                          env=_env(token_file), capture_output=True, text=True, timeout=600)
+    command = [RAY, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
+               "python", "-m", "launch.train", "recipes/tiny.yaml", *args]
+    for _ in range(30):  # a fresh head answers before its job agent is up: retry that only
+        out = subprocess.run(command, env=_env(token_file), capture_output=True, text=True,
+                             timeout=600)
+        if "No available agent to submit job" not in out.stdout + out.stderr:
+            return out
+        time.sleep(2)
+    return out
 
 
 def test_a_client_without_the_token_is_refused(head, tmp_path):

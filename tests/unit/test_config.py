@@ -40,14 +40,15 @@ def test_tiny_recipe_loads_with_its_values():
     cfg = load_recipe(TINY_RECIPE)
     assert cfg.model.base == "toyworld" and cfg.model.layer_index == 2
     assert cfg.data.corpus == "toyworld" and cfg.data.teacher.kind == "toyworld"
-    assert cfg.run.stages == ("prepare", "datagen", "check")
+    assert cfg.run.stages == ("prepare", "datagen", "check", "ar_sft", "av_sft", "rl", "export",
+                              "eval")  # the whole pipeline
     assert cfg.rl.group_size == 4 and cfg.rl.max_new_tokens == 48
     assert cfg.engine.kind == "vllm" and cfg.learner.backend == "fsdp2"
     assert (cfg.learner.ranks_av, cfg.learner.ranks_ar) == (2, 2)
     assert cfg.learner.num_cpus_per_rank == 0.5
     assert cfg.wandb.enabled is False
     assert cfg.run.dir == "runs/tiny"  # resolved from the name
-    assert cfg.ar_sft.lr == pytest.approx(1e-3) and isinstance(cfg.ar_sft.lr, float)
+    assert cfg.ar_sft.lr == pytest.approx(3e-4) and isinstance(cfg.ar_sft.lr, float)
     hash(cfg)  # frozen all the way down (tuples, not lists)
 
 

@@ -18,7 +18,10 @@ SETTINGS = PolicyLossSettings(clip_low=0.2, clip_high=0.28, kl_beta=0.0, kl_esti
 
 @pytest.fixture
 def setup(qwen):
-    tok, model = qwen.tokenizer, qwen.model.eval()
+    from transformers import AutoModelForCausalLM
+
+    # A private copy: one test takes an optimiser step, and the session's model is shared.
+    tok, model = qwen.tokenizer, AutoModelForCausalLM.from_pretrained(qwen.path).eval()
     marker = marker_tokens(tok, DEFAULT_AV_TEMPLATE, None)
     prompt = av_prompt_ids(tok, DEFAULT_AV_TEMPLATE, marker.char)
     torch.manual_seed(0)
