@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from nla_rl.config import RLConfig
@@ -35,6 +35,9 @@ def test_advantages_sum_to_zero_per_group(rewards, kind):
 @SETTINGS
 @given(reward_groups(), st.floats(0.1, 100.0), st.floats(-5.0, 5.0))
 def test_grpo_is_invariant_to_reward_scale_and_shift(rewards, scale, shift):
+    # Invariance holds up to the ε = 1e-6 of the denominator: only where ε ≪ std·scale (here
+    # below 0.1% of it); tinier groups are the zero-variance case, tested on its own.
+    assume(float(rewards.std(dim=1).min()) * min(scale, 1.0) > 1e-3)
     base = compute_advantages(rewards, "grpo").advantages
     scaled = compute_advantages(rewards * scale + shift, "grpo").advantages
     torch.testing.assert_close(scaled, base, atol=2e-3, rtol=2e-3)
