@@ -111,3 +111,25 @@ def test_cli_entry_point(tiny_run):
     assert out.returncode == 0 and yaml.safe_load(out.stdout)["rl"]["steps"] == 7
     out = subprocess.run([str(exe), "recipe", "keys"], capture_output=True, text=True)
     assert "rl.group_size" in out.stdout and "injection.family" in out.stdout
+
+
+def test_the_exports_serve_the_api_and_the_cli(tiny_run, tmp_path):
+    """What a user does with the deliverable: the Python API and `nla-rl explain` on it."""
+    import numpy as np
+
+    from nla_rl.data.store import read_activations
+    from nla_rl.inference import NLA
+
+    vectors = read_activations(tiny_run / "data/eval.parquet")[:3]
+    nla = NLA.from_pretrained(tiny_run / "export/av", tiny_run / "export/ar")
+    result = nla.score(vectors, max_new_tokens=8)
+    assert result.predictions.shape == (3, vectors.shape[1]) and len(result.explanations) == 3
+    np.save(tmp_path / "v.npy", vectors)
+    exe = Path(sys.executable).parent / "nla-rl"
+    out = subprocess.run([str(exe), "explain", "--av", str(tiny_run / "export/av"), "--ar",
+                          str(tiny_run / "export/ar"), "--vectors", str(tmp_path / "v.npy"),
+                          "--max-new-tokens", "8", "--out", str(tmp_path / "r.jsonl")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in lines[:-1]] == [0, 1, 2] and lines[-1]["summary"]["rows"] == 3
