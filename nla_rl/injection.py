@@ -89,6 +89,12 @@ def get_embedding_module(model) -> torch.nn.Module:
 
 def _text_config(model_or_config):
     cfg = getattr(model_or_config, "config", model_or_config)
+    if isinstance(model_or_config, torch.nn.Module) and not hasattr(cfg, "hidden_size") \
+            and not hasattr(cfg, "get_text_config"):
+        # A wrapper whose own ``config`` is not the model's (a DeepSpeed engine's is a dict).
+        inner = [m.config for m in _unwrapped(model_or_config)[1:]
+                 if hasattr(getattr(m, "config", None), "get_text_config")]
+        cfg = inner[0] if inner else cfg
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 

@@ -465,3 +465,15 @@ def test_peft_wrapped_model(tiny_models, family):
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().max() > 0 for g in grads)
     assert not math.isnan(float(ref.sum()))
+
+
+def test_d_model_looks_through_a_wrapper_whose_config_is_not_the_models(qwen):
+    """A DeepSpeed engine wraps the model as ``.module`` and has a dict ``config`` of its own."""
+    from nla_rl.injection import d_model_of
+
+    class Engine(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.config = module, {"train_batch_size": 8}
+
+    assert d_model_of(Engine(qwen.model)) == qwen.model.config.hidden_size
