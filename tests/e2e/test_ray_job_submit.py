@@ -46,11 +46,21 @@ def head(tmp_path_factory):
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
+    import ray
+
+    ray.shutdown()  # a local cluster an earlier test started in this process holds default ports
     port, dash = _free_port(), _free_port()
+    # Every port the head and its agents listen on is chosen free: another Ray on the machine
+    # holding a default port (e.g. the job agent's 52365) would leave the head with no job agent.
+    ports = {flag: _free_port() for flag in (
+        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+        "--runtime-env-agent-port", "--ray-client-server-port", "--node-manager-port",
+        "--object-manager-port")}
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
          f"--temp-dir={root / 'ray'}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         *(f"{flag}={value}" for flag, value in ports.items())],
         env=_env(token), start_new_session=True, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash}"
