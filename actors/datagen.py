@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from nla_rl.atomic import atomic_write_text
 from nla_rl.data.corpus import Document
 from nla_rl.data.extract import ActivationExtractor, ExtractStats
 from nla_rl.data.store import write_table_atomic
@@ -178,6 +179,4 @@ def _read_stats(path: Path) -> ExtractStats:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, sort_keys=True))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, sort_keys=True))

@@ -12,23 +12,17 @@ cosine of the AR's reconstruction, and the FVE over all rows (the paper's defini
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from nla_rl.atomic import atomic_path
 from nla_rl.errors import NLAError
 
 
 def _atomic_save(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_vectors(path: str | Path, limit: int | None = None) -> np.ndarray:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nla_rl.atomic import atomic_write_text
 from nla_rl.config import RecipeConfig, load_recipe
 from nla_rl.data.store import read_activations, read_rows
 from nla_rl.errors import NLAError
@@ -58,13 +58,6 @@ def pick_models(run_dir: Path) -> tuple[str, Path, Path]:
 def _run_recipe(run_dir: Path) -> RecipeConfig | None:
     path = run_dir / "recipe.yaml"
     return load_recipe(path) if path.is_file() else None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _finite_or_none(obj):
@@ -174,9 +167,9 @@ def _log(run_dir: Path, metrics: dict, controls: dict) -> None:
 def _write_report(out_dir: Path, report: dict) -> None:
     from launch.eval_report import render_markdown
 
-    _atomic_write(out_dir / "report.json", json.dumps(_finite_or_none(report), indent=2,
+    atomic_write_text(out_dir / "report.json", json.dumps(_finite_or_none(report), indent=2,
                                                       ensure_ascii=False))
-    _atomic_write(out_dir / "report.md", render_markdown(report))
+    atomic_write_text(out_dir / "report.md", render_markdown(report))
 
 
 def eval_stage(cfg: RecipeConfig, run_dir: Path) -> None:

@@ -7,7 +7,6 @@ to plot (e.g. no training metrics logged yet).
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,17 +15,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from nla_rl.atomic import atomic_path  # noqa: E402
+
 CURVE_GROUPS = ("train/", "reward/", "rollout/", "eval/")
 MAX_CURVES = 12  # panels in the training-curves figure
 _STYLE = {"figure.dpi": 110, "font.size": 10, "axes.grid": True, "grid.alpha": 0.3}
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, format="png", bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -27,7 +27,6 @@ import os
 import random
 import re
 import shutil
-import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nla_rl.atomic import atomic_write_bytes
 from nla_rl.config import recipe_to_dict
 from nla_rl.errors import NLAError
 
@@ -111,20 +111,6 @@ def _differences(expected: dict, found: dict) -> list[str]:
 
 def step_dir_name(step: int) -> str:
     return f"step_{int(step):06d}"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, data) -> None:

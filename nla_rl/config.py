@@ -25,6 +25,7 @@ from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type
 
 import yaml
 
+from nla_rl.atomic import atomic_write_text
 from nla_rl.errors import ConfigError
 from nla_rl.templates import DEFAULT_AR_TEMPLATE, DEFAULT_AV_TEMPLATE, DEPTH_AV_TEMPLATE
 from nla_rl.testing.tiny import FAMILIES as TINY_FAMILIES
@@ -624,19 +625,8 @@ def _plain(obj: Any, *, redact_secrets: bool, env_secrets: Sequence[str] = ()) -
 
 def dump_recipe(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved, redacted recipe as YAML, atomically (tmp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(redact(cfg), sort_keys=False, allow_unicode=True, width=100)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(path, text)
 
 
 # ------------------------------------------------------------------------------- describe

@@ -16,13 +16,13 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from nla_rl.atomic import atomic_path
 from nla_rl.errors import SidecarError, mismatch
 from nla_rl.templates import depth_percent
 from nla_rl.tokens import (MarkerTokens, canonical_neighbors, critic_suffix_ids, marker_token_id,
@@ -320,21 +320,11 @@ def _plain(obj):
 
 
 def _atomic_write_yaml(path: Path, data: dict) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    data = _plain(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(data, f, sort_keys=False, allow_unicode=True, width=100_000)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` to ``path`` as YAML, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(_plain(data), f, sort_keys=False, allow_unicode=True, width=100_000)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

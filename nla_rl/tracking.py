@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
+from nla_rl.atomic import atomic_write_text
 from nla_rl.config import RecipeConfig, redact
 from nla_rl.errors import ConfigError
 from nla_rl.metrics_log import MetricsLog
@@ -114,7 +115,5 @@ def _run_id(logs_dir: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:12]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(run_id)
-    os.replace(tmp, path)
+    atomic_write_text(path, run_id)
     return run_id

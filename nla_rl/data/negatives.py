@@ -17,8 +17,6 @@ padding; ``read_negatives`` restores it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from nla_rl.atomic import atomic_path
 from nla_rl.errors import NLAError, mismatch
 
 METHODS = ("exact", "faiss")
@@ -280,16 +279,8 @@ def write_negatives(path, neighbors: np.ndarray, scores: np.ndarray, params: dic
         "scores": pa.ListArray.from_arrays(offsets, sc[valid].astype(np.float32)),
     }).replace_schema_metadata({PARAMS_KEY: json.dumps(params).encode()})
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
