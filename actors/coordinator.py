@@ -66,6 +66,7 @@ class Rollouts:
     explanations: list[str | None]
     finish_reasons: list[str]
     group_ids: np.ndarray
+    golds: np.ndarray  # [N, d] float32: each rollout's gold activation
     injection_applied: int
     seconds: float
 
@@ -87,13 +88,14 @@ def generate(world: RLWorld, batch: RLBatch, step: int) -> Rollouts:
         completions, [list(s.logprobs[:len(c)]) for s, c in zip(samples, completions)], texts,
         [extract_explanation(t) for t in texts], [s.finish_reason for s in samples],
         np.repeat(np.arange(len(groups)), rl.group_size),
+        np.repeat(batch.vectors, rl.group_size, axis=0),
         sum(bool(s.injection_applied) for s in samples), time.perf_counter() - started)
 
 
 def score(world: RLWorld, batch: RLBatch, rollouts: Rollouts, preds: torch.Tensor, step: int):
     """Rewards of every rollout against its gold activation (and drawn hard negatives)."""
     g = world.cfg.rl.group_size
-    gold = torch.from_numpy(np.repeat(batch.vectors, g, axis=0))
+    gold = torch.from_numpy(rollouts.golds)
     negatives = None if batch.negatives is None else torch.from_numpy(
         np.repeat(batch.negatives, g, axis=0))
     token_ids = [c or [] for c in rollouts.completions]
@@ -106,15 +108,13 @@ def score(world: RLWorld, batch: RLBatch, rollouts: Rollouts, preds: torch.Tenso
                         seed=world.cfg.run.seed, step=step)
 
 
-def policy_rows(world: RLWorld, batch: RLBatch, rollouts: Rollouts, advantages, keep,
-                old_logp) -> dict:
+def policy_rows(world: RLWorld, rollouts: Rollouts, advantages, keep, old_logp) -> dict:
     """The policy learner's rows: one per kept rollout (capped rollouts stay: keep is True)."""
-    g, rl = world.cfg.rl.group_size, world.cfg.rl
+    rl = world.cfg.rl
     idx = np.flatnonzero(np.asarray(keep))
-    vectors = np.repeat(batch.vectors, g, axis=0)
     rows = {"prompts": [world.prompt_ids] * len(idx),
             "completions": [rollouts.completions[i] for i in idx],
-            "vectors": vectors[idx], "advantages": np.asarray(advantages, np.float32)[idx],
+            "vectors": rollouts.golds[idx], "advantages": np.asarray(advantages, np.float32)[idx],
             "engine_logp": [rollouts.engine_logp[i] for i in idx],
             "old_logp": [old_logp[i] for i in idx],
             "temperature": float(rl.temperature), "clip_low": rl.clip_low,
@@ -128,12 +128,11 @@ def policy_rows(world: RLWorld, batch: RLBatch, rollouts: Rollouts, advantages, 
     return _trim_to_ranks(rows, world.policy.world_size)
 
 
-def critic_rows(world: RLWorld, batch: RLBatch, rollouts: Rollouts) -> dict | None:
+def critic_rows(world: RLWorld, rollouts: Rollouts) -> dict | None:
     """The online AR's rows: each extracted explanation against its gold activation."""
-    g = world.cfg.rl.group_size
-    vectors = np.repeat(batch.vectors, g, axis=0)
     idx = [i for i, e in enumerate(rollouts.explanations) if e is not None]
-    rows = {"explanations": [rollouts.explanations[i] for i in idx], "vectors": vectors[idx]}
+    rows = {"explanations": [rollouts.explanations[i] for i in idx],
+            "vectors": rollouts.golds[idx]}
     rows = _trim_to_ranks(rows, world.critic.world_size)
     return rows if rows["explanations"] else None
 
@@ -198,10 +197,9 @@ def save_adapter(state: dict, lora, out_dir) -> str:
     return str(out_dir)
 
 
-def step_metrics(world, batch, rollouts, scored, adv, preds, av_stats, ar_stats, old_logp):
+def step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats, old_logp):
     """Every metric of a step, under the stable groups."""
-    g = world.cfg.rl.group_size
-    gold = torch.from_numpy(np.repeat(batch.vectors, g, axis=0))
+    gold = torch.from_numpy(rollouts.golds)
     ok = [i for i, e in enumerate(rollouts.explanations) if e is not None]
     health = rollout_health(rollouts.texts, rollouts.explanations,
                             injection_applied=rollouts.injection_applied,
@@ -267,12 +265,12 @@ def rl_loop(world: RLWorld, start: int) -> None:
                                  torch.from_numpy(rollouts.group_ids))
         old_logp = [lp.tolist() for lp in world.policy.av_logprobs(
             [world.prompt_ids] * len(rollouts.completions), rollouts.completions,
-            np.repeat(batch.vectors, rl.group_size, axis=0), temperature=rl.temperature)]
+            rollouts.golds, temperature=rl.temperature)]
         av_stats, ar_stats = train_both(
-            world, policy_rows(world, batch, rollouts, adv.advantages, scored.keep, old_logp),
-            critic_rows(world, batch, rollouts))
+            world, policy_rows(world, rollouts, adv.advantages, scored.keep, old_logp),
+            critic_rows(world, rollouts))
         world.skipped_steps += av_stats.get("skipped", 0.0) + ar_stats.get("skipped", 0.0)
-        metrics = step_metrics(world, batch, rollouts, scored, adv, preds, av_stats, ar_stats,
+        metrics = step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats,
                                old_logp)
         if step == start and rl.stop_on_unhealthy:
             check_step0_health(metrics)  # broken injection or >50% failures: stop now

@@ -116,22 +116,9 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
 
     Rows are right-padded ``prompt + completion``; the logit at column ``t`` scores token ``t+1``.
     """
-    from nla_rl.injection import inject
-    from nla_rl.tokens import find_marker_positions
+    from nla_rl.rl_batch import build_policy_batch, token_logprobs
 
-    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[b, :len(row)] = 1
-    positions = find_marker_positions(ids, marker, expected=len(rows))
-    with inject(model, family=injection.family, vectors=vectors, positions=positions,
-                scale=injection.scale, layer=injection.layer, coeff=injection.coeff):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       use_cache=False).logits.float()
-    logp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
-    token_logp = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-    return [token_logp[b, len(p) - 1:len(p) - 1 + len(c)].cpu()
-            for b, (p, c) in enumerate(zip(prompts, completions))]
+    batch = build_policy_batch(prompts, completions, vectors, torch.zeros(len(prompts)),
+                               marker=marker, pad_id=pad_id).to(device)
+    logp = token_logprobs(model, batch, injection, temperature)
+    return [logp[b][batch.response_mask[b]].cpu() for b in range(len(prompts))]

@@ -56,7 +56,7 @@ def rl_learner_spec(cfg: RecipeConfig, role: str, model_dir: Path, meta, injecti
 def build_world(cfg: RecipeConfig, run_dir: Path):
     """Everything the loop needs; returns (world, actors to shut down)."""
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from actors.cluster import connect_ray, recipe_cpus
     from actors.coordinator import RLWorld
@@ -76,7 +76,6 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     data = RLData(run_dir / "data", seed=cfg.run.seed, per_sample=negatives)
     injection = injection_for(av_meta, data.vectors)
     tokenizer = AutoTokenizer.from_pretrained(av_dir, local_files_only=True)
-    from transformers import AutoConfig
     layers = AutoConfig.from_pretrained(av_dir).get_text_config().num_hidden_layers
     prompt = av_prompt_ids(tokenizer, av_meta.av_template, av_meta.marker.char,
                            depth_pct=depth_pct_for(av_meta.av_template,
