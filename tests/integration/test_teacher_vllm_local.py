@@ -29,6 +29,7 @@ except ImportError as exc:  # only a missing/broken vLLM skips; every other fail
 
 from launch.datagen import _build_teacher, _label, _local_backend  # noqa: E402
 from rollout.vllm_teacher import VLLMLocalTeacher  # noqa: E402
+from tests.integration._engine_setup import build_model  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -38,27 +39,15 @@ PREFIXES = ("the red cat sits on the mat", "one two three four five", "a blue bi
             "happy dog runs quickly")
 
 
-def build_model(out_dir: Path) -> Path:
-    """A tiny qwen2 chat model (hidden 64, head size 32, ChatML template) with init std 0.3."""
-    from transformers import AutoModelForCausalLM
-
-    from nla_rl.testing.tiny import build_tiny_tokenizer, tiny_config
-
-    tok = build_tiny_tokenizer("qwen2", out_dir)
-    config = tiny_config("qwen2", len(tok), tokenizer=tok)
-    config.initializer_range = 0.3
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out_dir)
-    return out_dir
-
-
 def reqs(prefixes=PREFIXES, tag: str = "d") -> list[TeacherRequest]:
     return [TeacherRequest(f"{tag}{i}:9", p) for i, p in enumerate(prefixes)]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return build_model(tmp_path_factory.mktemp("vllm_teacher") / "model")
+    out_dir = tmp_path_factory.mktemp("vllm_teacher") / "model"
+    build_model(out_dir)  # init std 0.3: greedy answers depend on the prompt
+    return out_dir
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from nla_rl.data.teachers import (OpenAIChatTeacher, TeacherCache, TeacherRequest,
                                   clean_explanation, label_cached, render_prompt)
 from nla_rl.errors import ConfigError
+from tests.integration._engine_setup import build_model  # noqa: E402
 
 try:
     import vllm  # noqa: F401
@@ -53,21 +53,6 @@ class Server:
     url: str
     key: str
     log: Path
-
-
-def build_model(out_dir: Path) -> Path:
-    """A tiny qwen2 chat model (hidden 64, head size 32, ChatML template) with init std 0.3, so
-    greedy answers depend on the prompt (the default tiny model answers newlines to anything)."""
-    from transformers import AutoModelForCausalLM
-
-    from nla_rl.testing.tiny import build_tiny_tokenizer, tiny_config
-
-    tok = build_tiny_tokenizer("qwen2", out_dir)
-    config = tiny_config("qwen2", len(tok), tokenizer=tok)
-    config.initializer_range = 0.3
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out_dir)
-    return out_dir
 
 
 def _free_port() -> int:
@@ -110,7 +95,8 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_server")
-    model_dir = build_model(root / "model")
+    model_dir = root / "model"
+    build_model(model_dir)  # init std 0.3: greedy answers depend on the prompt
     url, log = f"http://127.0.0.1:{_free_port()}", root / "server.log"
     key = "sk-nla-test-" + secrets.token_hex(12)
     # Multiprocessing off: the engine core still runs in its own process (the API server always
