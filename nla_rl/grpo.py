@@ -92,18 +92,21 @@ def compute_advantages(rewards: torch.Tensor, kind: str = "grpo",
     if not bool(torch.isfinite(rewards).all()):
         raise NLAError("rewards contain NaN or Inf; floor them at the failure penalty first "
                        "(nla_rl.rl_rewards.step_rewards does)")
-    flat, index = _group_index(rewards.float(), group_ids)
+    # float64 statistics: a group whose rewards differ in the 4th digit loses its advantages'
+    # zero sum to cancellation in float32 (r - mean with |r| ≫ r - mean).
+    flat, index = _group_index(rewards.double(), group_ids)
     index = index.to(flat.device)
     num_groups = int(index.max()) + 1 if index.numel() else 0
-    counts = torch.zeros(num_groups, device=flat.device).index_add_(0, index, torch.ones_like(flat))
-    mean = torch.zeros(num_groups, device=flat.device).index_add_(0, index, flat) / counts
+    counts = torch.zeros(num_groups, dtype=flat.dtype, device=flat.device).index_add_(0, index, torch.ones_like(flat))
+    mean = torch.zeros(num_groups, dtype=flat.dtype, device=flat.device).index_add_(0, index, flat) / counts
     sq_dev = (flat - mean[index]).pow(2)
-    var = torch.zeros(num_groups, device=flat.device).index_add_(0, index, sq_dev)
+    var = torch.zeros(num_groups, dtype=flat.dtype, device=flat.device).index_add_(0, index, sq_dev)
     std = torch.sqrt(var / (counts - 1).clamp(min=1))
     flat_zero = (std < ZERO_STD) | (counts < 2)
     advantages = ADVANTAGES[kind](flat, mean[index], std[index])
     advantages = torch.where(flat_zero[index], torch.zeros_like(advantages), advantages)
-    return GroupAdvantages(advantages.reshape(rewards.shape), int(flat_zero.sum()), num_groups)
+    return GroupAdvantages(advantages.reshape(rewards.shape).float(), int(flat_zero.sum()),
+                           num_groups)
 
 
 # --------------------------------------------------------------------------- policy losses
