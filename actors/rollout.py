@@ -4,6 +4,9 @@ Each actor runs its vLLM engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
 2-3x the throughput of tiny models on CPU), which reseeds the process's global RNG and pins its
 threads — harmless in a dedicated actor, the reason it never shares a learner's process. Every
 actor gets its own ``VLLM_CPU_OMP_THREADS_BIND`` so engines do not fight over the same cores.
+
+A lost actor (its process died) is replaced by the pool and its slice re-run with the same seeds,
+so an RL step survives it; a pool the cluster cannot hold fails at once instead of hanging.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Iterable, Sequence
 
 import ray
 
+from actors.placement import PlacementError
+from nla_rl.errors import NLAError
 from rollout.base import RolloutRequest, Sample, SamplingSpec
 
 
@@ -76,40 +81,131 @@ def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
     return ranges
 
 
+# What a call to a lost actor raises (process exited or was killed, node gone); ActorDiedError
+# and ActorUnavailableError subclass it. Errors the engine itself raises are not in it.
+ACTOR_LOST = (ray.exceptions.RayActorError,)
+
+
+class EngineLostError(NLAError):
+    """An engine actor kept dying: the pool replaced it as often as allowed and gave up."""
+
+
+def check_cluster_fits(num_engines: int, num_cpus_per_engine: float, num_gpus_per_engine: float) -> None:
+    """Raise :class:`PlacementError` when the cluster's total CPUs/GPUs cannot hold the engines
+    (Ray would otherwise queue the actors forever and the pool's start-up would hang)."""
+    have = ray.cluster_resources()
+    fixes = {"CPU": "engine.num_engines or learner.num_cpus_per_rank (the CPUs of each engine)",
+             "GPU": "engine.num_engines or engine.tensor_parallel_size (the GPUs of each engine)"}
+    for key, per_engine in (("CPU", num_cpus_per_engine), ("GPU", num_gpus_per_engine)):
+        need, total = num_engines * per_engine, have.get(key, 0.0)
+        if need > total + 1e-9:
+            raise PlacementError(
+                f"rollout engines: {num_engines} engine(s) × {per_engine:g} {key} need {need:g} {key}, "
+                f"the Ray cluster has {total:g} {key}. Lower {fixes[key]}, or start a bigger cluster "
+                f"(ray start --num-cpus/--num-gpus, or more nodes)")
+
+
 class RolloutPool:
     """Several :class:`RolloutActor` s: a batch is split into contiguous slices (one per actor),
-    results come back in request order; weight syncs and verification go to every actor."""
+    results come back in request order; weight syncs and verification go to every actor.
+
+    An actor that dies is replaced (same options, latest weights/adapter re-applied) and only its
+    slice re-run with the same seeds, so the results equal those it would have produced; after
+    ``max_replacements`` failed tries for one call, :class:`EngineLostError`.
+    """
 
     def __init__(self, kind: str, engine_kwargs: dict, *, num_engines: int = 1,
                  num_cpus_per_engine: float = 1.0, num_gpus_per_engine: float = 0.0,
-                 omp_binds: Sequence[str] | None = None, num_threads: int = 1):
-        binds = list(omp_binds) if omp_binds is not None else core_binds(num_engines)
-        actor_cls = ray.remote(num_cpus=num_cpus_per_engine, num_gpus=num_gpus_per_engine)(RolloutActor)
-        self.actors = [actor_cls.remote(kind, engine_kwargs, omp_bind=binds[i], num_threads=num_threads)
-                       for i in range(num_engines)]
+                 omp_binds: Sequence[str] | None = None, num_threads: int = 1,
+                 max_replacements: int = 2):
+        check_cluster_fits(num_engines, num_cpus_per_engine, num_gpus_per_engine)
+        self._binds = list(omp_binds) if omp_binds is not None else core_binds(num_engines)
+        self._actor_cls = ray.remote(num_cpus=num_cpus_per_engine, num_gpus=num_gpus_per_engine)(RolloutActor)
+        self._build = (kind, engine_kwargs, num_threads)
+        self.max_replacements = max_replacements
+        self._weights_ref = None  # the last sync_weights payload (kept in the object store)
+        self._adapter_dir: str | None = None  # the last adapter synced
+        self.actors = [self._start_actor(i) for i in range(num_engines)]
         ray.get([a.health.remote() for a in self.actors])  # surface start-up errors here
 
+    # -- actor lifecycle
+    def _start_actor(self, index: int):
+        kind, engine_kwargs, num_threads = self._build
+        return self._actor_cls.remote(kind, engine_kwargs, omp_bind=self._binds[index],
+                                      num_threads=num_threads)
+
+    def _replace_actor(self, index: int, cause: BaseException) -> None:
+        """A fresh actor at ``index`` serving the latest weights (raises ACTOR_LOST if it dies too)."""
+        try:
+            ray.kill(self.actors[index], no_restart=True)  # an unavailable actor may still hold resources
+        except Exception:  # already gone
+            pass
+        print(f"rollout pool: engine actor {index} lost ({type(cause).__name__}); starting a replacement",
+              flush=True)
+        actor = self._start_actor(index)
+        self.actors[index] = actor
+        ray.get(actor.health.remote())
+        if self._weights_ref is not None:
+            ray.get(actor.sync_weights.remote(self._weights_ref))
+        if self._adapter_dir is not None:
+            ray.get(actor.sync_adapter.remote(self._adapter_dir))
+
+    def _call(self, calls: list[tuple[int, str, tuple]]) -> list:
+        """Run ``(actor index, method, args)`` calls in parallel; results in order. A call whose
+        actor died is re-run on a replacement, at most ``max_replacements`` times."""
+        futures = [getattr(self.actors[i], method).remote(*args) for i, method, args in calls]
+        return [self._result(i, method, args, future) for (i, method, args), future in zip(calls, futures)]
+
+    def _result(self, index: int, method: str, args: tuple, future):
+        cause = None
+        for attempt in range(self.max_replacements + 1):
+            try:
+                if attempt:
+                    self._replace_actor(index, cause)
+                    future = getattr(self.actors[index], method).remote(*args)
+                return ray.get(future)
+            except ACTOR_LOST as err:
+                cause = err
+        raise EngineLostError(
+            f"rollout engine actor {index} died during {method} and its {self.max_replacements} "
+            f"replacement(s) died too; last cause: {cause}. Check the engine's log (out of memory, "
+            "model_dir not readable from every node, a crashed node) and the cluster's health") from cause
+
+    def _broadcast(self, method: str, *args) -> list:
+        return self._call([(i, method, args) for i in range(len(self.actors))])
+
+    def _scatter(self, method: str, requests: list, shared_args) -> list:
+        """``method`` on contiguous slices of ``requests``; ``shared_args(lo, hi)`` gives the rest."""
+        ranges = [(lo, hi) for lo, hi in split_evenly(len(requests), len(self.actors)) if hi > lo]
+        calls = [(i, method, (requests[lo:hi], *shared_args(lo, hi))) for i, (lo, hi) in enumerate(ranges)]
+        return [row for part in self._call(calls) for row in part]
+
+    # -- engine calls
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingSpec) -> list[list[Sample]]:
         """Request ``i`` is seeded ``sampling.seed + i`` whichever actor serves it."""
-        requests = list(requests)
-        ranges = [(lo, hi) for lo, hi in split_evenly(len(requests), len(self.actors)) if hi > lo]
-        futures = [actor.generate.remote(requests[lo:hi], sampling.shifted(lo))
-                   for actor, (lo, hi) in zip(self.actors, ranges)]
-        return [group for part in ray.get(futures) for group in part]
+        return self._scatter("generate", list(requests), lambda lo, hi: (sampling.shifted(lo),))
+
+    def logprobs(self, requests: Sequence[RolloutRequest],
+                 completions: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Per-token log-probs of ``completions[i]`` after ``requests[i]``, spread over the actors."""
+        completions = list(completions)
+        return self._scatter("logprobs", list(requests), lambda lo, hi: (completions[lo:hi],))
 
     def sync_weights(self, named_tensors: Iterable) -> None:
-        ref = ray.put([(name, t.detach().cpu()) for name, t in named_tensors])
-        ray.get([a.sync_weights.remote(ref) for a in self.actors])
+        self._weights_ref = ray.put([(name, t.detach().cpu()) for name, t in named_tensors])
+        self._broadcast("sync_weights", self._weights_ref)
 
     def sync_adapter(self, adapter_dir: str) -> None:
-        ray.get([a.sync_adapter.remote(str(adapter_dir)) for a in self.actors])
+        """``adapter_dir`` is read again when an actor is replaced: keep it (overwrite it in place)."""
+        self._adapter_dir = str(adapter_dir)
+        self._broadcast("sync_adapter", self._adapter_dir)
 
     def verify_sync(self, expected_logprobs, probe, tol: float = 1e-3) -> float:
         """Max |Δ| over every actor; raises (the first actor's error) if any sync did not apply."""
-        return max(ray.get([a.verify_sync.remote(expected_logprobs, probe, tol) for a in self.actors]))
+        return max(self._broadcast("verify_sync", expected_logprobs, probe, tol))
 
     def health(self) -> list[dict]:
-        return ray.get([a.health.remote() for a in self.actors])
+        return self._broadcast("health")
 
     def shutdown(self) -> None:
         for actor in self.actors:
