@@ -210,11 +210,23 @@ def step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats, old_lo
                "rollout/zero_variance_groups": float(adv.zero_variance_groups)}
     if ok:
         metrics["rollout/cosine"] = float(cosine(preds[ok], gold[ok]).mean())
-    for prefix, stats in (("train/av", av_stats), ("train/ar", ar_stats)):
+    for role, stats in (("av", av_stats), ("ar", ar_stats)):
         for key in ("loss", "grad_norm", "lr"):
             if key in stats:
-                metrics[f"{prefix}/{key}"] = float(stats[key])
+                metrics[f"train/{role}/{key}"] = float(stats[key])
+        for key, value in stats.get("loss_stats", {}).items():  # GRPO: clip_frac, kl, …
+            metrics[f"train/{role}/{key}"] = float(value)
+        if "compute_s" in stats:  # rank 0's forward/backward/optimiser seconds
+            metrics[f"perf/{role}/compute_s"] = float(stats["compute_s"])
     return metrics
+
+
+def _timed(seconds: dict, name: str, work):
+    """``work()``, its wall time stored as ``seconds[name]``."""
+    started = time.perf_counter()
+    out = work()
+    seconds[name] = time.perf_counter() - started
+    return out
 
 
 def _pad(rows: list) -> torch.Tensor:
@@ -259,19 +271,23 @@ def rl_loop(world: RLWorld, start: int) -> None:
         started = time.perf_counter()
         batch = world.data.next_batch(rl.prompts_per_step, step)
         rollouts = generate(world, batch, step)
-        preds = world.critic.reconstruct([e or "" for e in rollouts.explanations])
+        seconds = {}  # perf/*_s of the phases (bench/p2_rl_step_overhead.py attributes them)
+        preds = _timed(seconds, "perf/reconstruct_s", lambda: world.critic.reconstruct(
+            [e or "" for e in rollouts.explanations], ema=world.critic.spec.ema_decay > 0))
         scored = score(world, batch, rollouts, preds, step)
         adv = compute_advantages(scored.rewards, rl.advantage,
                                  torch.from_numpy(rollouts.group_ids))
-        old_logp = [lp.tolist() for lp in world.policy.av_logprobs(
-            [world.prompt_ids] * len(rollouts.completions), rollouts.completions,
-            rollouts.golds, temperature=rl.temperature)]
-        av_stats, ar_stats = train_both(
-            world, policy_rows(world, rollouts, adv.advantages, scored.keep, old_logp),
-            critic_rows(world, rollouts))
+        old_logp = _timed(seconds, "perf/old_logp_s", lambda: [lp.tolist() for lp in (
+            world.policy.av_logprobs([world.prompt_ids] * len(rollouts.completions),
+                                     rollouts.completions, rollouts.golds,
+                                     temperature=rl.temperature))])
+        p_rows = _timed(seconds, "perf/ref_logp_s", lambda: policy_rows(  # kl_beta > 0: ref fwd
+            world, rollouts, adv.advantages, scored.keep, old_logp))
+        av_stats, ar_stats = _timed(seconds, "perf/train_s", lambda: train_both(
+            world, p_rows, critic_rows(world, rollouts)))
         world.skipped_steps += av_stats.get("skipped", 0.0) + ar_stats.get("skipped", 0.0)
-        metrics = step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats,
-                               old_logp)
+        metrics = {**step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats,
+                                  old_logp), **seconds}
         if step == start and rl.stop_on_unhealthy:
             check_step0_health(metrics)  # broken injection or >50% failures: stop now
         metrics.update(sync_engines(world))

@@ -16,6 +16,7 @@ from :mod:`actors.losses` by name.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -46,6 +47,7 @@ class LearnerSpec:
     micro_batch_size: int = 4
     seed: int = 0
     threads_per_rank: int = 1
+    ema_decay: float = 0.0  # > 0: keep an EMA of the weights (actors.ema) for reconstruct(ema=True)
 
 
 def _all_reduce_sum(values: Sequence[float], device) -> list[float]:
@@ -94,6 +96,11 @@ class LearnerRank:
         self.backend = build_backend(spec.backend, model, spec.optim,
                                      blocks=decoder_blocks(model), device=self.device,
                                      zero_stage=spec.zero_stage, mixed_precision=precision)
+        self.ema = None
+        if spec.ema_decay > 0:
+            from actors.ema import WeightEMA, local_weight_tensors
+
+            self.ema = WeightEMA(local_weight_tensors(self.backend.module), spec.ema_decay)
         torch.manual_seed(spec.seed + 1 + self.rank)  # each rank its own stream (dropout)
 
     def _shard_frozen(self, model, blocks_of):
@@ -114,9 +121,11 @@ class LearnerRank:
         """Micro-batched forward/backward of this rank's rows, then one (guarded) optimiser step.
 
         Each micro-batch's summed loss is scaled by ``world_size / N_global`` (gradients are
-        averaged over ranks), so the accumulated gradient is that of the exact step mean.
+        averaged over ranks), so the accumulated gradient is that of the exact step mean. The
+        loss's statistics (``loss_stats``) are weighted sums over micro-batches and ranks, divided
+        once; ``compute_s`` is this rank's wall time in forward, backward and optimiser step.
         """
-        from actors.losses import get_loss
+        from actors.losses import add_stats, get_loss, stat_means, stat_vector
         from nla_rl.sft import micro_batches
 
         loss = get_loss(loss_name, self.spec.model.role)
@@ -126,17 +135,28 @@ class LearnerRank:
         local_count = sum(loss.count(m) for m in micros)
         local_tokens = sum(int(m.attention_mask.sum()) for m in micros)
         total, = _all_reduce_sum([local_count], self.device)
-        summed = torch.zeros((), dtype=torch.float64)
+        summed, stats = torch.zeros((), dtype=torch.float64), {}
+        started = time.perf_counter()
         for i, micro in enumerate(micros):
-            value, _ = loss.compute(self, model, micro.to(self.device))
-            self.backend.backward(value * (self.world_size / total),
+            out = loss.compute(self, model, micro.to(self.device))
+            self.backend.backward(out.loss_sum * (self.world_size / total),
                                   last_micro=i == len(micros) - 1)
-            summed += value.detach().to("cpu", torch.float64)
+            summed += out.loss_sum.detach().to("cpu", torch.float64)
+            stats = add_stats(stats, out.stats)
         outcome = self.backend.step()
-        loss_sum, tokens = _all_reduce_sum([summed, local_tokens], self.device)
+        if self.ema is not None and not outcome.skipped:
+            from actors.ema import local_weight_tensors
+
+            self.ema.update(local_weight_tensors(self.backend.module))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        compute_s = time.perf_counter() - started
+        loss_sum, tokens, *stat_sums = _all_reduce_sum(
+            [summed, local_tokens, *stat_vector(loss.stats, stats)], self.device)
         return {"loss": loss_sum / total, "grad_norm": outcome.grad_norm,
                 "skipped": float(outcome.skipped), "lr": outcome.lr, "count": total,
-                "tokens": tokens}
+                "tokens": tokens, "compute_s": compute_s,
+                "loss_stats": stat_means(loss.stats, stat_sums)}
 
     @torch.no_grad()
     def evaluate(self, rows: dict, loss_name: str) -> dict:
@@ -149,8 +169,8 @@ class LearnerRank:
         model.eval()
         summed, count = 0.0, 0
         for micro in micro_batches(loss.build(self, rows), self.spec.micro_batch_size):
-            value, n = loss.compute(self, model, micro.to(self.device))
-            summed, count = summed + float(value), count + n
+            out = loss.compute(self, model, micro.to(self.device))
+            summed, count = summed + float(out.loss_sum), count + out.count
         summed, count = _all_reduce_sum([summed, count], self.device)
         return {"loss": summed / count, "count": count}
 
@@ -185,11 +205,18 @@ class LearnerRank:
         return out
 
     @torch.no_grad()
-    def reconstruct(self, texts: list[str]) -> torch.Tensor:
+    def reconstruct(self, texts: list[str], ema: bool = False) -> torch.Tensor:
+        """The AR's predictions; with ``ema`` those of the weights' moving average."""
+        import contextlib
+
         model = self.backend.module
         model.eval()
-        return model.reconstruct(self.tokenizer, texts, template=self.spec.model.ar_template,
-                                 batch_size=self.spec.micro_batch_size)
+        if ema and self.ema is None:
+            raise LearnerError("reconstruct(ema=True) needs a learner built with ema_decay > 0")
+        context = self.ema.swapped_in(model) if ema else contextlib.nullcontext()
+        with context:
+            return model.reconstruct(self.tokenizer, texts, template=self.spec.model.ar_template,
+                                     batch_size=self.spec.micro_batch_size)
 
     # ---------------------------------------------------------------------------------- state
     def full_state_dict(self) -> dict:
@@ -201,6 +228,8 @@ class LearnerRank:
 
         self.backend.save(Path(directory))
         torch.save(capture_rng_state(), Path(directory) / RNG_FILE.format(rank=self.rank))
+        if self.ema is not None:
+            self.ema.save(Path(directory), self.rank)
 
     def load_state(self, directory: str) -> None:
         from nla_rl.checkpoint import restore_rng_state
@@ -208,6 +237,8 @@ class LearnerRank:
         self.backend.load(Path(directory))
         path = Path(directory) / RNG_FILE.format(rank=self.rank)
         restore_rng_state(torch.load(path, weights_only=True))
+        if self.ema is not None:
+            self.ema.load(Path(directory), self.rank)
 
     def ping(self) -> int:
         return self.rank
@@ -249,6 +280,11 @@ class LearnerGroup:
 
         from actors.placement import reserve
 
+        if spec.ema_decay > 0 and spec.backend == "deepspeed" and spec.zero_stage == 3:
+            # ZeRO-3 keeps small parameters gathered and caches others between forwards, so a
+            # partition swapped for the EMA does not reliably reach the forward pass.
+            raise LearnerError("an EMA scorer (rl.ar_ema_decay > 0) needs learner.backend=fsdp2 "
+                               "or learner.zero_stage=2 with DeepSpeed; ZeRO-3 is not supported")
         self.spec, self.world_size, self.name = spec, world_size, name
         self.checkpoints = checkpoints
         self.placement = reserve(world_size, num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank)
@@ -303,11 +339,12 @@ class LearnerGroup:
                 for rank, s in zip(self.ranks, shares)]
         return [lp for part in ray.get(refs) for lp in part][:n]
 
-    def reconstruct(self, texts: list[str]) -> torch.Tensor:
-        """The AR's predictions [len(texts), d] (fp32, CPU)."""
+    def reconstruct(self, texts: list[str], *, ema: bool = False) -> torch.Tensor:
+        """The AR's predictions [len(texts), d] (fp32, CPU); ``ema``: with the weights' moving
+        average (a group built with ``spec.ema_decay > 0``)."""
         padded, n = _pad_to_multiple(list(texts), self.world_size)
         shares = split_rows({"t": padded}, self.world_size)
-        parts = self._all("reconstruct", per_rank=[s["t"] for s in shares])
+        parts = self._all("reconstruct", ema, per_rank=[s["t"] for s in shares])
         return torch.cat(parts)[:n]
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

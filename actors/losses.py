@@ -4,13 +4,18 @@ Each loss turns a rank's share of a step's rows (a dict of columns) into a batch
 units (tokens or rows) each micro-batch contributes to the step's mean, and returns the *summed*
 loss of a micro-batch; the learner divides by the global count (all ranks, all micro-batches), so
 the step's loss is the exact mean over the whole step. The formulas are in the docstrings of the
-functions in :mod:`nla_rl.sft`.
+functions in :mod:`nla_rl.sft` and :func:`nla_rl.grpo.policy_loss`.
+
+Statistics (``Loss.stats``, e.g. the GRPO clip fraction) are reduced the same way: each
+micro-batch gives ``name -> (Σ weight·value, Σ weight)``; the learner adds them over micro-batches,
+all-reduces the sums over ranks and divides once (:func:`stat_vector`, :func:`stat_means`), so a
+step's statistic is the exact weighted mean however the step was split, never a mean of means.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -19,15 +24,49 @@ from nla_rl.sft import (ar_sft_loss, av_sft_loss, build_ar_sft_batch, build_av_s
                         shuffled)
 
 
+StatSums = dict[str, tuple[float, float]]  # name -> (Σ weight·value, Σ weight)
+
+
+class MicroLoss(NamedTuple):
+    """One micro-batch's share of a step."""
+
+    loss_sum: torch.Tensor  # summed loss, with gradient
+    count: int  # units (tokens or rows) in loss_sum
+    stats: StatSums  # weighted sums of the loss's statistics (empty when it has none)
+
+
 @dataclass(frozen=True)
 class Loss:
     """``build(rank, rows) -> batch``; ``count(batch) -> int``;
-    ``compute(rank, model, micro) -> (summed loss, count)``."""
+    ``compute(rank, model, micro) -> MicroLoss``; ``stats``: the names ``compute`` may report
+    (a fixed order, so every rank all-reduces the same vector)."""
 
     role: str
     build: Callable[[Any, dict], Any]
     count: Callable[[Any], int]
-    compute: Callable[[Any, torch.nn.Module, Any], tuple[torch.Tensor, int]]
+    compute: Callable[[Any, torch.nn.Module, Any], MicroLoss]
+    stats: tuple[str, ...] = ()
+
+
+def add_stats(total: StatSums, part: StatSums) -> StatSums:
+    """``total + part`` name by name (sums and weights added)."""
+    out = dict(total)
+    for name, (value, weight) in part.items():
+        old_value, old_weight = out.get(name, (0.0, 0.0))
+        out[name] = (old_value + value, old_weight + weight)
+    return out
+
+
+def stat_vector(names: Sequence[str], sums: StatSums) -> list[float]:
+    """``[Σwx_0, Σw_0, Σwx_1, Σw_1, …]`` in the order of ``names`` (absent: zeros), to all-reduce."""
+    return [x for name in names for x in sums.get(name, (0.0, 0.0))]
+
+
+def stat_means(names: Sequence[str], vector: Sequence[float]) -> dict[str, float]:
+    """``Σwx / Σw`` per name from a (reduced) :func:`stat_vector`; names with ``Σw = 0`` (e.g. no
+    reference KL when ``kl_beta = 0``, or no kept token) are left out rather than reported as 0."""
+    return {name: float(vector[2 * i] / vector[2 * i + 1]) for i, name in enumerate(names)
+            if vector[2 * i + 1] > 0}
 
 
 def _vectors(rows: dict) -> torch.Tensor:
@@ -52,8 +91,8 @@ def _build_ar(rank, rows: dict):
                               template=rank.spec.model.ar_template)
 
 
-def _av_compute(rank, model, micro):
-    return av_sft_loss(model, micro, rank.spec.model.injection)
+def _av_compute(rank, model, micro) -> MicroLoss:
+    return MicroLoss(*av_sft_loss(model, micro, rank.spec.model.injection), {})
 
 
 def _build_grpo(rank, rows: dict):
@@ -75,16 +114,42 @@ def _build_grpo(rank, rows: dict):
     return batch
 
 
-def _grpo_compute(rank, model, micro):
+def _grpo_compute(rank, model, micro) -> MicroLoss:
     from nla_rl.rl_batch import grpo_micro_loss
 
     out = grpo_micro_loss(model, micro, rank.spec.model.injection, micro.settings,
                           micro.temperature)
-    return out.loss_sum, out.normalizer
+    return MicroLoss(out.loss_sum, out.normalizer, grpo_stat_sums(out.stats, len(micro)))
 
 
-def _ar_compute(rank, model, micro):
-    return ar_sft_loss(model, micro, rank.spec.model.mse_scale)
+# Logged as train/av/<name>; token-weighted over kept response tokens unless said otherwise.
+GRPO_STATS = ("clip_frac", "approx_kl", "kl", "is_ratio_mean", "is_capped_frac", "masked_frac")
+
+
+def grpo_stat_sums(stats: dict[str, float], rollouts: int) -> StatSums:
+    """Weighted sums of one micro-batch's :func:`nla_rl.grpo.policy_loss` statistics.
+
+    Token-weighted (weight = kept response tokens ``n``): ``clip_frac`` (the PPO clip is active:
+    ``A > 0, ρ > 1 + ε_high`` or ``A < 0, ρ < 1 - ε_low``), ``approx_kl`` (k3 KL(π‖π_old)),
+    ``kl`` (the recipe's estimate of KL(π‖π_ref), only when reference log-probs were given),
+    ``is_ratio_mean`` (mean truncated IS weight ``min(exp(old - engine), C)``) and
+    ``is_capped_frac`` (weights at the cap ``C``). Rollout-weighted (weight = rollouts):
+    ``masked_frac``, the rollouts dropped for a learner/engine log-prob mismatch.
+    """
+    tokens = stats["policy/tokens"]
+    per_token = {"clip_frac": stats["policy/clip_frac_high"] + stats["policy/clip_frac_low"],
+                 "approx_kl": stats["policy/approx_kl"],
+                 "is_ratio_mean": stats["policy/is_weight_mean"],
+                 "is_capped_frac": stats["policy/is_capped_frac"]}
+    if "policy/ref_kl" in stats:
+        per_token["kl"] = stats["policy/ref_kl"]
+    sums = {name: (mean * tokens, tokens) for name, mean in per_token.items()}
+    sums["masked_frac"] = (stats["policy/masked_rollouts"], float(rollouts))
+    return sums
+
+
+def _ar_compute(rank, model, micro) -> MicroLoss:
+    return MicroLoss(*ar_sft_loss(model, micro, rank.spec.model.mse_scale), {})
 
 
 LOSSES: dict[str, Loss] = {
@@ -93,7 +158,7 @@ LOSSES: dict[str, Loss] = {
                             _av_compute),
     "ar_sft": Loss("ar", _build_ar, len, _ar_compute),
     # GRPO (nla_rl.grpo.policy_loss): PPO clip, KL to the reference, truncated IS.
-    "grpo": Loss("av", _build_grpo, lambda b: b.num_loss_units(), _grpo_compute),
+    "grpo": Loss("av", _build_grpo, lambda b: b.num_loss_units(), _grpo_compute, GRPO_STATS),
 }
 
 

@@ -168,7 +168,7 @@ def _single_process(spec, batches, flops, *, threads: int) -> float:
         micros = list(micro_batches(loss.build(rank, rows), spec.micro_batch_size))
         total = sum(loss.count(m) for m in micros)
         for m in micros:
-            value, _ = loss.compute(rank, model, m)
+            value = loss.compute(rank, model, m).loss_sum
             (value / total).backward()
         guarded_step(list(model.parameters()), opt, None, max_norm=1.0)
 

@@ -50,7 +50,8 @@ def rl_learner_spec(cfg: RecipeConfig, role: str, model_dir: Path, meta, injecti
     optim = OptimSpec(lr=lr, weight_decay=0.0, warmup_steps=0, total_steps=cfg.rl.steps,
                       schedule="constant", grad_clip=spec.optim.grad_clip)
     model = dataclasses.replace(spec.model, with_reference=role == "av" and cfg.rl.kl_beta > 0)
-    return dataclasses.replace(spec, model=model, optim=optim), ranks
+    ema = cfg.rl.ar_ema_decay if role == "ar" and cfg.rl.online_ar else 0.0
+    return dataclasses.replace(spec, model=model, optim=optim, ema_decay=ema), ranks
 
 
 def build_world(cfg: RecipeConfig, run_dir: Path):

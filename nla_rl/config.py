@@ -298,6 +298,10 @@ class RLConfig(ConfigSection):
     is_cap: float = param(2.0, "Cap of the truncated importance weight "
                           "exp(logp_learner - logp_engine).", gt=0)
     online_ar: bool = param(True, "Train the AR on the AV's own explanations during RL.")
+    ar_ema_decay: float = param(
+        0.0, "Score rollouts with an exponential moving average of the online AR's weights "
+        "(ema <- d*ema + (1-d)*weights after each AR step); 0 = score with the live AR. The "
+        "exported AR is the live one.", ge=0, lt=1)
     stop_on_unhealthy: bool = param(
         True, "Stop after the first step if injection is broken or > 50% of rollouts have no "
         "extractable explanation (an untrained or mismatched AV); false only for smoke tests.")
