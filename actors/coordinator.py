@@ -154,24 +154,29 @@ def train_both(world: RLWorld, p_rows: dict, c_rows: dict | None) -> tuple[dict,
         return (policy.result() if policy else {}), (critic.result() if critic else {})
 
 
-def sync_engines(world: RLWorld) -> dict:
-    """Push the policy's weights to every engine, then prove they arrived: the engines' log-probs
-    of a fixed probe must equal the learner's (a silent no-op sync raises here)."""
+def sync_engines(world: RLWorld, verify: bool = True) -> dict:
+    """Push the policy's weights to every engine and, with ``verify``, prove they arrived: the
+    engines' log-probs of a fixed probe must equal the learner's (a silent no-op sync raises
+    here). The learner computes its probe log-probs while the engines load the weights."""
     started = time.perf_counter()
     state = world.policy.full_state_dict()
     lora = world.policy.spec.model.lora
-    if lora.rank > 0:  # only the adapter travels; engines merge it on their side
-        world.engines.sync_adapter(save_adapter(state, lora, world.adapter_dir))
-    else:
-        world.engines.sync_weights(state.items())
     requests, completions = world.probe
-    expected = world.policy.av_logprobs([list(r.prompt_ids) for r in requests], completions,
-                                        np.stack([r.vector.numpy() for r in requests]))
-    delta = world.engines.verify_sync([e.tolist() for e in expected], world.probe,
-                                      world.sync_tolerance)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        expected = pool.submit(world.policy.av_logprobs, [list(r.prompt_ids) for r in requests],
+                               completions, np.stack([r.vector.numpy() for r in requests])) \
+            if verify else None
+        if lora.rank > 0:  # only the adapter travels; engines merge it on their side
+            world.engines.sync_adapter(save_adapter(state, lora, world.adapter_dir))
+        else:
+            world.engines.sync_weights(state.items())
+        metrics = {}
+        if expected is not None:
+            metrics["health/sync_logp_delta"] = world.engines.verify_sync(
+                [e.tolist() for e in expected.result()], world.probe, world.sync_tolerance)
     seconds = time.perf_counter() - started
     world.sync_seconds.append(seconds)
-    return {"perf/sync_s": seconds, "health/sync_logp_delta": delta}
+    return {"perf/sync_s": seconds, **metrics}
 
 
 def save_adapter(state: dict, lora, out_dir) -> str:
@@ -290,7 +295,8 @@ def rl_loop(world: RLWorld, start: int) -> None:
                                   old_logp), **seconds}
         if step == start and rl.stop_on_unhealthy:
             check_step0_health(metrics)  # broken injection or >50% failures: stop now
-        metrics.update(sync_engines(world))
+        verify = step == start or (step + 1) % rl.verify_sync_every == 0
+        metrics.update(sync_engines(world, verify=verify))
         metrics["perf/step_s"] = time.perf_counter() - started
         world.tracker.log(step + 1, metrics, stage="rl")
         if (step + 1) % rl.samples_every == 0 or step + 1 == rl.steps:

@@ -193,7 +193,8 @@ class LearnerRank:
         elif reference:
             raise LearnerError("no reference policy: build the AV learner with with_reference=True")
         model.eval()
-        vectors = torch.as_tensor(np.asarray(vectors), dtype=torch.float32)
+        # A copy: Ray hands over read-only arrays, which torch warns about (and must not write).
+        vectors = torch.tensor(np.asarray(vectors), dtype=torch.float32)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out = []
         with context:

@@ -119,9 +119,9 @@ def _cmd_extract(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from launch.eval import EVAL_ROWS, evaluate
+    from launch.eval import evaluate
 
-    report = evaluate(args.run_dir, av=args.av, ar=args.ar, rows=args.rows or EVAL_ROWS,
+    report = evaluate(args.run_dir, av=args.av, ar=args.ar, rows=args.rows,
                       max_new_tokens=args.max_new_tokens)
     m = report["metrics"]
     print(f"evaluated {report['models']['label']} ({report['models']['av']}, {report['models']['ar']}) "
@@ -164,6 +164,7 @@ def add_inference_commands(sub) -> None:
     ev.add_argument("run_dir")
     ev.add_argument("--av", help="AV directory (default: the run's most trained pair)")
     ev.add_argument("--ar", help="AR directory (with --av)")
-    ev.add_argument("--rows", type=int, help="first N rows of data/eval.parquet (default 256)")
+    ev.add_argument("--rows", type=int, help="first N rows of data/eval.parquet (default: the "
+                    "run's eval.rows, 256)")
     ev.add_argument("--max-new-tokens", type=int, default=None)
     ev.set_defaults(func=_cmd_eval)

@@ -10,6 +10,9 @@ Two controls, both reported, say what the numbers would be without information a
   and scored against its own gold — the AV works normally but says nothing about this row;
 * ``no_injection``: the same prompts with the injection disabled (the marker keeps its plain
   embedding), so every row gets the same, vector-free explanation.
+
+Earlier pairs of the run (``eval.compare``, default the SFT pair) are scored on the same rows, so
+the report says what the later stages added (``baselines``; ``eval/baseline/<label>/*``).
 """
 
 from __future__ import annotations
@@ -83,10 +86,21 @@ def _score(nla: NLA, gold: torch.Tensor, generation, negatives, attributes) -> t
 
 
 def evaluate(run_dir: str | Path, *, av: str | Path | None = None, ar: str | Path | None = None,
-             rows: int = EVAL_ROWS, max_new_tokens: int | None = None, batch_size: int = 16,
+             rows: int | None = None, max_new_tokens: int | None = None,
+             batch_size: int | None = None, compare: tuple[str, ...] | None = None,
              cfg: RecipeConfig | None = None) -> dict:
-    """Evaluate a pair on ``<run>/data/eval.parquet``; write the report; return its dict."""
+    """Evaluate a pair on ``<run>/data/eval.parquet``; write the report; return its dict. Unset
+    settings come from the run's recipe (``eval.*``), else the defaults."""
     run_dir = Path(run_dir)
+    cfg = cfg or _run_recipe(run_dir)
+    settings = cfg.eval if cfg else None
+    if rows is None:
+        rows = settings.rows if settings else EVAL_ROWS
+    if batch_size is None:
+        batch_size = settings.batch_size if settings else 16
+    compare = compare if compare is not None else (settings.compare if settings else ("sft",))
+    max_new_tokens = (max_new_tokens or (settings.max_new_tokens if settings else None)
+                      or (cfg.rl.max_new_tokens if cfg else 128))
     if (av is None) != (ar is None):
         raise EvalError("pass both --av and --ar, or neither (the run's most trained pair)")
     label, av_dir, ar_dir = ("given", Path(av), Path(ar)) if av is not None else pick_models(run_dir)
@@ -95,8 +109,6 @@ def evaluate(run_dir: str | Path, *, av: str | Path | None = None, ar: str | Pat
         raise EvalError(f"{eval_path} does not exist: the datagen stage writes it")
     if rows < 2:
         raise EvalError(f"rows: expected ≥ 2 (FVE needs a variance), found {rows}")
-    cfg = cfg or _run_recipe(run_dir)
-    max_new_tokens = max_new_tokens or (cfg.rl.max_new_tokens if cfg else 128)
     table = read_rows(eval_path).slice(0, rows)
     gold = torch.from_numpy(read_activations(eval_path)[:table.num_rows].copy())
     doc_ids = np.asarray(table["doc_id"].to_pylist())
@@ -117,6 +129,7 @@ def evaluate(run_dir: str | Path, *, av: str | Path | None = None, ar: str | Pat
     controls, control_rows = {}, {}
     for name, control_gen in control_gens.items():
         controls[name], control_rows[name] = _score(nla, gold, control_gen, negatives, attributes)
+    baselines = _baselines(run_dir, compare, nla, gold, negatives, attributes, cfg, gen)
     curve = prefix_curve(nla.reconstruct, nla.ar_tokenizer, generation.explanations, gold,
                          mse_scale=nla.mse_scale)
     report = {
@@ -128,7 +141,7 @@ def evaluate(run_dir: str | Path, *, av: str | Path | None = None, ar: str | Pat
                      "injection_family": nla.injection.family,
                      "injection_scale": generation.injection_scale, "mse_scale": nla.mse_scale,
                      "prefill": nla.prefill, "depth_pct": nla.depth_pct},
-        "metrics": metrics, "controls": controls, "prefix_curve": curve,
+        "metrics": metrics, "controls": controls, "baselines": baselines, "prefix_curve": curve,
         "seconds": time.perf_counter() - started,
         "samples": [{"doc_id": int(doc_ids[i]), "explanation": generation.explanations[i],
                      "mse": per_row["mse"][i], "cosine": per_row["cosine"][i],
@@ -140,8 +153,30 @@ def evaluate(run_dir: str | Path, *, av: str | Path | None = None, ar: str | Pat
     report["plots"] = _plots(run_dir, out_dir, curve, controls, metrics,
                              {"model": per_row, **control_rows})
     _write_report(out_dir, report)
-    _log(run_dir, metrics, controls)
+    _log(run_dir, metrics, controls, baselines)
     return report
+
+
+def _baselines(run_dir: Path, labels, evaluated: NLA, gold, negatives, attributes, cfg,
+               gen: dict) -> dict:
+    """``{label: {"av", "ar", "metrics"}}`` of each earlier pair in ``labels`` that the run has
+    and that is not the evaluated pair itself (same stages in both sidecars)."""
+    from nla_rl.sidecar import read_model_sidecar
+
+    pairs = {label: (run_dir / av, run_dir / ar) for label, av, ar in CANDIDATES}
+    out = {}
+    for label in labels:
+        av_dir, ar_dir = pairs[label]
+        if not ((av_dir / MODEL_SIDECAR_NAME).is_file() and (ar_dir / MODEL_SIDECAR_NAME).is_file()):
+            continue
+        stages = (read_model_sidecar(av_dir).stage, read_model_sidecar(ar_dir).stage)
+        if stages == (evaluated.av_meta.stage, evaluated.ar_meta.stage):
+            continue
+        nla = NLA.from_pretrained(av_dir, ar_dir, dtype=cfg.model.dtype if cfg else "float32",
+                                  prefill=cfg.templates.av_prefill if cfg else "")
+        metrics, _ = _score(nla, gold, nla.generate(gold, **gen), negatives, attributes)
+        out[label] = {"av": str(av_dir), "ar": str(ar_dir), "metrics": metrics}
+    return out
 
 
 def _plots(run_dir, out_dir, curve, controls, metrics, per_row) -> list[str]:
@@ -157,9 +192,11 @@ def _plots(run_dir, out_dir, curve, controls, metrics, per_row) -> list[str]:
     return [p.name for p in paths if p is not None]
 
 
-def _log(run_dir: Path, metrics: dict, controls: dict) -> None:
+def _log(run_dir: Path, metrics: dict, controls: dict, baselines: dict) -> None:
     flat = {f"eval/{k}": v for k, v in metrics.items()}
     flat.update({f"eval/control/{c}/{k}": v for c, m in controls.items() for k, v in m.items()})
+    flat.update({f"eval/baseline/{b}/{k}": v for b, entry in baselines.items()
+                 for k, v in entry["metrics"].items()})
     check_metric_names(flat)
     MetricsLog(run_dir / "logs" / "metrics.jsonl").log(0, flat, stage="eval")
 
@@ -176,6 +213,10 @@ def eval_stage(cfg: RecipeConfig, run_dir: Path) -> None:
     """Pipeline stage: evaluate the run's most trained pair (see the module docstring)."""
     report = evaluate(run_dir, cfg=cfg)
     m = report["metrics"]
+    for label, entry in report["baselines"].items():
+        b = entry["metrics"]
+        print(f"[eval] {label} (same rows): fve={b['fve']:.4g} cosine={b['cosine']:.4g} "
+              f"gap={b['gap']:.4g} top1={b['top1']:.4g}")
     print(f"[eval] {report['models']['label']}: fve={m['fve']:.4g} cosine={m['cosine']:.4g} "
           f"gap={m['gap']:.4g} top1={m['top1']:.4g} "
           f"(shuffled fve={report['controls']['shuffled']['fve']:.4g}, "

@@ -8,13 +8,33 @@ ROWS = (("fve", "FVE (paper definition)"), ("cosine", "mean cosine(ĥ, h)"),
         ("mse", "mean normalised MSE (2 = orthogonal)"), ("gap", "hard-negative gap"),
         ("top1", "top-1 retrieval vs hard negatives"),
         ("extraction_failure_rate", "extraction-failure rate"), ("cjk_rate", "CJK rate"),
-        ("toy_recall", "toy-world attribute recall"), ("toy_precision", "toy-world attribute precision"))
+        ("toy_recall", "toy-world attribute recall"), ("toy_precision", "toy-world attribute precision"),
+        ("toy_slot_recall", "toy-world slot recall (optional slots, any value)"),
+        ("toy_slot_precision", "toy-world slot precision (optional slots, any value)"))
 
 
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _baselines_section(report: dict) -> list[str]:
+    """The evaluated pair beside the run's earlier pairs on the same rows (none: no section)."""
+    baselines = report.get("baselines") or {}
+    if not baselines:
+        return []
+    labels = list(baselines)
+    lines = ["## Against earlier stages", "",
+             "The same rows, generation settings and hard negatives, scored with the run's "
+             "earlier AV/AR pairs: what the later stages added.", "",
+             "| metric | model | " + " | ".join(labels) + " |",
+             "|---|---|" + "---|" * len(labels)]
+    for key, name in ROWS:
+        if key in report["metrics"]:
+            lines.append(f"| {name} | {_fmt(report['metrics'][key])} | " + " | ".join(
+                _fmt(baselines[b]["metrics"].get(key)) for b in labels) + " |")
+    return lines + [""]
 
 
 def _metrics_table(report: dict) -> list[str]:
@@ -45,6 +65,7 @@ def render_markdown(report: dict) -> str:
         "Controls carry no information about the row: **shuffled** explains another row's vector; "
         "**no injection** generates with the marker's plain embedding. A model that uses the "
         "activation beats both.", "",
+        *_baselines_section(report),
         "## Prefix curve", "", "FVE when the AR reads only the first n tokens of each explanation.", "",
         "| tokens | FVE | cosine |", "|---|---|---|",
         *[f"| {p['tokens']} | {_fmt(p['fve'])} | {_fmt(p['cosine'])} |" for p in report["prefix_curve"]],

@@ -313,6 +313,9 @@ class RLConfig(ConfigSection):
     sync_tolerance: float | None = param(
         None, "Largest |engine - learner| log-prob on the verification probe after a weight "
         "sync; null = 2e-3 in float32, 0.15 in bf16/fp16 (the sync is refused above it).", gt=0)
+    verify_sync_every: int = param(
+        10, "Check the weight sync on the probe after the first sync and every this many steps "
+        "(every rollout's engine-vs-learner log-prob mismatch is still checked each step).", gt=0)
     is_mismatch_threshold: float | None = param(
         0.1, "Rollouts whose mean |logp_learner - logp_engine| over response tokens exceeds this "
         "are masked out of the policy loss (counted; a lost injection or a stale engine); "
@@ -408,6 +411,17 @@ class WandbConfig(ConfigSection):
 
 
 @dataclass(frozen=True)
+class EvalConfig(ConfigSection):
+    rows: int = param(256, "First N rows of data/eval.parquet scored by the eval stage.", ge=2)
+    max_new_tokens: int | None = param(None, "Greedy explanation length cap; null = "
+                                       "rl.max_new_tokens.", gt=0)
+    batch_size: int = param(16, "Generation batch size.", gt=0)
+    compare: tuple[Literal["rl", "sft", "init"], ...] = param(
+        ("sft",), "Earlier pairs of the run also scored (when present and not "
+        "the evaluated pair), so the report shows what each stage added.")
+
+
+@dataclass(frozen=True)
 class RecipeConfig(ConfigSection):
     run: RunConfig = param(factory=RunConfig, doc="Run identity, directory and stages.")
     model: ModelConfig = param(factory=ModelConfig, doc="Base model and extraction layer.")
@@ -423,6 +437,7 @@ class RecipeConfig(ConfigSection):
     engine: EngineConfig = param(factory=EngineConfig, doc="Rollout engines.")
     learner: LearnerConfig = param(factory=LearnerConfig, doc="Training backend and placement.")
     wandb: WandbConfig = param(factory=WandbConfig, doc="Weights & Biases logging.")
+    eval: EvalConfig = param(factory=EvalConfig, doc="The eval stage's report.")
 
     def validate(self):
         for stage, ranks in (("ar_sft", self.learner.ranks_ar), ("av_sft", self.learner.ranks_av)):

@@ -69,9 +69,11 @@ def round_trip_metrics(pred: torch.Tensor, gold: torch.Tensor, *, mse_scale: flo
 
 
 def toy_metrics(explanations: Sequence[str | None], attributes: Iterable[Iterable[str]]) -> dict[str, float]:
-    """Toy-world attribute recall and precision of the explanations (NaN where undefined)."""
+    """Toy-world attribute recall and precision of the explanations (NaN where undefined), and
+    the same for the slots named whatever their value."""
     scores = score_explanations(list(explanations), [list(a or ()) for a in attributes])
-    return {"toy_recall": scores.recall, "toy_precision": scores.precision}
+    return {"toy_recall": scores.recall, "toy_precision": scores.precision,
+            "toy_slot_recall": scores.slot_recall, "toy_slot_precision": scores.slot_precision}
 
 
 def prefix_lengths(max_tokens: int, steps: int = 6) -> list[int]:

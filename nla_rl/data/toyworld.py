@@ -245,28 +245,53 @@ def score_explanation(text: str | None, true_attributes: Iterable[str]) -> tuple
     return recall, precision
 
 
+ALWAYS_REVEALED = frozenset({"subject"})  # every document opens with its subject
+
+
+def score_slots(text: str | None, true_attributes: Iterable[str]) -> tuple[float, float]:
+    """``(recall, precision)`` of the optional *slots* named in ``text`` (any value) against
+    those of ``true_attributes``: whether an explanation says which facts the document revealed,
+    apart from whether it gets their values right. The subject is left out: every document
+    reveals it, so naming it says nothing about which facts this one revealed. NaN cases as in
+    :func:`score_explanation`."""
+    # Each slot stands for itself as its first value word, so the attribute scorer compares slots.
+    named = _optional_slots(parse_attributes(text))
+    return score_explanation(" ".join(SLOTS[s][0] for s in named),
+                             [f"{s}={SLOTS[s][0]}" for s in _optional_slots(true_attributes)])
+
+
+def _optional_slots(attributes: Iterable[str]) -> list[str]:
+    return sorted({a.split("=", 1)[0] for a in attributes} - ALWAYS_REVEALED)
+
+
 @dataclass(frozen=True)
 class ToyScores:
-    """Batch means (NaN rows excluded) and the number of rows that named no attribute."""
+    """Batch means (NaN rows excluded) and the number of rows that named no attribute;
+    ``slot_*`` score the optional slots named regardless of value (:func:`score_slots`)."""
 
     recall: float
     precision: float
     n: int
     n_no_mention: int
+    slot_recall: float = math.nan
+    slot_precision: float = math.nan
 
 
 def score_explanations(texts: Sequence[str | None], truths: Sequence[Iterable[str]]) -> ToyScores:
     """Mean recall and precision over a batch; ``None`` texts (failed extraction) name nothing."""
     if len(texts) != len(truths):
         raise ValueError(f"{len(texts)} explanations but {len(truths)} attribute sets")
+    truths = [list(a) for a in truths]
     pairs = [score_explanation(t, a) for t, a in zip(texts, truths)]
+    slot_pairs = [score_slots(t, a) for t, a in zip(texts, truths)]
 
     def nanmean(xs):
         xs = [x for x in xs if not math.isnan(x)]
         return sum(xs) / len(xs) if xs else math.nan
 
     return ToyScores(nanmean(r for r, _ in pairs), nanmean(p for _, p in pairs), len(pairs),
-                     sum(1 for t in texts if not parse_attributes(t)))
+                     sum(1 for t in texts if not parse_attributes(t)),
+                     nanmean(r for r, _ in slot_pairs), nanmean(p for _, p in slot_pairs))
 
 
 def toy_tokenizer_texts(seed: int = 0, n_docs: int = 400) -> list[str]:

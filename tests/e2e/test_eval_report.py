@@ -39,6 +39,7 @@ def test_eval_stage_writes_the_report(tiny_run):
             assert isinstance(block[key], float) and math.isfinite(block[key]), key
         assert "toy_recall" in block  # the toy split has attributes
     assert set(report["controls"]) == {"shuffled", "no_injection"}
+    assert report["baselines"] == {}  # eval.compare=[sft], and this run has no SFT pair
     assert report["prefix_curve"][0]["tokens"] == 0
     assert "control: no injection" in (tiny_run / "eval" / "report.md").read_text()
     for name in ("prefix_curve.png", "row_errors.png"):

@@ -60,7 +60,13 @@ def test_every_stage_logged(tiny_run):
     assert stages.index("check") < stages.index("ar_sft") < stages.index("av_sft") < stages.index("rl")
     export = read_model_sidecar(tiny_run / "export/av")
     assert export.role == "av" and export.stage == "export"
-    assert json.loads((tiny_run / "eval/report.json").read_text())
+    report = json.loads((tiny_run / "eval/report.json").read_text())
+    # The exported (RL) pair is reported beside the SFT pair on the same rows.
+    assert list(report["baselines"]) == ["sft"]
+    assert report["baselines"]["sft"]["av"].endswith("av_sft/final")
+    assert report["baselines"]["sft"]["metrics"]["fve"] != report["metrics"]["fve"]
+    assert "## Against earlier stages" in (tiny_run / "eval/report.md").read_text()
+    assert any("eval/baseline/sft/fve" in r for r in rows)
 
 
 def test_check_stage_metrics(tiny_run):

@@ -1,5 +1,6 @@
-"""The rl stage on the tiny recipe: real vLLM engine actor, FSDP2 learner groups, online AR,
-hard negatives, verified weight sync, checkpoints and exact resume of the step counter."""
+"""The rl stage on the tiny recipe: real vLLM engine actor, FSDP2 learner groups, online AR
+scored through its EMA, hard negatives, verified weight sync, checkpoints and exact resume of the
+step counter (and of the EMA)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 RL = ["rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=24",
       "rl.length_penalty_margin=8", "rl.save_every=2", "rl.samples_every=1",
       "negatives.enabled=true", "negatives.per_sample=2", "wandb.enabled=true",
-      "wandb.mode=offline"]
+      "wandb.mode=offline", "rl.verify_sync_every=1", "rl.ar_ema_decay=0.5"]
 BASE = [o for o in FAST if not o.startswith("rl.")] + ["data.num_docs=120"]
 
 
@@ -63,7 +64,9 @@ def test_every_step_is_logged_healthy(rl_run):
         else:
             assert r["reward/mean"] == pytest.approx(-2.0)
         for key in ("train/av/loss", "reward/top1", "rollout/mean_tokens", "perf/generate_s",
-                    "perf/sync_s", "health/cjk_rate", "rollout/zero_variance_groups"):
+                    "perf/sync_s", "health/cjk_rate", "rollout/zero_variance_groups",
+                    "perf/reconstruct_s", "perf/av/compute_s", "train/av/clip_frac",
+                    "train/av/is_ratio_mean"):
             assert key in r, key
         # The online AR trains on the rollouts' extracted explanations, when there are any.
         assert ("train/ar/loss" in r) == (r["reward/extraction_failure_rate"] < 1.0)

@@ -42,7 +42,7 @@ def test_tiny_recipe_loads_with_its_values():
     assert cfg.data.corpus == "toyworld" and cfg.data.teacher.kind == "toyworld"
     assert cfg.run.stages == ("prepare", "datagen", "check", "ar_sft", "av_sft", "rl", "export",
                               "eval")  # the whole pipeline
-    assert cfg.rl.group_size == 4 and cfg.rl.max_new_tokens == 48
+    assert cfg.rl.group_size == 8 and cfg.rl.max_new_tokens == 48 and cfg.rl.ar_ema_decay == 0.9
     assert cfg.engine.kind == "vllm" and cfg.learner.backend == "fsdp2"
     assert (cfg.learner.ranks_av, cfg.learner.ranks_ar) == (2, 2)
     assert cfg.learner.num_cpus_per_rank == 0.5

@@ -5,8 +5,9 @@ import pytest
 
 from nla_rl.checkpoint import DataCursor
 from nla_rl.data.build import mine_rl_negatives
+from nla_rl.data.negatives import read_negatives, read_negatives_params, write_negatives
 from nla_rl.data.store import activations_table, write_table_atomic
-from nla_rl.errors import ConfigError
+from nla_rl.errors import ConfigError, NLAError
 from nla_rl.rl_data import RLData
 
 
@@ -56,3 +57,14 @@ def test_errors(data_dir, tmp_path):
     (data_dir / "rl.negatives.parquet").unlink()
     with pytest.raises(ConfigError, match="negatives.enabled"):
         RLData(data_dir, seed=0, per_sample=2)
+
+
+def test_negatives_mined_for_another_split_are_refused(data_dir):
+    """A negatives file whose row indices point into the eval split must not be read as rl rows."""
+    path = data_dir / "rl.negatives.parquet"
+    neighbors, scores = read_negatives(path)
+    params = {**read_negatives_params(path), "source_split": "eval.parquet"}
+    write_negatives(path, neighbors, scores, params)
+    with pytest.raises(NLAError, match="eval") as info:
+        RLData(data_dir, seed=0, per_sample=2)
+    assert "rl" in str(info.value)

@@ -14,8 +14,8 @@ from nla_rl.data.toy_lm import (build_toy_tokenizer, last_token_activations, lin
                                 train_toy_lm)
 from nla_rl.data.toyworld import (SLOTS, ToyWorld, attributes_at, attributes_by_position,
                                   full_explanation, parse_attributes, score_explanation,
-                                  score_explanations, teacher_rng, toy_teacher_explanation,
-                                  toy_tokenizer_texts)
+                                  score_explanations, score_slots, teacher_rng,
+                                  toy_teacher_explanation, toy_tokenizer_texts)
 from nla_rl.testing.tiny import TINY_MARKER_CHAR, build_tiny_tokenizer
 
 TRUTH = frozenset({"subject=cat", "colour=red", "place=forest", "mood=happy"})
@@ -139,6 +139,14 @@ def test_scorer_on_constructed_explanations():
     assert scores.recall == pytest.approx((0.5 + 0 + 0) / 3)
     assert scores.precision == pytest.approx(0.5)  # (1 + 0) / 2: the None row is excluded
     assert (scores.n, scores.n_no_mention) == (3, 1)
+    # Slots regardless of value: "blue" names the colour slot (wrong value, right slot).
+    # Optional slots regardless of value ("blue" names the colour slot with a wrong value); the
+    # subject, which every document reveals, is not scored.
+    assert score_slots("The cat is BLUE and happy.", TRUTH) == (2 / 3, 1.0)
+    assert score_slots("A black dog at night.", TRUTH) == (1 / 3, 0.5)  # time was not revealed
+    assert math.isnan(score_slots("A dog.", TRUTH)[1])  # names only the subject: no claim
+    assert scores.slot_recall == pytest.approx((1 / 3 + 0 + 1 / 3) / 3)
+    assert scores.slot_precision == pytest.approx(1.0)
     with pytest.raises(ValueError):
         score_explanations(["x"], [])
 
