@@ -5,8 +5,8 @@
     preds    = critic.reconstruct(explanations)      the live AR
     scored   = step_rewards(preds, gold, negatives)  −MSE (or −log MSE), penalties, contrast
     adv      = compute_advantages(scored.rewards)    GRPO / Dr.GRPO within each group
-    train policy (GRPO) and critic (online AR) concurrently
-    sync the engines (verified), log, checkpoint
+    train policy (GRPO) and critic (online AR) concurrently; sync the engines (verified) as soon
+    as the policy is done; log, checkpoint
 
 The helpers below are each one named piece of that list; the loop in :func:`rl_loop` fits on
 one screen. Everything that touches a model lives in an actor; this process holds only numbers.
@@ -144,14 +144,20 @@ def _trim_to_ranks(rows: dict, ranks: int) -> dict:
     return {k: (v[:keep] if isinstance(v, (list, np.ndarray)) else v) for k, v in rows.items()}
 
 
-def train_both(world: RLWorld, p_rows: dict, c_rows: dict | None) -> tuple[dict, dict]:
-    """The policy's GRPO step and the critic's online step, at the same time."""
+def train_both(world: RLWorld, p_rows: dict, c_rows: dict | None,
+               verify_sync: bool = True) -> tuple[dict, dict, dict]:
+    """The policy's GRPO step and the critic's online step, at the same time; the engines are
+    synced as soon as the policy's step is done, while the critic may still be training."""
+    def policy_then_sync():
+        stats = world.policy.train_step(p_rows, loss="grpo") if p_rows["completions"] else {}
+        return stats, sync_engines(world, verify=verify_sync)
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        policy = pool.submit(world.policy.train_step, p_rows, loss="grpo") if p_rows["completions"] \
-            else None
+        policy = pool.submit(policy_then_sync)
         critic = pool.submit(world.critic.train_step, c_rows, loss="ar_sft") \
             if c_rows is not None and world.cfg.rl.online_ar else None
-        return (policy.result() if policy else {}), (critic.result() if critic else {})
+        av_stats, synced = policy.result()
+        return av_stats, (critic.result() if critic else {}), synced
 
 
 def sync_engines(world: RLWorld, verify: bool = True) -> dict:
@@ -160,6 +166,7 @@ def sync_engines(world: RLWorld, verify: bool = True) -> dict:
     here). The learner computes its probe log-probs while the engines load the weights."""
     started = time.perf_counter()
     state = world.policy.full_state_dict()
+    gathered = time.perf_counter()
     lora = world.policy.spec.model.lora
     requests, completions = world.probe
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -176,7 +183,7 @@ def sync_engines(world: RLWorld, verify: bool = True) -> dict:
                 [e.tolist() for e in expected.result()], world.probe, world.sync_tolerance)
     seconds = time.perf_counter() - started
     world.sync_seconds.append(seconds)
-    return {"perf/sync_s": seconds, **metrics}
+    return {"perf/sync_s": seconds, "perf/sync_gather_s": gathered - started, **metrics}
 
 
 def save_adapter(state: dict, lora, out_dir) -> str:
@@ -288,15 +295,14 @@ def rl_loop(world: RLWorld, start: int) -> None:
                                      temperature=rl.temperature))])
         p_rows = _timed(seconds, "perf/ref_logp_s", lambda: policy_rows(  # kl_beta > 0: ref fwd
             world, rollouts, adv.advantages, scored.keep, old_logp))
-        av_stats, ar_stats = _timed(seconds, "perf/train_s", lambda: train_both(
-            world, p_rows, critic_rows(world, rollouts)))
+        verify = step == start or (step + 1) % rl.verify_sync_every == 0
+        av_stats, ar_stats, synced = _timed(seconds, "perf/train_s", lambda: train_both(
+            world, p_rows, critic_rows(world, rollouts), verify_sync=verify))
         world.skipped_steps += av_stats.get("skipped", 0.0) + ar_stats.get("skipped", 0.0)
         metrics = {**step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats,
-                                  old_logp), **seconds}
+                                  old_logp), **seconds, **synced}
         if step == start and rl.stop_on_unhealthy:
             check_step0_health(metrics)  # broken injection or >50% failures: stop now
-        verify = step == start or (step + 1) % rl.verify_sync_every == 0
-        metrics.update(sync_engines(world, verify=verify))
         metrics["perf/step_s"] = time.perf_counter() - started
         world.tracker.log(step + 1, metrics, stage="rl")
         if (step + 1) % rl.samples_every == 0 or step + 1 == rl.steps:

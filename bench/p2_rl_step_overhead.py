@@ -14,7 +14,9 @@ existing run (default ``runs/tiny``, made by ``make run``). Every step logs its 
 * ``perf/train_s``: the policy's GRPO step and the AR's online step, run concurrently;
 * ``perf/av/compute_s``, ``perf/ar/compute_s``: rank 0's seconds inside forward, backward and the
   optimiser step of each learner (their share of ``train_s``);
-* ``perf/sync_s``: weight sync and its verification (measured on its own by P5).
+* ``perf/sync_s``: weight sync and its verification (measured on its own by P5); it starts when
+  the policy's step ends and runs while the AR may still train, so it lengthens the step only
+  where it outlasts the AR's step (part of ``train_s``).
 
 Per step::
 

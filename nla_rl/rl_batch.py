@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from nla_rl.errors import NLAError
@@ -111,9 +112,11 @@ def build_policy_batch(prompts: Sequence[Sequence[int]], completions: Sequence[S
     if not torch.equal(positions[:, 0], torch.arange(len(rows))):
         raise NLAError("policy batch: every prompt must hold the marker exactly once")
     shape = (len(rows), width - 1)
+    # Copies (torch.tensor): arrays arriving through Ray are read-only.
     return PolicyBatch(
-        ids, mask, positions, torch.as_tensor(vectors, dtype=torch.float32).reshape(len(rows), -1),
-        response, torch.as_tensor(advantages, dtype=torch.float32).reshape(-1),
+        ids, mask, positions, torch.tensor(np.asarray(vectors), dtype=torch.float32).reshape(
+            len(rows), -1),
+        response, torch.tensor(np.asarray(advantages), dtype=torch.float32).reshape(-1),
         _per_token(engine_logp, prompts, completions, shape),
         _per_token(old_logp, prompts, completions, shape),
         _per_token(ref_logp, prompts, completions, shape))
