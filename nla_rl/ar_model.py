@@ -41,7 +41,7 @@ class ARModelError(NLAError):
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Silence transformers' load report and progress bars; we check the loading info ourselves."""
     from transformers.utils import logging as hf_logging
 
@@ -119,7 +119,7 @@ def _check_loading_info(info: dict, source, *, allowed_missing: Callable[[str], 
 def _load_causal_lm(path, config, dtype, trust_remote_code):
     from transformers import AutoModelForCausalLM
 
-    with _quiet_transformers():
+    with quiet_transformers():
         return AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
             output_loading_info=True,
@@ -235,7 +235,7 @@ class ActivationReconstructor(nn.Module):
         tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
         tmp.mkdir()
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 self.backbone.save_pretrained(tmp, safe_serialization=True)
             _write_value_head(self.value_head.weight, tmp / VALUE_HEAD_FILE)
             if tokenizer is not None:

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-# _quiet_transformers silences load reports: the loading info is checked here instead.
-from nla_rl.ar_model import ActivationReconstructor, _quiet_transformers
+# quiet_transformers silences load reports: the loading info is checked here instead.
+from nla_rl.ar_model import ActivationReconstructor, quiet_transformers
 from nla_rl.checkpoint import read_manifest
 from nla_rl.errors import NLAError
 from nla_rl.injection import d_model_of, inject
@@ -255,7 +255,7 @@ def _export_av_checkpoint(step_dir: Path, init_dir: Path, out: Path, *, lora, in
     meta, tokenizer = _checked_source(init_dir, "av")
     sidecar = export_sidecar(meta, source=step_dir, step=int(manifest["step"]),
                              config_from=init_dir, injection_scale=injection_scale)
-    with _quiet_transformers():
+    with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(init_dir, dtype=torch.float32,
                                                      local_files_only=True, use_safetensors=True)
     if lora is not None:
@@ -297,7 +297,7 @@ def _write_verified_av(model, tokenizer, sidecar: ModelSidecar, out: Path, dtype
 
 def _write_av(model, tokenizer, sidecar: ModelSidecar, out: Path) -> None:
     """The AV layout: ``save_pretrained`` (safetensors) + tokenizer + sidecar, into ``out``."""
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     write_model_sidecar(out, sidecar)
@@ -306,7 +306,7 @@ def _write_av(model, tokenizer, sidecar: ModelSidecar, out: Path) -> None:
 def _load_av_strict(path: Path, dtype):
     from transformers import AutoModelForCausalLM
 
-    with _quiet_transformers():
+    with quiet_transformers():
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, local_files_only=True, use_safetensors=True, output_loading_info=True)
     problems = {k: sorted(map(str, info.get(k) or ())) for k in
@@ -346,7 +346,7 @@ def _export_ar_checkpoint(step_dir: Path, init_dir: Path, out: Path, *, dtype=No
     state, manifest = read_checkpoint_state(step_dir)
     meta, tokenizer = _checked_source(init_dir, "ar")
     sidecar = export_sidecar(meta, source=step_dir, step=int(manifest["step"]), config_from=init_dir)
-    with _quiet_transformers():
+    with quiet_transformers():
         ar = ActivationReconstructor.from_pretrained(init_dir, dtype=torch.float32)
     load_state_checked(ar, state, step_dir / MODEL_FILE)
     dtype = dtype or config_dtype(init_dir)
@@ -357,7 +357,7 @@ def _export_ar_checkpoint(step_dir: Path, init_dir: Path, out: Path, *, dtype=No
 def _export_ar_dir(src: Path, meta: ModelSidecar, out: Path) -> Exported:
     _, tokenizer = _checked_source(src, "ar")
     dtype = config_dtype(src)
-    with _quiet_transformers():
+    with quiet_transformers():
         ar = ActivationReconstructor.from_pretrained(src, dtype=dtype)
     return _write_verified_ar(ar, tokenizer, export_sidecar(meta, source=src), out, dtype, source=src)
 
@@ -367,7 +367,7 @@ def _write_verified_ar(ar, tokenizer, sidecar: ModelSidecar, out: Path, dtype, *
     ar.eval()
     reference = ar.reconstruct(tokenizer, list(PROBE_EXPLANATIONS), template=sidecar.ar_template)
     _write_ar(ar, tokenizer, sidecar, out)
-    with _quiet_transformers():
+    with quiet_transformers():
         reloaded = ActivationReconstructor.from_pretrained(out, dtype=dtype).eval()
     reloaded_tok = _tokenizer(out)
     if reloaded_tok.padding_side != "right":

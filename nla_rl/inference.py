@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nla_rl.ar_model import ActivationReconstructor, _quiet_transformers
+from nla_rl.ar_model import ActivationReconstructor, quiet_transformers
 from nla_rl.base_model import DTYPES, load_causal_lm
 from nla_rl.errors import NLAError, mismatch
 from nla_rl.injection import generate_with_injection
@@ -181,7 +181,7 @@ class NLA:
         av_meta, ar_meta = read_model_sidecar(av_dir), read_model_sidecar(ar_dir)
         check_pair(av_meta, ar_meta)
         device = _resolve_device(device)
-        with _quiet_transformers():
+        with quiet_transformers():
             av_model, av_tok = load_causal_lm(av_dir, dtype=dtype, trust_remote_code=trust_remote_code)
         validate_model_sidecar(av_meta, av_tok, av_model.config, role="av")
         ar = ActivationReconstructor.from_pretrained(ar_dir, dtype=DTYPES[dtype],
