@@ -244,6 +244,12 @@ class LearnerRank:
     def ping(self) -> int:
         return self.rank
 
+    def placement(self) -> dict:
+        """This rank's node, placement group and assigned resources."""
+        from actors.placement import actor_placement
+
+        return {"rank": self.rank, **actor_placement()}
+
 
 def split_rows(rows: dict, parts: int) -> list[dict]:
     """``rows`` (columns of equal length) cut into ``parts`` equal contiguous shares.
@@ -273,13 +279,17 @@ class LearnerGroup:
     """Driver-side handle of N learner ranks (see the module doc)."""
 
     def __init__(self, spec: LearnerSpec, *, world_size: int, num_cpus_per_rank: float = 1.0,
-                 num_gpus_per_rank: float = 0.0, name: str = "learner", checkpoints=None):
+                 num_gpus_per_rank: float = 0.0, name: str = "learner", checkpoints=None,
+                 placement_group=None, bundle_indices: Sequence[int] | None = None):
         """``checkpoints``: a :class:`nla_rl.checkpoint.CheckpointManager` for :meth:`save` /
-        :meth:`load` (its root must be reachable by every rank)."""
+        :meth:`load` (its root must be reachable by every rank). ``placement_group``: one
+        reserved by the caller (e.g. shared with the engines, :mod:`actors.placement`); rank r
+        goes into its bundle ``bundle_indices[r]`` (default r) asking ``num_*_per_rank`` of it,
+        and the group stays the caller's to release. Without it the group reserves its own."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from actors.placement import reserve
+        from actors.placement import check_bundles_hold, reserve
 
         if spec.ema_decay > 0 and spec.backend == "deepspeed" and spec.zero_stage == 3:
             # ZeRO-3 keeps small parameters gathered and caches others between forwards, so a
@@ -288,7 +298,16 @@ class LearnerGroup:
                                "or learner.zero_stage=2 with DeepSpeed; ZeRO-3 is not supported")
         self.spec, self.world_size, self.name = spec, world_size, name
         self.checkpoints = checkpoints
-        self.placement = reserve(world_size, num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank)
+        if placement_group is None:
+            self.placement, self._owns_placement = reserve(
+                world_size, num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank), True
+            bundles = list(range(world_size))
+        else:
+            bundles = check_bundles_hold(
+                placement_group, range(world_size) if bundle_indices is None else bundle_indices,
+                count=world_size, num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank,
+                what=f"learner group {name}")
+            self.placement, self._owns_placement = placement_group, False
         threads = str(spec.threads_per_rank)
         env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                "TOKENIZERS_PARALLELISM": "false"}
@@ -299,7 +318,7 @@ class LearnerGroup:
                     num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank,
                     name=None, runtime_env={"env_vars": env},
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        self.placement, placement_group_bundle_index=r),
+                        self.placement, placement_group_bundle_index=bundles[r]),
                 ).remote(spec, r, world_size)
                 for r in range(world_size)
             ]
@@ -348,6 +367,10 @@ class LearnerGroup:
         parts = self._all("reconstruct", ema, per_rank=[s["t"] for s in shares])
         return torch.cat(parts)[:n]
 
+    def placements(self) -> list[dict]:
+        """Each rank's node, placement group and assigned resources (rank order)."""
+        return self._all("placement")
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The full (unsharded) state dict on CPU; every rank takes part, rank 0 returns it."""
         return self._all("full_state_dict")[0]
@@ -390,7 +413,8 @@ class LearnerGroup:
         return self.checkpoints
 
     def shutdown(self) -> None:
-        """Kill the ranks and release their placement group (idempotent)."""
+        """Kill the ranks and release their placement group if the group reserved it
+        (a caller's shared one is left to the caller; idempotent)."""
         import ray
 
         from actors.placement import release
@@ -399,5 +423,6 @@ class LearnerGroup:
             ray.kill(rank)
         self.ranks = []
         if getattr(self, "placement", None) is not None:
-            release(self.placement)
+            if self._owns_placement:
+                release(self.placement)
             self.placement = None

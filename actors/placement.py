@@ -1,14 +1,21 @@
-"""Placement of a learner group: one Ray placement-group bundle per rank, and the rendezvous.
+"""Placement of learner groups and engines on Ray placement groups, and the rendezvous.
 
-Every rank of a group reserves ``num_cpus_per_rank`` CPUs and ``num_gpus_per_rank`` GPUs in one
-bundle of a placement group, so a group either starts whole or waits whole (no half-placed group
-holding resources another group needs). ``PACK`` keeps the ranks on as few nodes as possible,
-which is what NCCL/gloo want; rank 0 picks a free port on its own node for the rendezvous.
+``learner.placement: separate`` — every rank of a group reserves ``num_cpus_per_rank`` CPUs and
+``num_gpus_per_rank`` GPUs in one bundle of the group's own placement group, so a group either
+starts whole or waits whole (no half-placed group holding resources another group needs); the
+engines are plain actors. ``colocated`` — one placement group for the whole RL world, where
+bundle i hosts engine i, AV rank i and AR rank i (:func:`reserve_colocated`): each member keeps
+its CPUs and takes a third of the bundle's GPU, so the three share one device. ``PACK`` keeps
+the bundles on as few nodes as possible, which is what NCCL/gloo want; rank 0 picks a free port
+on its own node for the rendezvous. Multi-node is the same code on a bigger Ray cluster.
 """
 
 from __future__ import annotations
 
+import math
 import socket
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from nla_rl.errors import NLAError
 
@@ -33,6 +40,16 @@ def node_address() -> str:
     return ray.util.get_node_ip_address()
 
 
+def actor_placement() -> dict:
+    """Where the calling actor runs: its node, its placement group (None outside one) and the
+    resources Ray assigned it — for health reports and placement checks."""
+    import ray
+
+    context = ray.get_runtime_context()
+    return {"node_id": context.get_node_id(), "placement_group": context.get_placement_group_id(),
+            "resources": context.get_assigned_resources()}
+
+
 def rank_bundles(world_size: int, *, num_cpus: float, num_gpus: float) -> list[dict]:
     """One resource bundle per rank (zero-sized resources left out: Ray rejects empty bundles)."""
     if world_size < 1:
@@ -44,19 +61,107 @@ def rank_bundles(world_size: int, *, num_cpus: float, num_gpus: float) -> list[d
 def reserve(world_size: int, *, num_cpus: float, num_gpus: float,
             timeout_s: float = PLACEMENT_TIMEOUT_S):
     """A ready placement group with one bundle per rank, or a clear error naming what is missing."""
+    bundles = rank_bundles(world_size, num_cpus=num_cpus, num_gpus=num_gpus)
+    return _reserve(bundles, timeout_s, f"{world_size} learner ranks of {bundles[0]}",
+                    "learner.num_cpus_per_rank / num_gpus_per_rank or the number of ranks")
+
+
+def _reserve(bundles: list[dict], timeout_s: float, what: str, fix: str):
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    bundles = rank_bundles(world_size, num_cpus=num_cpus, num_gpus=num_gpus)
     group = placement_group(bundles, strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(group)
         raise PlacementError(
-            f"the cluster could not place {world_size} learner ranks of {bundles[0]} within "
-            f"{timeout_s:.0f}s (available: {ray.available_resources()}); lower "
-            "learner.num_cpus_per_rank / num_gpus_per_rank or the number of ranks")
+            f"the cluster could not place {what} within {timeout_s:.0f}s (available: "
+            f"{ray.available_resources()}); lower {fix}, or start a bigger cluster")
     return group
+
+
+# Ray counts resources in units of 1e-4; a share rounded up could overfill its bundle.
+_RESOURCE_UNIT = 1e-4
+COLOCATED_MEMBERS = 3  # engine i, AV rank i and AR rank i
+
+
+def share_of(amount: float, parts: int) -> float:
+    """``amount / parts`` rounded down to Ray's resource unit, so ``parts`` shares always fit."""
+    return math.floor(amount / parts / _RESOURCE_UNIT) * _RESOURCE_UNIT
+
+
+@dataclass(frozen=True)
+class Colocated:
+    """A placement group whose bundle i hosts engine i, AV rank i and AR rank i.
+
+    ``num_cpus``/``num_gpus`` are what *each member* asks of its bundle: its own CPUs, and a
+    third of the bundle's GPUs (Ray's bookkeeping only: how the device memory is split is up to
+    ``engine.gpu_memory_utilization`` and the learners).
+    """
+
+    group: Any
+    num_cpus: float
+    num_gpus: float
+
+    def bundles(self, count: int) -> list[int]:
+        """The bundles of the first ``count`` members of one kind (engines, AV or AR ranks)."""
+        return list(range(count))
+
+    def shutdown(self) -> None:
+        """Release the group (this also ends any actor still in it)."""
+        release(self.group)
+
+
+def colocated_bundles(slots: Sequence[int], *, num_cpus: float, num_gpus: float) -> list[dict]:
+    """Bundle i holds ``slots[i]`` members' CPUs (``num_cpus`` each) and ``num_gpus`` GPUs."""
+    bundles = []
+    for members in slots:
+        bundle = {"CPU": round(num_cpus * members, 4), "GPU": num_gpus}
+        bundles.append({k: v for k, v in bundle.items() if v > 0} or {"CPU": 0.01})
+    return bundles
+
+
+def reserve_colocated(*, num_engines: int, ranks_av: int, ranks_ar: int, num_cpus: float,
+                      num_gpus: float, timeout_s: float = PLACEMENT_TIMEOUT_S) -> Colocated:
+    """One ready placement group of ``max(ranks_av, ranks_ar, num_engines)`` bundles for the
+    colocated world; ``num_cpus`` per member, ``num_gpus`` per bundle (shared by its members)."""
+    count = max(ranks_av, ranks_ar, num_engines)
+    slots = [(i < num_engines) + (i < ranks_av) + (i < ranks_ar) for i in range(count)]
+    bundles = colocated_bundles(slots, num_cpus=num_cpus, num_gpus=num_gpus)
+    group = _reserve(bundles, timeout_s, f"{count} colocated bundles (engine + AV rank + AR "
+                     f"rank each, the first {bundles[0]})",
+                     "learner.num_cpus_per_rank / num_gpus_per_rank or the number of ranks")
+    return Colocated(group, num_cpus, share_of(num_gpus, COLOCATED_MEMBERS))
+
+
+def colocated_for_recipe(cfg) -> Colocated | None:
+    """The recipe's shared placement group (``learner.placement: colocated``), else None."""
+    if cfg.learner.placement != "colocated":
+        return None
+    return reserve_colocated(num_engines=cfg.engine.num_engines, ranks_av=cfg.learner.ranks_av,
+                             ranks_ar=cfg.learner.ranks_ar,
+                             num_cpus=cfg.learner.num_cpus_per_rank,
+                             num_gpus=cfg.learner.num_gpus_per_rank)
+
+
+def check_bundles_hold(group, bundle_indices: Sequence[int], *, count: int, num_cpus: float,
+                       num_gpus: float, what: str) -> list[int]:
+    """``bundle_indices`` as a list, after checking there is one per actor, each exists and each
+    could hold one actor of ``num_cpus``/``num_gpus`` (Ray would queue it forever otherwise)."""
+    indices = list(bundle_indices)
+    if len(indices) != count:
+        raise PlacementError(f"{what}: {count} actors need {count} bundle indices, found {indices}")
+    specs = group.bundle_specs
+    for index in indices:
+        if not 0 <= index < len(specs):
+            raise PlacementError(f"{what}: bundle {index} does not exist (the placement group "
+                                 f"has {len(specs)} bundles)")
+        for key, need in (("CPU", num_cpus), ("GPU", num_gpus)):
+            if need > specs[index].get(key, 0.0) + 1e-9:
+                raise PlacementError(
+                    f"{what}: an actor asks for {need:g} {key}, bundle {index} holds only "
+                    f"{specs[index]}; lower the per-actor share or reserve bigger bundles")
+    return indices
 
 
 def release(group) -> None:

@@ -54,7 +54,9 @@ class RolloutActor:
         return self.engine.verify_sync(expected_logprobs, probe, tol)
 
     def health(self) -> dict:
-        return {"pid": os.getpid(), **self.engine.health()}
+        from actors.placement import actor_placement
+
+        return {"pid": os.getpid(), "placement": actor_placement(), **self.engine.health()}
 
 
 def core_binds(num_engines: int, num_cores: int | None = None) -> list[str]:
@@ -105,6 +107,25 @@ def check_cluster_fits(num_engines: int, num_cpus_per_engine: float, num_gpus_pe
                 f"(ray start --num-cpus/--num-gpus, or more nodes)")
 
 
+def engine_strategies(num_engines: int, num_cpus_per_engine: float, num_gpus_per_engine: float,
+                      placement_group=None, bundle_indices: Sequence[int] | None = None) -> list:
+    """Each engine's Ray scheduling strategy: None (anywhere the cluster fits, which is checked
+    here) or its bundle of ``placement_group`` (checked to exist and to hold one engine)."""
+    if placement_group is None:
+        check_cluster_fits(num_engines, num_cpus_per_engine, num_gpus_per_engine)
+        return [None] * num_engines
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from actors.placement import check_bundles_hold
+
+    bundles = check_bundles_hold(
+        placement_group, range(num_engines) if bundle_indices is None else bundle_indices,
+        count=num_engines, num_cpus=num_cpus_per_engine, num_gpus=num_gpus_per_engine,
+        what="rollout engines")
+    return [PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=b)
+            for b in bundles]
+
+
 class RolloutPool:
     """Several :class:`RolloutActor` s: a batch is split into contiguous slices (one per actor),
     results come back in request order; weight syncs and verification go to every actor.
@@ -112,13 +133,20 @@ class RolloutPool:
     An actor that dies is replaced (same options, latest weights/adapter re-applied) and only its
     slice re-run with the same seeds, so the results equal those it would have produced; after
     ``max_replacements`` failed tries for one call, :class:`EngineLostError`.
+
+    ``placement_group``: one reserved by the caller (e.g. shared with the learners, see
+    :mod:`actors.placement`); engine i — and any replacement of it — goes into its bundle
+    ``bundle_indices[i]`` (default i), asking ``num_*_per_engine`` of it. The reservation already
+    proved the cluster holds it, so only the bundles are checked; the caller releases the group.
     """
 
     def __init__(self, kind: str, engine_kwargs: dict, *, num_engines: int = 1,
                  num_cpus_per_engine: float = 1.0, num_gpus_per_engine: float = 0.0,
                  omp_binds: Sequence[str] | None = None, num_threads: int = 1,
-                 max_replacements: int = 2):
-        check_cluster_fits(num_engines, num_cpus_per_engine, num_gpus_per_engine)
+                 max_replacements: int = 2, placement_group=None,
+                 bundle_indices: Sequence[int] | None = None):
+        self._strategies = engine_strategies(num_engines, num_cpus_per_engine, num_gpus_per_engine,
+                                             placement_group, bundle_indices)
         self._binds = list(omp_binds) if omp_binds is not None else core_binds(num_engines)
         self._actor_cls = ray.remote(num_cpus=num_cpus_per_engine, num_gpus=num_gpus_per_engine)(RolloutActor)
         self._build = (kind, engine_kwargs, num_threads)
@@ -131,8 +159,11 @@ class RolloutPool:
     # -- actor lifecycle
     def _start_actor(self, index: int):
         kind, engine_kwargs, num_threads = self._build
-        return self._actor_cls.remote(kind, engine_kwargs, omp_bind=self._binds[index],
-                                      num_threads=num_threads)
+        actor_cls = self._actor_cls
+        if self._strategies[index] is not None:  # the same bundle as the actor it replaces
+            actor_cls = actor_cls.options(scheduling_strategy=self._strategies[index])
+        return actor_cls.remote(kind, engine_kwargs, omp_bind=self._binds[index],
+                                num_threads=num_threads)
 
     def _replace_actor(self, index: int, cause: BaseException) -> None:
         """A fresh actor at ``index`` serving the latest weights (raises ACTOR_LOST if it dies too)."""
@@ -214,9 +245,10 @@ class RolloutPool:
 
 
 def pool_from_recipe(cfg, *, model_dir: str, marker, injection, max_model_len: int = 1024,
-                     num_cpus_per_engine: float = 1.0) -> RolloutPool:
+                     num_cpus_per_engine: float = 1.0, colocated=None) -> RolloutPool:
     """The rollout pool a recipe asks for (``cfg.engine``), serving ``model_dir`` with the run's
-    resolved marker and :class:`nla_rl.roundtrip.InjectionSpec` (read from the sidecar)."""
+    resolved marker and :class:`nla_rl.roundtrip.InjectionSpec` (read from the sidecar);
+    ``colocated``: the :class:`actors.placement.Colocated` group engine i shares with rank i."""
     import torch
 
     engine_kwargs = dict(model_dir=str(model_dir), marker=marker, injection=injection,
@@ -227,6 +259,11 @@ def pool_from_recipe(cfg, *, model_dir: str, marker, injection, max_model_len: i
     tensor_parallel = getattr(cfg.engine, "tensor_parallel_size", 1)
     if tensor_parallel > 1:
         engine_kwargs["tensor_parallel_size"] = tensor_parallel
+    if colocated is not None:
+        return RolloutPool(cfg.engine.kind, engine_kwargs, num_engines=cfg.engine.num_engines,
+                           num_cpus_per_engine=colocated.num_cpus,
+                           num_gpus_per_engine=colocated.num_gpus, placement_group=colocated.group,
+                           bundle_indices=colocated.bundles(cfg.engine.num_engines))
     return RolloutPool(cfg.engine.kind, engine_kwargs, num_engines=cfg.engine.num_engines,
                        num_cpus_per_engine=num_cpus_per_engine,
                        num_gpus_per_engine=float(tensor_parallel) if torch.cuda.is_available() else 0.0)

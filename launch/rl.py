@@ -54,6 +54,16 @@ def rl_learner_spec(cfg: RecipeConfig, role: str, model_dir: Path, meta, injecti
     return dataclasses.replace(spec, model=model, optim=optim, ema_decay=ema), ranks
 
 
+def learner_placement(cfg: RecipeConfig, colocated, ranks: int) -> dict:
+    """A learner group's resource keywords: its own placement group (separate), or bundles
+    0..ranks-1 of the shared ``colocated`` one, each rank asking its member's share."""
+    if colocated is None:
+        return dict(num_cpus_per_rank=cfg.learner.num_cpus_per_rank,
+                    num_gpus_per_rank=cfg.learner.num_gpus_per_rank)
+    return dict(num_cpus_per_rank=colocated.num_cpus, num_gpus_per_rank=colocated.num_gpus,
+                placement_group=colocated.group, bundle_indices=colocated.bundles(ranks))
+
+
 def build_world(cfg: RecipeConfig, run_dir: Path):
     """Everything the loop needs; returns (world, actors to shut down)."""
     import torch
@@ -62,6 +72,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     from actors.cluster import connect_ray, recipe_cpus
     from actors.coordinator import RLWorld
     from actors.learner import LearnerGroup
+    from actors.placement import colocated_for_recipe
     from actors.rollout import pool_from_recipe
     from nla_rl.checkpoint import CheckpointManager
     from nla_rl.rl_data import RLData
@@ -85,12 +96,16 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     eos = {tokenizer.eos_token_id, *turn_close_ids(tokenizer)} - {None}
 
     connect_ray(num_cpus=recipe_cpus(cfg))
-    started = []
+    started = []  # shut down last first: a shared placement group after the actors in it
     try:
+        colocated = colocated_for_recipe(cfg)  # None: learner.placement=separate
+        if colocated is not None:
+            started.append(colocated)
         engines = pool_from_recipe(cfg, model_dir=str(av_dir), marker=av_meta.marker,
                                    injection=injection,
                                    max_model_len=len(prompt) + cfg.rl.max_new_tokens + 16,
-                                   num_cpus_per_engine=cfg.learner.num_cpus_per_rank)
+                                   num_cpus_per_engine=cfg.learner.num_cpus_per_rank,
+                                   colocated=colocated)
         started.append(engines)
         groups = {}
         for role, model_dir, meta in (("av", av_dir, av_meta), ("ar", ar_dir, ar_meta)):
@@ -98,13 +113,12 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
                                           injection if role == "av" else None)
             manager = CheckpointManager.for_recipe(run_dir / "rl" / role, cfg, f"rl_{role}",
                                                    keep_last=cfg.rl.keep_last)
-            groups[role] = LearnerGroup(spec, world_size=ranks,
-                                        num_cpus_per_rank=cfg.learner.num_cpus_per_rank,
-                                        num_gpus_per_rank=cfg.learner.num_gpus_per_rank,
-                                        name=f"rl_{role}", checkpoints=manager)
+            groups[role] = LearnerGroup(spec, world_size=ranks, name=f"rl_{role}",
+                                        checkpoints=manager,
+                                        **learner_placement(cfg, colocated, ranks))
             started.append(groups[role])
     except BaseException:
-        for actor in started:
+        for actor in reversed(started):
             actor.shutdown()
         raise
     probe_completion = tokenizer("<explanation>\nprobe of the weight sync\n</explanation>",
@@ -169,7 +183,7 @@ def rl(cfg: RecipeConfig, run_dir: Path) -> None:
             print(f"[rl] weight sync: mean {np.mean(world.sync_seconds):.3f}s")
     finally:
         world.tracker.finish()
-        for actor in actors:
+        for actor in reversed(actors):  # the shared placement group (if any) last
             actor.shutdown()
 
 

@@ -394,6 +394,13 @@ class LearnerConfig(ConfigSection):
         "the AV.")
     num_cpus_per_rank: float = param(0.5, "Ray CPUs reserved per rank.", ge=0)
     num_gpus_per_rank: float = param(0.0, "Ray GPUs reserved per rank; 0 on CPU.", ge=0)
+    placement: Literal["separate", "colocated"] = param(
+        "separate", "separate: each learner group has its own placement group (a bundle per "
+        "rank) and each engine its own resources (tensor_parallel_size GPUs). colocated: one "
+        "placement group whose bundle i holds engine i, AV rank i and AR rank i, sharing one "
+        "slot of num_gpus_per_rank GPUs (a third each for Ray) and num_cpus_per_rank CPUs "
+        "apiece; needs ranks_av == ranks_ar >= engine.num_engines and tensor_parallel_size 1, "
+        "and a low engine.gpu_memory_utilization leaving the learners room.")
 
 
 @dataclass(frozen=True)
@@ -445,6 +452,16 @@ class RecipeConfig(ConfigSection):
             _require(sft.batch_size % (sft.micro_batch_size * ranks) == 0, f"{stage}.batch_size",
                      f"must be a multiple of micro_batch_size × ranks ({sft.micro_batch_size} × "
                      f"{ranks}), found {sft.batch_size}")
+        learner, engine = self.learner, self.engine
+        _require(learner.placement != "colocated" or (
+            learner.ranks_av == learner.ranks_ar >= engine.num_engines
+            and engine.tensor_parallel_size == 1), "learner.placement",
+            "colocated puts engine i, AV rank i and AR rank i in one bundle, so it needs "
+            "learner.ranks_av == learner.ranks_ar >= engine.num_engines and "
+            "engine.tensor_parallel_size == 1; found ranks_av "
+            f"{learner.ranks_av}, ranks_ar {learner.ranks_ar}, num_engines {engine.num_engines}, "
+            f"tensor_parallel_size {engine.tensor_parallel_size}. Change those keys, or set "
+            "learner.placement=separate")
 
 
 # ----------------------------------------------------------------------------- type checking
