@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from nla_rl.data.toyworld import ToyWorld, toy_tokenizer_texts
+from nla_rl.errors import ConfigError
 
 LM_DOC_START = 1_000_000_000
 META_FILE = "toy_lm.json"
@@ -58,7 +59,7 @@ def train_toy_lm(out_dir: str | Path, *, seed: int = 0, steps: int = 600, hidden
     settings = dict(seed=seed, steps=steps, hidden=hidden, layers=layers, heads=heads,
                     kv_heads=kv_heads, batch_size=batch_size, max_len=max_len, lr=lr,
                     warmup=warmup if warmup is not None else max(1, steps // 10),
-                    vocab_size=vocab_size)
+                    vocab_size=vocab_size, world=world_fingerprint(seed))
     if is_finished_toy_lm(out_dir):
         return _check_cached(out_dir, settings)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -75,11 +76,26 @@ def train_toy_lm(out_dir: str | Path, *, seed: int = 0, steps: int = 600, hidden
     return out_dir
 
 
+def world_fingerprint(seed: int) -> str:
+    """A hash of what the toy LM learns from (tokenizer texts, a sample of its training
+    documents): a cached LM built from an older toy world must not be reused silently."""
+    import hashlib
+
+    docs = [d.text for d in ToyWorld(seed).documents(20, start=LM_DOC_START)]
+    return hashlib.sha256("\n".join([*toy_tokenizer_texts(seed), *docs]).encode()).hexdigest()[:16]
+
+
 def _check_cached(out_dir: Path, settings: dict) -> Path:
     meta = json.loads((out_dir / META_FILE).read_text())
-    if meta.get("settings") != settings:
-        raise ValueError(f"{out_dir} holds a toy LM trained with {meta.get('settings')}, "
-                         f"not {settings}; delete it to retrain")
+    cached = meta.get("settings") or {}
+    if cached != settings:
+        differ = sorted(k for k in set(cached) | set(settings) if cached.get(k) != settings.get(k))
+        what = f"it was trained with other settings ({', '.join(differ)})"
+        if differ == ["world"]:
+            what = ("the toy world (corpus or tokenizer texts) changed since it was trained"
+                    if "world" in cached else "it predates the toy-world fingerprint")
+        raise ConfigError(f"{out_dir} holds a toy LM that does not match: {what}; delete the "
+                         "directory to retrain it")
     return out_dir
 
 

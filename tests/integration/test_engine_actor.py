@@ -24,19 +24,6 @@ def test_split_and_binds():
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    from actors.cluster import connect_ray
-
-    import ray
-
-    started = not ray.is_initialized()
-    connect_ray(num_cpus=4)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def setup(tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("actor_model")
     model, tok = build_model(root / "model", seed=3)

@@ -21,19 +21,6 @@ SAMPLED = SamplingSpec(n=2, temperature=1.0, max_new_tokens=6, seed=4)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    from actors.cluster import connect_ray
-
-    import ray
-
-    started = not ray.is_initialized()
-    connect_ray(num_cpus=4)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("recovery_model")
     model, tok = build_model(root / "model", seed=3)

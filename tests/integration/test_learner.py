@@ -36,18 +36,6 @@ LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("learner_models")
     _, tok = build_tiny_model("qwen2", root / "av", seed=0, hidden=D, heads=4, kv_heads=2)

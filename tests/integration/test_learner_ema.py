@@ -16,7 +16,7 @@ from actors.learner import LearnerError, LearnerGroup
 from nla_rl.ar_model import ActivationReconstructor
 from nla_rl.checkpoint import CheckpointManager
 from nla_rl.templates import DEFAULT_AR_TEMPLATE
-from tests.integration.test_learner import RANKS, ar_spec, models, ray_cluster, step_rows  # noqa: F401
+from tests.integration.test_learner import RANKS, ar_spec, models, step_rows  # noqa: F401
 
 DECAY, STEPS = 0.5, 3
 TEXTS = ["one", "two words", "three words here", "the blue sea and cats"]

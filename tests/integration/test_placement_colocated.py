@@ -32,18 +32,6 @@ OPTIM = OptimSpec(lr=1e-3, weight_decay=0.0, warmup_steps=0, total_steps=4, sche
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("colocated_models")
     model, tok = build_model(root / "av", seed=5)

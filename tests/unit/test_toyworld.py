@@ -176,8 +176,12 @@ def test_toy_lm_trains_and_caches(toy_lm_dir, monkeypatch):
     monkeypatch.setattr(toy_lm, "_train", lambda *a, **k: pytest.fail("retrained a cached LM"))
     assert train_toy_lm(toy_lm_dir, progress=False, **PROBE_LM) == toy_lm_dir
     assert os.path.getmtime(toy_lm_dir / "model.safetensors") == mtime
-    with pytest.raises(ValueError, match="different|trained with"):
+    with pytest.raises(ValueError, match=r"other settings \(steps\)"):
         train_toy_lm(toy_lm_dir, progress=False, **{**PROBE_LM, "steps": 151})
+    # An LM cached from an older toy world (other corpus or tokenizer texts) is not reused.
+    monkeypatch.setattr(toy_lm, "world_fingerprint", lambda seed: "an-older-world")
+    with pytest.raises(ValueError, match="the toy world .* changed"):
+        train_toy_lm(toy_lm_dir, progress=False, **PROBE_LM)
 
 
 def test_toy_lm_write_is_atomic(tmp_path, monkeypatch):
