@@ -2,13 +2,12 @@
 
     ema ← decay · ema + (1 − decay) · θ            after every applied optimiser step
 
-Each rank keeps the EMA of the weights it stores: its FSDP2 shards (the DTensor's local tensor),
-its ZeRO-3 partition (``ds_tensor``), or the whole parameter (ZeRO-2, single rank). Scoring with
+Each rank keeps the EMA of the weights it stores: its FSDP2 shards (the DTensor's local tensor)
+or the whole parameter (DeepSpeed ZeRO-2; ZeRO-3 is refused by the learner group). Scoring with
 the EMA swaps it into those same tensors for the forward pass and swaps the live weights back
 afterwards, so no second model is built and every backend's forward works unchanged. FSDP2
-keeps the root module's weights gathered after a forward (it expects a backward), and then the
-module's parameters *are* those gathered copies: every FSDP2 module is resharded before the shards
-are read or written, and again before the live values go back.
+modules are resharded (:func:`actors.backends.fsdp2.reshard`) before the shards are read or
+written, and again before the live values go back.
 """
 
 from __future__ import annotations
@@ -18,28 +17,19 @@ from pathlib import Path
 
 import torch
 
+from actors.backends.fsdp2 import reshard
+
 EMA_FILE = "ema_rank{rank}.safetensors"
-
-
-def reshard_fsdp(module: torch.nn.Module) -> None:
-    """Drop FSDP2's gathered copies so the module's parameters are the sharded ones again."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for sub in module.modules():
-        if isinstance(sub, FSDPModule):
-            sub.reshard()
 
 
 def local_weight_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     """The storage this rank holds for each trainable parameter, in a stable order."""
-    reshard_fsdp(module)
+    reshard(module)
     out = []
     for param in module.parameters():
         if not param.requires_grad:
             continue
-        if hasattr(param, "ds_tensor"):  # DeepSpeed ZeRO-3: the param itself is a placeholder
-            out.append(param.ds_tensor.data)
-        elif hasattr(param, "to_local"):  # FSDP2 DTensor: this rank's shard
+        if hasattr(param, "to_local"):  # FSDP2 DTensor: this rank's shard
             out.append(param.to_local().data)
         else:
             out.append(param.data)
@@ -71,7 +61,7 @@ class WeightEMA:
         try:
             yield
         finally:
-            reshard_fsdp(module)  # the next forward gathers the live weights, not these
+            reshard(module)  # the next forward gathers the live weights, not these
             with torch.no_grad():
                 for t, saved in zip(tensors, live):
                     t.copy_(saved)
