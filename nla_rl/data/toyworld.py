@@ -237,12 +237,12 @@ def score_explanation(text: str | None, true_attributes: Iterable[str]) -> tuple
     |named|, **NaN when nothing is named** (an empty or failed explanation makes no claim; it is
     already punished by recall 0, and batch means exclude NaN — see :func:`score_explanations`).
     """
-    true = frozenset(true_attributes)
-    named = parse_attributes(text)
+    return _recall_precision(parse_attributes(text), frozenset(true_attributes))
+
+
+def _recall_precision(named: frozenset, true: frozenset) -> tuple[float, float]:
     hits = len(named & true)
-    recall = hits / len(true) if true else math.nan
-    precision = hits / len(named) if named else math.nan
-    return recall, precision
+    return (hits / len(true) if true else math.nan, hits / len(named) if named else math.nan)
 
 
 ALWAYS_REVEALED = frozenset({"subject"})  # every document opens with its subject
@@ -254,14 +254,12 @@ def score_slots(text: str | None, true_attributes: Iterable[str]) -> tuple[float
     apart from whether it gets their values right. The subject is left out: every document
     reveals it, so naming it says nothing about which facts this one revealed. NaN cases as in
     :func:`score_explanation`."""
-    # Each slot stands for itself as its first value word, so the attribute scorer compares slots.
-    named = _optional_slots(parse_attributes(text))
-    return score_explanation(" ".join(SLOTS[s][0] for s in named),
-                             [f"{s}={SLOTS[s][0]}" for s in _optional_slots(true_attributes)])
+    return _recall_precision(_optional_slots(parse_attributes(text)),
+                             _optional_slots(true_attributes))
 
 
-def _optional_slots(attributes: Iterable[str]) -> list[str]:
-    return sorted({a.split("=", 1)[0] for a in attributes} - ALWAYS_REVEALED)
+def _optional_slots(attributes: Iterable[str]) -> frozenset[str]:
+    return frozenset(a.split("=", 1)[0] for a in attributes) - ALWAYS_REVEALED
 
 
 @dataclass(frozen=True)
@@ -281,16 +279,18 @@ def score_explanations(texts: Sequence[str | None], truths: Sequence[Iterable[st
     """Mean recall and precision over a batch; ``None`` texts (failed extraction) name nothing."""
     if len(texts) != len(truths):
         raise ValueError(f"{len(texts)} explanations but {len(truths)} attribute sets")
-    truths = [list(a) for a in truths]
-    pairs = [score_explanation(t, a) for t, a in zip(texts, truths)]
-    slot_pairs = [score_slots(t, a) for t, a in zip(texts, truths)]
+    named = [parse_attributes(t) for t in texts]  # each text parsed once
+    truths = [frozenset(a) for a in truths]
+    pairs = [_recall_precision(n, t) for n, t in zip(named, truths)]
+    slot_pairs = [_recall_precision(_optional_slots(n), _optional_slots(t))
+                  for n, t in zip(named, truths)]
 
     def nanmean(xs):
         xs = [x for x in xs if not math.isnan(x)]
         return sum(xs) / len(xs) if xs else math.nan
 
     return ToyScores(nanmean(r for r, _ in pairs), nanmean(p for _, p in pairs), len(pairs),
-                     sum(1 for t in texts if not parse_attributes(t)),
+                     sum(1 for n in named if not n),
                      nanmean(r for r, _ in slot_pairs), nanmean(p for _, p in slot_pairs))
 
 
