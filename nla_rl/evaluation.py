@@ -54,7 +54,7 @@ def round_trip_metrics(pred: torch.Tensor, gold: torch.Tensor, *, mse_scale: flo
     """The headline numbers of one round trip (keys without a group prefix; NaN = undefined)."""
     gold = gold.float()
     out = {
-        "fve": fve(pred, gold, mse_scale) if len(gold) > 1 else math.nan,
+        "fve": fve(pred, gold, mse_scale),  # NaN for fewer than two rows (no variance)
         "cosine": float(cosine(pred, gold).mean()),
         "mse": float(normalized_mse(pred, gold, mse_scale).mean()),
         "extraction_failure_rate": sum(e is None for e in explanations) / max(len(explanations), 1),
@@ -106,7 +106,7 @@ def prefix_curve(reconstruct: Callable[[list[str]], torch.Tensor], tokenizer,
     curve = []
     for n in prefix_lengths(longest, steps):
         pred = reconstruct(prefix_texts(tokenizer, explanations, n))
-        curve.append({"tokens": n, "fve": fve(pred, gold, mse_scale) if len(gold) > 1 else math.nan,
+        curve.append({"tokens": n, "fve": fve(pred, gold, mse_scale),
                       "cosine": float(cosine(pred, gold).mean())})
     return curve
 

@@ -295,7 +295,7 @@ class NLA:
         return ScoreResult(
             explanations=generation.explanations, texts=generation.texts, predictions=preds,
             mse=normalized_mse(preds, gold, self.mse_scale), cosine=cosine(preds, gold),
-            fve=fve(preds, gold, self.mse_scale) if len(gold) > 1 else float("nan"),
+            fve=fve(preds, gold, self.mse_scale),
             failed=torch.tensor([e is None for e in generation.explanations], dtype=torch.bool),
             injections_applied=generation.injections_applied,
             injection_scale=generation.injection_scale)
