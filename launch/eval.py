@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from nla_rl.atomic import atomic_write_text
-from nla_rl.config import RecipeConfig, load_recipe
+from nla_rl.config import EvalConfig, RecipeConfig, load_recipe
 from nla_rl.data.store import read_activations, read_rows
 from nla_rl.errors import NLAError
 from nla_rl.evaluation import (derangement, eval_negatives, prefix_curve, round_trip_metrics,
@@ -36,7 +36,6 @@ from nla_rl.metrics_log import MetricsLog
 from nla_rl.sidecar import MODEL_SIDECAR_NAME
 from nla_rl.tracking import check_metric_names
 
-EVAL_ROWS = 256  # default rows of the eval split scored
 # (label, AV dir, AR dir), most trained first.
 CANDIDATES = (("export", "export/av", "export/ar"), ("rl", "rl/final/av", "rl/final/ar"),
               ("sft", "av_sft/final", "ar_sft/final"), ("init", "init/av", "init/ar"))
@@ -61,6 +60,14 @@ def pick_models(run_dir: Path) -> tuple[str, Path, Path]:
 def _run_recipe(run_dir: Path) -> RecipeConfig | None:
     path = run_dir / "recipe.yaml"
     return load_recipe(path) if path.is_file() else None
+
+
+def _load_nla(av_dir: Path, ar_dir: Path, cfg: RecipeConfig | None) -> NLA:
+    """A pair as the run's recipe serves it (dtype, prefill, trust_remote_code)."""
+    if cfg is None:
+        return NLA.from_pretrained(av_dir, ar_dir)
+    return NLA.from_pretrained(av_dir, ar_dir, dtype=cfg.model.dtype, prefill=cfg.templates.av_prefill,
+                               trust_remote_code=cfg.model.trust_remote_code)
 
 
 def _finite_or_none(obj):
@@ -93,13 +100,11 @@ def evaluate(run_dir: str | Path, *, av: str | Path | None = None, ar: str | Pat
     settings come from the run's recipe (``eval.*``), else the defaults."""
     run_dir = Path(run_dir)
     cfg = cfg or _run_recipe(run_dir)
-    settings = cfg.eval if cfg else None
-    if rows is None:
-        rows = settings.rows if settings else EVAL_ROWS
-    if batch_size is None:
-        batch_size = settings.batch_size if settings else 16
-    compare = compare if compare is not None else (settings.compare if settings else ("sft",))
-    max_new_tokens = (max_new_tokens or (settings.max_new_tokens if settings else None)
+    settings = cfg.eval if cfg else EvalConfig()
+    rows = rows if rows is not None else settings.rows
+    batch_size = batch_size if batch_size is not None else settings.batch_size
+    compare = compare if compare is not None else settings.compare
+    max_new_tokens = (max_new_tokens or settings.max_new_tokens
                       or (cfg.rl.max_new_tokens if cfg else 128))
     if (av is None) != (ar is None):
         raise EvalError("pass both --av and --ar, or neither (the run's most trained pair)")
@@ -114,8 +119,7 @@ def evaluate(run_dir: str | Path, *, av: str | Path | None = None, ar: str | Pat
     doc_ids = np.asarray(table["doc_id"].to_pylist())
     attributes = table["attributes"].to_pylist() if "attributes" in table.column_names else None
     started = time.perf_counter()
-    nla = NLA.from_pretrained(av_dir, ar_dir, dtype=cfg.model.dtype if cfg else "float32",
-                              prefill=cfg.templates.av_prefill if cfg else "")
+    nla = _load_nla(av_dir, ar_dir, cfg)
     negatives = eval_negatives(gold.numpy(), doc_ids)
     gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
     generation = nla.generate(gold, **gen)
@@ -172,8 +176,7 @@ def _baselines(run_dir: Path, labels, evaluated: NLA, gold, negatives, attribute
         stages = (read_model_sidecar(av_dir).stage, read_model_sidecar(ar_dir).stage)
         if stages == (evaluated.av_meta.stage, evaluated.ar_meta.stage):
             continue
-        nla = NLA.from_pretrained(av_dir, ar_dir, dtype=cfg.model.dtype if cfg else "float32",
-                                  prefill=cfg.templates.av_prefill if cfg else "")
+        nla = _load_nla(av_dir, ar_dir, cfg)
         metrics, _ = _score(nla, gold, nla.generate(gold, **gen), negatives, attributes)
         out[label] = {"av": str(av_dir), "ar": str(ar_dir), "metrics": metrics}
     return out
