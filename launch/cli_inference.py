@@ -16,13 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nla_rl.atomic import atomic_path
+from nla_rl.atomic import atomic_path, atomic_write_text
 from nla_rl.errors import NLAError
-
-
-def _atomic_save(path: Path, write) -> None:
-    with atomic_path(path) as tmp:
-        write(tmp)
 
 
 def load_vectors(path: str | Path, limit: int | None = None) -> np.ndarray:
@@ -67,8 +62,7 @@ def _cmd_explain(args) -> int:
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         summary = {"summary": {"fve": result.fve, "rows": len(rows),
                                "extraction_failure_rate": result.extraction_failure_rate}}
-        _atomic_save(Path(args.out), lambda p: p.write_text(
-            lines + json.dumps(summary, allow_nan=True) + "\n", encoding="utf-8"))
+        atomic_write_text(args.out, lines + json.dumps(summary, allow_nan=True) + "\n")
         print(f"wrote {args.out}")
     return 0
 
@@ -104,15 +98,12 @@ def _cmd_extract(args) -> int:
         raise NLAError("extract: no token positions found (are the texts empty?)")
     vectors = np.stack(table["activation_vector"].to_numpy(zero_copy_only=False)).astype(np.float32)
     out = Path(args.out)
-    def write_npy(path: Path) -> None:
-        with path.open("wb") as fh:  # a file object: np.save would append .npy to a bare name
-            np.save(fh, vectors, allow_pickle=False)
-
-    _atomic_save(out, write_npy)
+    with atomic_path(out) as tmp, tmp.open("wb") as fh:  # a file object: np.save would add .npy
+        np.save(fh, vectors, allow_pickle=False)
     index = [{"row": r, "text": int(d), "position": int(p)} for r, (d, p) in
              enumerate(zip(table["doc_id"].to_pylist(), table["position"].to_pylist()))]
     index_path = out.with_suffix(".rows.json")
-    _atomic_save(index_path, lambda p: p.write_text(json.dumps(index), encoding="utf-8"))
+    atomic_write_text(index_path, json.dumps(index))
     print(f"wrote {out}: float32 {list(vectors.shape)} (block {args.layer} of {args.base}, "
           f"{stats.rows} rows from {len(texts)} text(s)); row → (text, position) in {index_path}")
     return 0
