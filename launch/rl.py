@@ -15,18 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.sft import SFTStageError, injection_for, learner_spec
+from launch.sft import CURSOR_FILE, SFTStageError, injection_for, learner_spec
 from nla_rl.config import RecipeConfig
-from nla_rl.sidecar import ModelSidecar, read_model_sidecar
+from nla_rl.sidecar import MODEL_SIDECAR_NAME, ModelSidecar, read_model_sidecar
 
 PROGRESS_FILE = "progress.json"
-CURSOR_FILE = "data_cursor.json"
 
 
 def trained_or_initial(run_dir: Path, role: str) -> Path:
     """The SFT model of ``role`` when the SFT stage ran, else the initial one."""
     for path in (run_dir / f"{role}_sft" / "final", run_dir / "init" / role):
-        if (path / "nla_meta.yaml").is_file():
+        if (path / MODEL_SIDECAR_NAME).is_file():
             return path
     raise SFTStageError(f"rl: no {role.upper()} to start from in {run_dir} (neither "
                         f"{role}_sft/final nor init/{role}); run.stages must include prepare")

@@ -42,7 +42,7 @@ def engine_factory(kind: str, **engine_kwargs) -> EngineFactory:
             samples = [group[0] for group in engine.generate(requests, sampling)]
             return [s.text for s in samples], sum(s.injection_applied for s in samples)
 
-        generate.engine = engine  # kept alive with the function; close() releases it
+        generate.engine = engine  # the engine lives as long as the function does
         return generate
 
     return build
