@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from nla_rl.config import RecipeConfig
-from nla_rl.grpo import compute_advantages
+from nla_rl.grpo import PolicyLossSettings, compute_advantages
 from nla_rl.health import check_step0_health, rollout_health
-from nla_rl.metrics import cosine
+from nla_rl.metrics import cosine, hard_negative_gap
 from nla_rl.rewards import normalized_mse
 from nla_rl.rl_batch import trim_at_eos
 from nla_rl.rl_data import RLBatch, RLData
@@ -98,10 +98,9 @@ def score(world: RLWorld, batch: RLBatch, rollouts: Rollouts, preds: torch.Tenso
     gold = torch.from_numpy(rollouts.golds)
     negatives = None if batch.negatives is None else torch.from_numpy(
         np.repeat(batch.negatives, g, axis=0))
-    token_ids = [c or [] for c in rollouts.completions]
     failed = [e is None for e in rollouts.explanations]
     preds = [None if f else p for f, p in zip(failed, preds)]
-    return step_rewards(preds, gold, token_ids, rollouts.finish_reasons, world.cfg.rl,
+    return step_rewards(preds, gold, rollouts.completions, rollouts.finish_reasons, world.cfg.rl,
                         scale=world.mse_scale, eos_token_ids=sorted(world.eos_ids),
                         negatives_cfg=world.cfg.negatives if negatives is not None else None,
                         hard_negatives=negatives, group_ids=torch.from_numpy(rollouts.group_ids),
@@ -117,10 +116,7 @@ def policy_rows(world: RLWorld, rollouts: Rollouts, advantages, keep, old_logp) 
             "vectors": rollouts.golds[idx], "advantages": np.asarray(advantages, np.float32)[idx],
             "engine_logp": [rollouts.engine_logp[i] for i in idx],
             "old_logp": [old_logp[i] for i in idx],
-            "temperature": float(rl.temperature), "clip_low": rl.clip_low,
-            "clip_high": rl.clip_high, "kl_beta": rl.kl_beta, "kl_estimator": rl.kl_estimator,
-            "is_cap": rl.is_cap, "mismatch_threshold": rl.is_mismatch_threshold,
-            "loss_agg": rl.loss_agg}
+            "temperature": float(rl.temperature), "settings": PolicyLossSettings.from_rl(rl)}
     if rl.kl_beta > 0:
         ref = world.policy.av_logprobs(rows["prompts"], rows["completions"], rows["vectors"],
                                        reference=True, temperature=rl.temperature)
@@ -271,7 +267,7 @@ def samples_table(batch: RLBatch, rollouts: Rollouts, scored, preds: torch.Tenso
             row["mse"] = float(normalized_mse(pred, gold, mse_scale)[0])
             if batch.negatives is not None:
                 negs = torch.from_numpy(batch.negatives[i])
-                row["gap"] = float(cosine(pred, gold)[0] - cosine(pred.expand_as(negs), negs).max())
+                row["gap"] = hard_negative_gap(pred, gold, negs.unsqueeze(0))
         out.append(row)
     return out
 

@@ -97,20 +97,15 @@ def _av_compute(rank, model, micro) -> MicroLoss:
 
 def _build_grpo(rank, rows: dict):
     """Rollouts → a :class:`nla_rl.rl_batch.PolicyBatch` carrying the step's loss settings."""
-    from nla_rl.grpo import PolicyLossSettings
     from nla_rl.rl_batch import build_policy_batch
 
     spec = rank.spec.model
-    settings = PolicyLossSettings(
-        clip_low=rows["clip_low"], clip_high=rows["clip_high"], kl_beta=rows["kl_beta"],
-        kl_estimator=rows["kl_estimator"], is_cap=rows["is_cap"],
-        mismatch_threshold=rows["mismatch_threshold"], loss_agg=rows["loss_agg"])
     pad = rank.tokenizer.pad_token_id if rank.tokenizer.pad_token_id is not None else 0
     batch = build_policy_batch(rows["prompts"], rows["completions"], _vectors(rows),
                                rows["advantages"], marker=spec.marker, pad_id=pad,
                                engine_logp=rows.get("engine_logp"), old_logp=rows.get("old_logp"),
                                ref_logp=rows.get("ref_logp"))
-    batch.settings, batch.temperature = settings, float(rows["temperature"])
+    batch.settings, batch.temperature = rows["settings"], float(rows["temperature"])
     return batch
 
 
