@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from launch.export import export
 from launch.rl import rl
 from launch.sft import ar_sft, av_sft
 from nla_rl.ar_model import ActivationReconstructor
+from nla_rl.atomic import atomic_dir
 from nla_rl.base_model import DTYPES, load_causal_lm, resolve_base_model
 from nla_rl.config import RecipeConfig
 from nla_rl.errors import ConfigError
@@ -79,13 +78,10 @@ def prepare(cfg: RecipeConfig, run_dir: Path) -> None:
 
 def _save_av(model, tokenizer, meta: ModelSidecar, out_dir: Path) -> None:
     """The AV checkpoint: an ordinary HF causal-LM dir + tokenizer + sidecar, written atomically."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    write_model_sidecar(tmp, meta)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_model_sidecar(tmp, meta)
 
 
 def check(cfg: RecipeConfig, run_dir: Path) -> None:

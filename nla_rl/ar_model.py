@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nla_rl.atomic import atomic_dir
 from nla_rl.errors import NLAError
 from nla_rl.templates import DEFAULT_AR_TEMPLATE, ar_text
 
@@ -231,10 +229,8 @@ class ActivationReconstructor(nn.Module):
         On any failure the previous ``out_dir`` (if any) is left untouched.
         """
         out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
-        tmp.mkdir()
-        try:
+        with atomic_dir(out_dir) as tmp:
+            tmp.mkdir()
             with quiet_transformers():
                 self.backbone.save_pretrained(tmp, safe_serialization=True)
             _write_value_head(self.value_head.weight, tmp / VALUE_HEAD_FILE)
@@ -242,10 +238,6 @@ class ActivationReconstructor(nn.Module):
                 _save_tokenizer_right_padded(tokenizer, tmp)
             if extra_files is not None:
                 extra_files(tmp)
-            _replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out_dir
 
     # ----------------------------------------------------------------------------- inference
@@ -305,20 +297,3 @@ def _save_tokenizer_right_padded(tokenizer, out_dir: Path) -> None:
         tokenizer.save_pretrained(out_dir)
     finally:
         tokenizer.padding_side = previous
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is moved aside first and restored on failure."""
-    if not dst.exists():
-        os.rename(src, dst)
-        return
-    if not dst.is_dir():
-        raise ARModelError(f"{dst}: exists and is not a directory; refusing to replace it")
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:12]}"
-    os.rename(dst, old)
-    try:
-        os.rename(src, dst)
-    except BaseException:
-        os.rename(old, dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

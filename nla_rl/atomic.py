@@ -1,17 +1,21 @@
 """Atomic file writes: readers see the old file or the new one, never half of one.
 
-Every writer of the project goes through :func:`atomic_path`: the content is written to a temp
-file beside the target (same file system, so the rename is atomic), which replaces the target
-only when writing succeeded and is deleted otherwise.
+Files go through :func:`atomic_path`: the content is written to a temp file beside the target
+(same file system, so the rename is atomic), which replaces the target only when writing
+succeeded and is deleted otherwise. Model directories go through :func:`atomic_dir` the same way.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from nla_rl.errors import NLAError
 
 
 @contextmanager
@@ -29,6 +33,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A hidden path beside directory ``path`` (not created: write the directory there). When the
+    block succeeds it replaces ``path`` (a previous ``path`` is moved aside, and put back if the
+    swap fails); whatever the block left there is deleted in every other case."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        yield tmp
+        _replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    old = None
+    if dst.exists():
+        if not dst.is_dir():
+            raise NLAError(f"{dst}: exists and is not a directory; refusing to replace it")
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:12]}"
+        os.rename(dst, old)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        if old is not None:
+            os.rename(old, dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -25,12 +25,8 @@ is applied with the recorded settings and the merged model is checked against th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +34,7 @@ import torch
 
 # quiet_transformers silences load reports: the loading info is checked here instead.
 from nla_rl.ar_model import ActivationReconstructor, quiet_transformers
+from nla_rl.atomic import atomic_dir
 from nla_rl.checkpoint import read_manifest
 from nla_rl.errors import NLAError
 from nla_rl.injection import d_model_of, inject
@@ -115,7 +112,7 @@ def av_from_checkpoint(step_dir, init_dir, out_dir, *, lora: LoraSettings | None
     ``injection_scale``: the replace scale to record when ``init_dir``'s sidecar leaves it null
     (training resolved it from the data). ``dtype``: default the init directory's.
     """
-    with _staged(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         result = _export_av_checkpoint(Path(step_dir), Path(init_dir), tmp, lora=lora,
                                        injection_scale=injection_scale, dtype=dtype)
     return dataclasses.replace(result, path=Path(out_dir))
@@ -123,7 +120,7 @@ def av_from_checkpoint(step_dir, init_dir, out_dir, *, lora: LoraSettings | None
 
 def ar_from_checkpoint(step_dir, init_dir, out_dir, *, dtype: torch.dtype | None = None) -> Exported:
     """Export the AR of checkpoint ``step_dir`` (rebuilt on ``init_dir``'s config) to ``out_dir``."""
-    with _staged(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         result = _export_ar_checkpoint(Path(step_dir), Path(init_dir), tmp, dtype=dtype)
     return dataclasses.replace(result, path=Path(out_dir))
 
@@ -134,7 +131,7 @@ def pair_from_checkpoints(av_step, av_init, ar_step, ar_init, out_root, *,
     """Both roles from checkpoints into ``out_root/{av,ar}``; nothing is committed unless both verify."""
     check_pair(read_model_sidecar(av_init), read_model_sidecar(ar_init))
     out_root = Path(out_root)
-    with _staged(out_root / "av") as av_tmp, _staged(out_root / "ar") as ar_tmp:
+    with atomic_dir(out_root / "av") as av_tmp, atomic_dir(out_root / "ar") as ar_tmp:
         av = _export_av_checkpoint(Path(av_step), Path(av_init), av_tmp, lora=lora,
                                    injection_scale=injection_scale)
         ar = _export_ar_checkpoint(Path(ar_step), Path(ar_init), ar_tmp)
@@ -150,7 +147,7 @@ def export_pair(av_src, ar_src, out_root, *, av_injection_scale: float | None = 
     _check_role(av_meta, "av", av_src)
     _check_role(ar_meta, "ar", ar_src)
     check_pair(av_meta, ar_meta)
-    with _staged(out_root / "av") as av_tmp, _staged(out_root / "ar") as ar_tmp:
+    with atomic_dir(out_root / "av") as av_tmp, atomic_dir(out_root / "ar") as ar_tmp:
         av = _export_av_dir(av_src, av_meta, av_tmp, injection_scale=av_injection_scale)
         ar = _export_ar_dir(ar_src, ar_meta, ar_tmp)
     return (dataclasses.replace(av, path=out_root / "av"), dataclasses.replace(ar, path=out_root / "ar"))
@@ -473,33 +470,4 @@ def _few(items: list[str], n: int = 6) -> str:
     return f"[{shown}{f', … ({len(items)} in all)' if len(items) > n else ''}]"
 
 
-@contextlib.contextmanager
-def _staged(out_dir):
-    """A fresh hidden directory beside ``out_dir``; renamed to ``out_dir`` if the block succeeds,
-    deleted if it fails (a previous ``out_dir`` is replaced only on success)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.export-{uuid.uuid4().hex[:12]}"
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace_dir(tmp, out_dir)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:12]}"
-        os.rename(dst, old)
-    try:
-        os.rename(src, dst)
-    except BaseException:
-        if old is not None:
-            os.rename(old, dst)
-        shutil.rmtree(src, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
