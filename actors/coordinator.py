@@ -14,6 +14,7 @@ one screen. Everything that touches a model lives in an actor; this process hold
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,15 +23,17 @@ import numpy as np
 import torch
 
 from nla_rl.config import RecipeConfig
+from nla_rl.data.toyworld import score_explanation
 from nla_rl.grpo import PolicyLossSettings, compute_advantages
 from nla_rl.health import check_step0_health, rollout_health
-from nla_rl.metrics import cosine, hard_negative_gap
+from nla_rl.metrics import cosine, fve, hard_negative_gap
 from nla_rl.rewards import normalized_mse
 from nla_rl.rl_batch import trim_at_eos
 from nla_rl.rl_data import RLBatch, RLData
 from nla_rl.rl_rewards import step_rewards
 from nla_rl.templates import extract_explanation
 from nla_rl.tracking import Tracker
+from nla_rl.truth import RewardTruthAlarm, diversity_metrics, toy_rollout_metrics
 from rollout.base import RolloutRequest, SamplingSpec
 
 
@@ -54,6 +57,12 @@ class RLWorld:
     adapter_dir: str = ""  # LoRA runs: where the synced adapter is written for the engines
     skipped_steps: float = 0.0
     sync_seconds: list = field(default_factory=list)
+    alarm: RewardTruthAlarm | None = None  # reward-vs-truth alarm (built from the recipe)
+    warn: object = print  # where the alarm's warning goes (the console)
+
+    def __post_init__(self):
+        if self.alarm is None:
+            self.alarm = RewardTruthAlarm(window=self.cfg.rl.alarm_window)
 
 
 @dataclass
@@ -78,7 +87,7 @@ def generate(world: RLWorld, batch: RLBatch, step: int) -> Rollouts:
                 for v, r in zip(batch.vectors, batch.rows)]
     sampling = SamplingSpec(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
                             max_new_tokens=rl.max_new_tokens,
-                            seed=world.cfg.run.seed * 1_000_003 + step * len(requests))
+                            seed=world.cfg.rl_seed * 1_000_003 + step * len(requests))
     started = time.perf_counter()
     groups = world.engines.generate(requests, sampling)
     samples = [s for group in groups for s in group]
@@ -104,7 +113,7 @@ def score(world: RLWorld, batch: RLBatch, rollouts: Rollouts, preds: torch.Tenso
                         scale=world.mse_scale, eos_token_ids=sorted(world.eos_ids),
                         negatives_cfg=world.cfg.negatives if negatives is not None else None,
                         hard_negatives=negatives, group_ids=torch.from_numpy(rollouts.group_ids),
-                        seed=world.cfg.run.seed, step=step)
+                        seed=world.cfg.rl_seed, step=step)
 
 
 def policy_rows(world: RLWorld, rollouts: Rollouts, advantages, keep, old_logp) -> dict:
@@ -205,6 +214,35 @@ def save_adapter(state: dict, lora, out_dir) -> str:
     return str(out_dir)
 
 
+def frozen_predictions(world: RLWorld, rollouts: Rollouts, step: int) -> torch.Tensor | None:
+    """The frozen AR-SFT final's ĥ of every rollout on the steps ``rl.frozen_ar_every`` picks
+    (None otherwise); without an online AR the live AR is the frozen one, so no second pass."""
+    rl = world.cfg.rl
+    if not rl.online_ar or rl.frozen_ar_every == 0 or step % rl.frozen_ar_every:
+        return None
+    return world.critic.reconstruct([e or "" for e in rollouts.explanations], reference=True)
+
+
+def truth_metrics(world: RLWorld, batch: RLBatch, rollouts: Rollouts, preds: torch.Tensor,
+                  frozen: torch.Tensor | None) -> dict:
+    """``rollout/fve`` (the scoring AR), ``rollout/fve_frozen_ar``, ``rollout/diversity/*`` and,
+    with ground truth, ``rollout/toy/*`` (see :mod:`nla_rl.truth`)."""
+    ok = [i for i, e in enumerate(rollouts.explanations) if e is not None]
+    g = world.cfg.rl.group_size
+    metrics = diversity_metrics(rollouts.explanations, g)
+    if len(ok) > 1:
+        gold = torch.from_numpy(rollouts.golds[ok])
+        metrics["rollout/fve"] = fve(preds[ok], gold, world.mse_scale)
+        if not world.cfg.rl.online_ar:
+            metrics["rollout/fve_frozen_ar"] = metrics["rollout/fve"]
+        elif frozen is not None:
+            metrics["rollout/fve_frozen_ar"] = fve(frozen[ok], gold, world.mse_scale)
+    if batch.attributes is not None:
+        truths = [batch.attributes[i // g] for i in range(len(rollouts.explanations))]
+        metrics.update(toy_rollout_metrics(rollouts.explanations, truths))
+    return metrics
+
+
 def step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats, old_logp):
     """Every metric of a step, under the stable groups."""
     gold = torch.from_numpy(rollouts.golds)
@@ -262,6 +300,10 @@ def samples_table(batch: RLBatch, rollouts: Rollouts, scored, preds: torch.Tenso
         gold = torch.from_numpy(batch.vectors[i:i + 1])
         row = {"activation_id": int(batch.rows[i]), "explanation": rollouts.texts[j],
                "reward": float(scored.rewards[j]), "mse": None, "gap": None}
+        if batch.attributes is not None:  # toy world: is what it says true?
+            recall, precision = score_explanation(rollouts.explanations[j], batch.attributes[i])
+            row.update(truth=" ".join(sorted(batch.attributes[i])), toy_recall=recall,
+                       toy_precision=None if math.isnan(precision) else precision)
         if rollouts.explanations[j] is not None:
             pred = preds[j:j + 1]
             row["mse"] = float(normalized_mse(pred, gold, mse_scale)[0])
@@ -282,6 +324,8 @@ def rl_loop(world: RLWorld, start: int) -> None:
         seconds = {}  # perf/*_s of the phases (bench/p2_rl_step_overhead.py attributes them)
         preds = _timed(seconds, "perf/reconstruct_s", lambda: world.critic.reconstruct(
             [e or "" for e in rollouts.explanations], ema=world.critic.spec.ema_decay > 0))
+        frozen = _timed(seconds, "perf/frozen_ar_s", lambda: frozen_predictions(
+            world, rollouts, step))
         scored = score(world, batch, rollouts, preds, step)
         adv = compute_advantages(scored.rewards, rl.advantage,
                                  torch.from_numpy(rollouts.group_ids))
@@ -296,7 +340,12 @@ def rl_loop(world: RLWorld, start: int) -> None:
             world, p_rows, critic_rows(world, rollouts), verify_sync=verify))
         world.skipped_steps += av_stats.get("skipped", 0.0) + ar_stats.get("skipped", 0.0)
         metrics = {**step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats,
-                                  old_logp), **seconds, **synced}
+                                  old_logp), **truth_metrics(world, batch, rollouts, preds, frozen),
+                   **seconds, **synced}
+        alarm, warning = world.alarm.check(metrics)
+        metrics.update(alarm)
+        if warning:
+            world.warn(f"WARNING step {step + 1}: {warning}")
         if step == start and rl.stop_on_unhealthy:
             check_step0_health(metrics)  # broken injection or >50% failures: stop now
         metrics["perf/step_s"] = time.perf_counter() - started

@@ -206,10 +206,19 @@ class LearnerRank:
         return out
 
     @torch.no_grad()
-    def reconstruct(self, texts: list[str], ema: bool = False) -> torch.Tensor:
-        """The AR's predictions; with ``ema`` those of the weights' moving average."""
+    def reconstruct(self, texts: list[str], ema: bool = False,
+                    reference: bool = False) -> torch.Tensor:
+        """The AR's predictions; with ``ema`` those of the weights' moving average, with
+        ``reference`` those of the frozen starting AR (a learner built with_reference)."""
         import contextlib
 
+        if reference:
+            if self.reference is None:
+                raise LearnerError("reconstruct(reference=True) needs an AR learner built with "
+                                   "with_reference=True")
+            return self.reference.reconstruct(self.tokenizer, texts,
+                                              template=self.spec.model.ar_template,
+                                              batch_size=self.spec.micro_batch_size)
         model = self.backend.module
         model.eval()
         if ema and self.ema is None:
@@ -359,12 +368,14 @@ class LearnerGroup:
                 for rank, s in zip(self.ranks, shares)]
         return [lp for part in ray.get(refs) for lp in part][:n]
 
-    def reconstruct(self, texts: list[str], *, ema: bool = False) -> torch.Tensor:
+    def reconstruct(self, texts: list[str], *, ema: bool = False,
+                    reference: bool = False) -> torch.Tensor:
         """The AR's predictions [len(texts), d] (fp32, CPU); ``ema``: with the weights' moving
-        average (a group built with ``spec.ema_decay > 0``)."""
+        average (a group built with ``spec.ema_decay > 0``); ``reference``: with the frozen
+        starting AR (a group built with ``spec.model.with_reference``)."""
         padded, n = _pad_to_multiple(list(texts), self.world_size)
         shares = split_rows({"t": padded}, self.world_size)
-        parts = self._all("reconstruct", ema, per_rank=[s["t"] for s in shares])
+        parts = self._all("reconstruct", ema, reference, per_rank=[s["t"] for s in shares])
         return torch.cat(parts)[:n]
 
     def placements(self) -> list[dict]:

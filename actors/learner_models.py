@@ -38,7 +38,7 @@ class ModelSpec:
     trust_remote_code: bool = False
     lora: LoraSpec = field(default_factory=LoraSpec)
     gradient_checkpointing: bool = False
-    with_reference: bool = False  # AV: keep a frozen reference policy for the KL term
+    with_reference: bool = False  # a frozen copy: the AV's KL reference, the AR's truth check
     # AV only: the injection and the prompt (from the model sidecar).
     injection: InjectionSpec | None = None
     marker: MarkerTokens | None = None

@@ -254,7 +254,7 @@ def pool_from_recipe(cfg, *, model_dir: str, marker, injection, max_model_len: i
     engine_kwargs = dict(model_dir=str(model_dir), marker=marker, injection=injection,
                          kv_cache_gib=cfg.engine.kv_cache_gib,
                          gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
-                         lora_rank=cfg.learner.lora_rank, seed=cfg.run.seed, max_model_len=max_model_len,
+                         lora_rank=cfg.learner.lora_rank, seed=cfg.rl_seed, max_model_len=max_model_len,
                          dtype=cfg.model.dtype)
     tensor_parallel = getattr(cfg.engine, "tensor_parallel_size", 1)
     if tensor_parallel > 1:

@@ -125,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, help="with --from checkpoint: this step (default latest)")
     export.set_defaults(func=_cmd_export)
 
+    from launch.ablate import add_ablate_command
     from launch.cli_inference import add_inference_commands
     add_inference_commands(sub)
+    add_ablate_command(sub)
     return parser
 
 

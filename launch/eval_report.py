@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 
-ROWS = (("fve", "FVE (paper definition)"), ("cosine", "mean cosine(ĥ, h)"),
-        ("mse", "mean normalised MSE (2 = orthogonal)"), ("gap", "hard-negative gap"),
-        ("top1", "top-1 retrieval vs hard negatives"),
-        ("extraction_failure_rate", "extraction-failure rate"), ("cjk_rate", "CJK rate"),
-        ("toy_recall", "toy-world attribute recall"), ("toy_precision", "toy-world attribute precision"),
+# Truth first: where ground truth exists an explanation is judged by whether it is true; then
+# whether it picks its own activation out of hard negatives; FVE and the rest after.
+ROWS = (("toy_precision", "toy-world attribute precision (stated values that are true)"),
+        ("toy_recall", "toy-world attribute recall"),
         ("toy_slot_recall", "toy-world slot recall (optional slots, any value)"),
-        ("toy_slot_precision", "toy-world slot precision (optional slots, any value)"))
+        ("toy_slot_precision", "toy-world slot precision (optional slots, any value)"),
+        ("top1", "top-1 retrieval vs hard negatives"), ("gap", "hard-negative gap"),
+        ("fve", "FVE (paper definition)"), ("cosine", "mean cosine(ĥ, h)"),
+        ("mse", "mean normalised MSE (2 = orthogonal)"),
+        ("extraction_failure_rate", "extraction-failure rate"), ("cjk_rate", "CJK rate"))
 
 
 def _fmt(value) -> str:
@@ -48,6 +51,21 @@ def _metrics_table(report: dict) -> list[str]:
     return lines
 
 
+def _headline(report: dict) -> list[str]:
+    """One line that leads with truth: precision/recall (toy world) and top-1, then FVE."""
+    m, c = report["metrics"], report["controls"]
+    parts = []
+    if "toy_precision" in m:
+        parts.append(f"attribute precision {_fmt(m['toy_precision'])} / recall "
+                     f"{_fmt(m['toy_recall'])} (shuffled control {_fmt(c['shuffled'].get('toy_precision'))}"
+                     f" / {_fmt(c['shuffled'].get('toy_recall'))})")
+    k = report["data"].get("hard_negatives_per_row")
+    if "top1" in m and k:
+        parts.append(f"top-1 among {k} hard negatives {_fmt(m['top1'])} (chance {1 / (k + 1):.3f})")
+    parts.append(f"FVE {_fmt(m.get('fve'))}")
+    return [f"**Truth first:** {'; '.join(parts)}.", ""]
+
+
 def render_markdown(report: dict) -> str:
     """The human-readable report."""
     m, d, s = report["models"], report["data"], report["settings"]
@@ -61,6 +79,7 @@ def render_markdown(report: dict) -> str:
         f"Generation: greedy, max {s['max_new_tokens']} new tokens; injection "
         f"`{s['injection_family']}` (scale {_fmt(s['injection_scale'])}); "
         f"mse_scale {_fmt(s['mse_scale'])}.", "",
+        *_headline(report),
         "## Round trip ĥ = AR(AV(h))", "", *_metrics_table(report), "",
         "Controls carry no information about the row: **shuffled** explains another row's vector; "
         "**no injection** generates with the marker's plain embedding. A model that uses the "

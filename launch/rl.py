@@ -48,7 +48,8 @@ def rl_learner_spec(cfg: RecipeConfig, role: str, model_dir: Path, meta, injecti
     lr = cfg.rl.av_lr if role == "av" else cfg.rl.ar_lr
     optim = OptimSpec(lr=lr, weight_decay=0.0, warmup_steps=0, total_steps=cfg.rl.steps,
                       schedule="constant", grad_clip=spec.optim.grad_clip)
-    model = dataclasses.replace(spec.model, with_reference=role == "av" and cfg.rl.kl_beta > 0)
+    model = dataclasses.replace(spec.model, with_reference=(
+        cfg.rl.kl_beta > 0 if role == "av" else cfg.rl.online_ar and cfg.rl.frozen_ar_every > 0))
     ema = cfg.rl.ar_ema_decay if role == "ar" and cfg.rl.online_ar else 0.0
     return dataclasses.replace(spec, model=model, optim=optim, ema_decay=ema), ranks
 
@@ -84,7 +85,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     av_meta, ar_meta = read_model_sidecar(av_dir), read_model_sidecar(ar_dir)
     check_pair(av_meta, ar_meta)
     negatives = cfg.negatives.per_sample if cfg.negatives.enabled else 0
-    data = RLData(run_dir / "data", seed=cfg.run.seed, per_sample=negatives)
+    data = RLData(run_dir / "data", seed=cfg.rl_seed, per_sample=negatives)
     injection = injection_for(av_meta, data.vectors)
     tokenizer = AutoTokenizer.from_pretrained(av_dir, local_files_only=True)
     layers = AutoConfig.from_pretrained(av_dir).get_text_config().num_hidden_layers
@@ -161,7 +162,7 @@ def resume(world, cfg: RecipeConfig) -> int:
         raise SFTStageError(f"rl: the AV checkpoint {path.name} has no AR checkpoint of the same "
                             f"step (found {critic_path}); delete {path.parent} to restart RL")
     world.data.cursor = load_data_cursor(path / CURSOR_FILE, num_items=len(world.data.vectors),
-                                         seed=cfg.run.seed)
+                                         seed=cfg.rl_seed)
     world.skipped_steps = float(progress["skipped_steps"])
     print(f"[rl] resumed from {path} (step {progress['step']})")
     return int(progress["step"])

@@ -211,6 +211,11 @@ class ToyWorldConfig(ConfigSection):
     lm_steps: int = param(400, "Training steps of the toy base LM (cached in <run>/base).", gt=0)
     lm_hidden: int = param(128, "Hidden size of the toy LM (head size 32).", gt=0)
     lm_layers: int = param(4, "Decoder blocks of the toy LM.", gt=0)
+    ending: Literal["recap", "end"] = param(
+        "recap", "recap (v2): documents end 'The end. In short: v1, v2, ….' and the readout is "
+        "the cue's last token, where the LM must hold every revealed value; end (v1): documents "
+        "end 'The end.', whose last token carries which slots were revealed but barely their "
+        "values.")
     p_include: float = param(0.4, "Teacher: probability of mentioning each true attribute.",
                              gt=0, le=1)
     p_wrong: float = param(0.05, "Teacher: probability that a mentioned attribute's value is "
@@ -275,6 +280,9 @@ class SFTConfig(ConfigSection):
 @dataclass(frozen=True)
 class RLConfig(ConfigSection):
     steps: int = param(20, "GRPO steps.", gt=0)
+    seed: int | None = param(None, "Seed of the RL stage alone (data order, sampling, length "
+                             "budgets); null = run.seed. Vary it to repeat RL from one SFT pair "
+                             "(nla-rl ablate --seeds).", ge=0)
     prompts_per_step: int = param(8, "Distinct activations per step.", gt=0)
     group_size: int = param(4, "Samples per activation (GRPO group); advantages compare samples "
                             "of a group, so at least 2.", ge=2)
@@ -308,6 +316,14 @@ class RLConfig(ConfigSection):
     save_every: int = param(10, "Checkpoint both learners every this many steps (the last step "
                             "is always saved).", gt=0)
     keep_last: int = param(2, "RL checkpoints kept per learner.", gt=0)
+    frozen_ar_every: int = param(
+        1, "Also score the rollouts with the frozen AR-SFT final every this many steps "
+        "(rollout/fve_frozen_ar beside the live AR's rollout/fve: a gap that opens is the AV "
+        "hacking the online AR); 0 = never. Costs one AR forward per scored step.", ge=0)
+    alarm_window: int = param(
+        10, "Steps per window of the reward-vs-truth alarm (health/reward_up_truth_down): it "
+        "fires when the reward's mean over the last window rose while frozen-AR FVE, "
+        "cross-group diversity or toy-world precision fell against the window before.", gt=0)
     samples_every: int = param(5, "Log a table of rollouts (explanation, reward, MSE, gap) every "
                                "this many steps.", gt=0)
     sync_tolerance: float | None = param(
@@ -445,6 +461,11 @@ class RecipeConfig(ConfigSection):
     learner: LearnerConfig = param(factory=LearnerConfig, doc="Training backend and placement.")
     wandb: WandbConfig = param(factory=WandbConfig, doc="Weights & Biases logging.")
     eval: EvalConfig = param(factory=EvalConfig, doc="The eval stage's report.")
+
+    @property
+    def rl_seed(self) -> int:
+        """The RL stage's seed: ``rl.seed``, or ``run.seed`` when that is null."""
+        return self.run.seed if self.rl.seed is None else self.rl.seed
 
     def validate(self):
         for stage, ranks in (("ar_sft", self.learner.ranks_ar), ("av_sft", self.learner.ranks_av)):

@@ -23,7 +23,8 @@ from nla_rl.metrics_log import MetricsLog
 
 METRIC_GROUPS = ("train/av", "train/ar", "rollout", "reward", "eval", "perf", "health")
 _METRIC_NAME = re.compile(r"^(" + "|".join(map(re.escape, METRIC_GROUPS)) + r")/[A-Za-z0-9_./@-]+$")
-SAMPLE_COLUMNS = ("step", "activation_id", "explanation", "reward", "mse", "gap")
+SAMPLE_COLUMNS = ("step", "activation_id", "explanation", "reward", "mse", "gap", "truth", "toy_recall",
+                  "toy_precision")  # the last three: toy-world ground truth (None elsewhere)
 WANDB_ID_FILE = "wandb_run_id"  # the same W&B run continues when the run directory resumes
 
 

@@ -23,16 +23,18 @@ from nla_rl.sidecar import DatasetSidecar, write_dataset_sidecar
 NEGATIVES_FILE = "rl.negatives.parquet"
 
 
-def toyworld_documents(seed: int, n_docs: int) -> list[Document]:
-    """The first ``n_docs`` toy-world documents as corpus documents."""
-    return [Document(d.doc_id, d.text) for d in ToyWorld(seed).documents(n_docs)]
+def toyworld_documents(seed: int, n_docs: int, ending: str = "recap") -> list[Document]:
+    """The first ``n_docs`` toy-world documents as corpus documents, each cut after its readout
+    token (the activation there does not depend on what follows), so ``data.positions: last``
+    reads the readout."""
+    return [Document(d.doc_id, d.readout_text) for d in ToyWorld(seed, ending=ending).documents(n_docs)]
 
 
 def label_with_toy_teacher(table: pa.Table, tokenizer, *, seed: int, p_include: float,
-                           p_wrong: float) -> tuple[pa.Table, dict]:
+                           p_wrong: float, ending: str = "recap") -> tuple[pa.Table, dict]:
     """Add ``attributes`` (ground truth at each row's position) and the partial teacher's
     ``explanation``; rows the teacher refuses (no attribute named) are dropped and counted."""
-    world = ToyWorld(seed)
+    world = ToyWorld(seed, ending=ending)
     attrs_cache: dict[int, list[frozenset[str]]] = {}
     attributes, explanations = [], []
     for doc_id, pos in zip(table["doc_id"].to_pylist(), table["position"].to_pylist()):

@@ -46,7 +46,8 @@ def is_finished_toy_lm(path: str | Path) -> bool:
 def train_toy_lm(out_dir: str | Path, *, seed: int = 0, steps: int = 600, hidden: int = 128,
                  layers: int = 4, heads: int = 4, kv_heads: int = 1, batch_size: int = 32,
                  max_len: int = 96, lr: float = 1e-3, warmup: int | None = None,
-                 vocab_size: int = 1024, threads: int = 1, progress: bool = True) -> Path:
+                 vocab_size: int = 1024, threads: int = 1, progress: bool = True,
+                 ending: str = "recap") -> Path:
     """Train the toy LM and save model + tokenizer (safetensors) and ``toy_lm.json`` to ``out_dir``.
 
     Next-token prediction with AdamW (betas 0.9/0.95, linear warmup — default 10% of ``steps`` —
@@ -59,7 +60,7 @@ def train_toy_lm(out_dir: str | Path, *, seed: int = 0, steps: int = 600, hidden
     settings = dict(seed=seed, steps=steps, hidden=hidden, layers=layers, heads=heads,
                     kv_heads=kv_heads, batch_size=batch_size, max_len=max_len, lr=lr,
                     warmup=warmup if warmup is not None else max(1, steps // 10),
-                    vocab_size=vocab_size, world=world_fingerprint(seed))
+                    vocab_size=vocab_size, ending=ending, world=world_fingerprint(seed, ending))
     if is_finished_toy_lm(out_dir):
         return _check_cached(out_dir, settings)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -76,12 +77,12 @@ def train_toy_lm(out_dir: str | Path, *, seed: int = 0, steps: int = 600, hidden
     return out_dir
 
 
-def world_fingerprint(seed: int) -> str:
+def world_fingerprint(seed: int, ending: str = "recap") -> str:
     """A hash of what the toy LM learns from (tokenizer texts, a sample of its training
     documents): a cached LM built from an older toy world must not be reused silently."""
     import hashlib
 
-    docs = [d.text for d in ToyWorld(seed).documents(20, start=LM_DOC_START)]
+    docs = [d.text for d in ToyWorld(seed, ending=ending).documents(20, start=LM_DOC_START)]
     return hashlib.sha256("\n".join([*toy_tokenizer_texts(seed), *docs]).encode()).hexdigest()[:16]
 
 
@@ -131,7 +132,7 @@ def _train(tmp: Path, settings: dict, *, threads: int, progress: bool) -> dict:
                              heads=s["heads"], kv_heads=s["kv_heads"], tokenizer=tok)
         torch.manual_seed(s["seed"])
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        world = ToyWorld(s["seed"])
+        world = ToyWorld(s["seed"], ending=s["ending"])
         opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], betas=(0.9, 0.95),
                                 weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s["steps"], s["warmup"]))

@@ -57,6 +57,11 @@ _FILLERS = ("It was a quiet day.", "Nobody knew why.", "The wind was soft.", "Th
             "Nothing else happened.", "The sky was clear.", "The path was long.",
             "A bell rang far away.")
 _CLOSING = "The end."  # a fixed last sentence: the final token is a fixed-context readout
+# The recap (toy world v2): after the readout cue the document lists every revealed value in a
+# random order, so the LM must hold *all* of them at the cue's last token (its next token is any
+# one of them), as a real LM carries the content it will need next. The cue is the readout.
+_RECAP_CUE = "In short:"
+ENDINGS = ("recap", "end")
 
 # Teacher phrasings: none contains a value word, and none fixes the slot order.
 _TEACHER: dict[str, tuple[str, ...]] = {
@@ -95,6 +100,13 @@ class ToyDoc:
     text: str
     attributes: dict[str, str] = field(hash=False)
     nats: float = 0.0
+    readout_end: int | None = None  # chars up to the readout token; None = the whole text
+
+    @property
+    def readout_text(self) -> str:
+        """The text up to and including the readout token (the whole text without a recap): a
+        causal LM's activation at its last token is the readout, whatever follows it."""
+        return self.text if self.readout_end is None else self.text[: self.readout_end]
 
     @property
     def attribute_set(self) -> frozenset[str]:
@@ -108,10 +120,20 @@ class ToyWorld:
     attributes, ≈4.5 on average). ``shuffle=False`` keeps the slot order fixed (subject, colour,
     place, quantity, mood, time; fillers still inserted at random) — a more regular variant whose
     ``nats`` over-count a little where fillers commute.
+
+    ``ending``: ``recap`` (v2, the default) closes with "The end. In short: v1, v2, …." — every
+    revealed value in a random order — and the readout is the cue's last token, where the LM must
+    hold every value (its next token is any of them); ``end`` (v1) closes with "The end." and the
+    readout is that final token, where the LM keeps which slots were revealed but their values
+    only weakly (values added ≈0.02 FVE over presence in a ridge fit).
     """
 
-    def __init__(self, seed: int = 0, *, p_slot: float = 0.7, shuffle: bool = True):
-        self.seed, self.p_slot, self.shuffle = seed, p_slot, shuffle
+    def __init__(self, seed: int = 0, *, p_slot: float = 0.7, shuffle: bool = True,
+                 ending: str = "recap"):
+        if ending not in ENDINGS:
+            raise ValueError(f"toy world ending: expected one of {', '.join(ENDINGS)}, "
+                             f"found {ending!r}")
+        self.seed, self.p_slot, self.shuffle, self.ending = seed, p_slot, shuffle, ending
 
     def document(self, doc_id: int) -> ToyDoc:
         """The document ``doc_id`` (random access; deterministic)."""
@@ -150,7 +172,13 @@ class ToyWorld:
             for f in fillers:
                 body.insert(pick(range(len(body) + 1)), f)
         text = " ".join(sentences + body + [_CLOSING])
-        return ToyDoc(doc_id, text, values, nats)
+        if self.ending == "end":
+            return ToyDoc(doc_id, text, values, nats)
+        readout = f"{text} {_RECAP_CUE}"
+        recap = list(values.values())
+        rng.shuffle(recap)
+        nats += math.lgamma(len(recap) + 1)
+        return ToyDoc(doc_id, f"{readout} {', '.join(recap)}.", values, nats, len(readout))
 
     def documents(self, n: int, start: int = 0) -> list[ToyDoc]:
         """Documents ``start … start+n-1``."""

@@ -47,11 +47,34 @@ def test_documents_mention_exactly_their_attributes(toy_tok):
     docs = ToyWorld(1).documents(1000)
     for d in docs:
         assert parse_attributes(d.text) == d.attribute_set
-        assert d.attributes["subject"] in SLOTS["subject"] and d.text.endswith("The end.")
+        assert d.attributes["subject"] in SLOTS["subject"] and d.readout_text.endswith(
+            "The end. In short:")
     sizes = Counter(len(d.attributes) for d in docs)
     assert set(sizes) >= {3, 4, 5, 6}
     lengths = [len(toy_tok(d.text)["input_ids"]) for d in docs]
     assert 30 <= np.median(lengths) <= 60 and max(lengths) <= 96
+
+
+def test_recap_lists_the_revealed_values_after_the_readout(toy_tok):
+    """v2: the readout (the cue's last token) precedes a recap of every revealed value in a
+    random order, so the LM must hold them all there; the readout sees every attribute."""
+    docs = ToyWorld(2).documents(400)
+    orders = set()
+    for d in docs:
+        head, recap = d.text.split(" In short: ")
+        named = recap.rstrip(".").split(", ")
+        assert sorted(named) == sorted(d.attributes.values()) and head.endswith("The end.")
+        orders.add(tuple(named))
+        ids = toy_tok(d.text)["input_ids"]
+        readout = len(toy_tok(d.readout_text)["input_ids"]) - 1
+        assert ids[: readout + 1] == toy_tok(d.readout_text)["input_ids"]
+        assert attributes_by_position(toy_tok, d)[readout] == d.attribute_set
+    assert len(orders) > 300  # random order: the next token at the readout is any value
+    v1 = ToyWorld(2, ending="end").documents(50)
+    assert all(a.text == b.text.split(" In short:")[0] and a.readout_text == a.text
+               for a, b in zip(v1, docs))  # the same stories; v1 ends at "The end."
+    with pytest.raises(ValueError, match="ending"):
+        ToyWorld(0, ending="recapitulate")
 
 
 def test_value_words_are_single_tokens_and_marker_intact(toy_tok):
@@ -179,7 +202,7 @@ def test_toy_lm_trains_and_caches(toy_lm_dir, monkeypatch):
     with pytest.raises(ValueError, match=r"other settings \(steps\)"):
         train_toy_lm(toy_lm_dir, progress=False, **{**PROBE_LM, "steps": 151})
     # An LM cached from an older toy world (other corpus or tokenizer texts) is not reused.
-    monkeypatch.setattr(toy_lm, "world_fingerprint", lambda seed: "an-older-world")
+    monkeypatch.setattr(toy_lm, "world_fingerprint", lambda seed, ending="recap": "an-older-world")
     with pytest.raises(ValueError, match="the toy world .* changed"):
         train_toy_lm(toy_lm_dir, progress=False, **PROBE_LM)
 
