@@ -559,6 +559,7 @@ class _ModelReader:
             "or 'replace'")
 
     def _tokens(self, is_ar: bool, av_t: str | None, ar_t: str | None, layer: int | None) -> TokenMeta:
+        """``tokens:``; each id left out is computed with the checkpoint's tokenizer."""
         doc, t = self.doc, "tokens."
         char = doc.string(t + "injection_char", None)
         token_id = doc.integer(t + "injection_token_id", None)
@@ -566,31 +567,38 @@ class _ModelReader:
         right = doc.integer(t + "injection_right_neighbor_id", None)
         suffix = doc.ids(t + "critic_suffix_ids", None)
         if char is None:
-            char = self.fill(t + "injection_char", select_marker(self.live.tokenizer(doc, t + "injection_char"))[0],
+            tok = self.live.tokenizer(doc, t + "injection_char")
+            char = self.fill(t + "injection_char", select_marker(tok)[0],
                              "the first single-token character of U+3200–U+33FF")
         if token_id is None:
-            token_id = self.fill(t + "injection_token_id",
-                                 marker_token_id(self.live.tokenizer(doc, t + "injection_token_id"), char),
+            tok = self.live.tokenizer(doc, t + "injection_token_id")
+            token_id = self.fill(t + "injection_token_id", marker_token_id(tok, char),
                                  "the tokenizer's id of the marker")
+        # The AR's truncated config cannot give a depth-% template's depth: it keeps no neighbours.
         if (left is None or right is None) and av_t is not None and not (is_ar and "{depth_pct}" in av_t):
-            tok = self.live.tokenizer(doc, t + ("injection_left_neighbor_id" if left is None
-                                                else "injection_right_neighbor_id"))
-            depth = None
-            if "{depth_pct}" in av_t:
-                if layer is None:
-                    raise doc.fail("missing required field `extraction_layer_index`: the depth-% AV "
-                                   "template needs it to place the marker's neighbours")
-                depth = depth_percent(layer, int(self.live.config(doc, "extraction_layer_index").num_hidden_layers))
-            live_left, live_right = canonical_neighbors(tok, av_t, char, depth_pct=depth)
-            left = left if left is not None else self.fill(t + "injection_left_neighbor_id", live_left,
-                                                           "from the AV template")
-            right = right if right is not None else self.fill(t + "injection_right_neighbor_id",
-                                                              live_right, "from the AV template")
+            live_left, live_right = self._neighbors(left is None, av_t, char, layer)
+            if left is None:
+                left = self.fill(t + "injection_left_neighbor_id", live_left, "from the AV template")
+            if right is None:
+                right = self.fill(t + "injection_right_neighbor_id", live_right, "from the AV template")
         if suffix is None and is_ar:
-            suffix = tuple(self.fill(t + "critic_suffix_ids",
-                                     critic_suffix_ids(self.live.tokenizer(doc, t + "critic_suffix_ids"), ar_t),
+            tok = self.live.tokenizer(doc, t + "critic_suffix_ids")
+            suffix = tuple(self.fill(t + "critic_suffix_ids", critic_suffix_ids(tok, ar_t),
                                      "from the AR template"))
         return TokenMeta(char, token_id, left, right, suffix)
+
+    def _neighbors(self, left_missing: bool, av_t: str, char: str, layer: int | None) -> tuple[int, int]:
+        doc = self.doc
+        missing = "tokens.injection_" + ("left" if left_missing else "right") + "_neighbor_id"
+        tok = self.live.tokenizer(doc, missing)
+        depth = None
+        if "{depth_pct}" in av_t:
+            if layer is None:
+                raise doc.fail("missing required field `extraction_layer_index`: the depth-% AV "
+                               "template needs it to place the marker's neighbours")
+            blocks = int(self.live.config(doc, "extraction_layer_index").num_hidden_layers)
+            depth = depth_percent(layer, blocks)
+        return canonical_neighbors(tok, av_t, char, depth_pct=depth)
 
 
 def model_sidecar_dict(sc: ModelSidecar) -> dict:
