@@ -6,7 +6,8 @@
     nla-rl sft-av RECIPE [key=value …]    only the AV-SFT stage
     nla-rl recipe show RECIPE [key=value …]   print the resolved recipe (secrets redacted)
     nla-rl recipe keys                    every recipe key with its type, default and meaning
-    nla-rl sidecar check CHECKPOINT_DIR   validate nla_meta.yaml against the dir's tokenizer/config
+    nla-rl sidecar check CHECKPOINT_DIR [--injection-family add|replace]
+                                          validate nla_meta.yaml against the dir's tokenizer/config
     nla-rl export RUN_DIR [--from rl|sft|init|checkpoint] [--step N]
                                           verified HF exports of the AV/AR pair in RUN_DIR/export
     nla-rl extract --base DIR --layer K --text "…" --out v.npy   activations of a base model
@@ -70,18 +71,24 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_sidecar_check(args) -> int:
+    import logging
+
     from transformers import AutoConfig, AutoTokenizer
 
     from nla_rl.sidecar import read_model_sidecar, validate_model_sidecar
 
-    sidecar = read_model_sidecar(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)
     config = AutoConfig.from_pretrained(args.checkpoint, local_files_only=True)
+    logging.getLogger("nla_rl.sidecar").setLevel(logging.ERROR)  # the notes are printed below
+    sidecar = read_model_sidecar(args.checkpoint, injection_family=args.injection_family,
+                                 tokenizer=tokenizer, config=config)
     validate_model_sidecar(sidecar, tokenizer, config)
     t = sidecar.tokens
+    filled = "; ".join(n.removeprefix("filled ") for n in sidecar.notes)
     print(f"ok: role={sidecar.role} stage={sidecar.stage} d_model={sidecar.d_model} "
           f"K={sidecar.extraction_layer_index} injection={sidecar.injection_family} "
-          f"marker={t.char!r} id={t.token_id} neighbours=({t.left_id}, {t.right_id})")
+          f"marker={t.char!r} id={t.token_id} neighbours=({t.left_id}, {t.right_id})"
+          + (f"; filled in: {filled}" if filled else "; nothing filled in"))
     return 0
 
 
@@ -114,8 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_parser("keys", help="document every recipe key").set_defaults(func=_cmd_recipe_keys)
 
     sidecar = sub.add_parser("sidecar", help="checkpoint sidecars").add_subparsers(dest="action", required=True)
-    check = sidecar.add_parser("check", help="validate a checkpoint's nla_meta.yaml")
+    check = sidecar.add_parser("check", help="validate a checkpoint's nla_meta.yaml (says what "
+                               "it filled in from the tokenizer/config, or why it refuses)")
     check.add_argument("checkpoint")
+    check.add_argument("--injection-family", choices=("add", "replace"),
+                       help="the AV's family when the sidecar does not record it (nanoNLA: add)")
     check.set_defaults(func=_cmd_sidecar_check)
 
     export = sub.add_parser("export", help="export a run's AV/AR pair as verified HF directories")

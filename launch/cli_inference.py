@@ -2,6 +2,7 @@
 
     nla-rl extract --base DIR --layer K --text "…" [--text-file F] [--positions last|all] --out v.npy
     nla-rl explain --av DIR --ar DIR --vectors v.npy|rows.parquet [--out results.jsonl] [--limit N]
+                   [--injection-family add|replace]   (only for a sidecar that does not record it)
     nla-rl eval RUN_DIR [--av DIR --ar DIR] [--rows N]
 
 ``extract`` turns text into activations of the base model (block K's output), so a user can go
@@ -50,7 +51,8 @@ def _cmd_explain(args) -> int:
         from rollout.explain import engine_factory
         factory = engine_factory(args.engine)
     nla = NLA.from_pretrained(args.av, args.ar, dtype=args.dtype, engine=args.engine,
-                              engine_factory=factory, prefill=args.prefill)
+                              engine_factory=factory, prefill=args.prefill,
+                              injection_family=args.injection_family)
     result = nla.score(vectors, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     rows = result.rows()
     for row in rows:
@@ -137,6 +139,8 @@ def add_inference_commands(sub) -> None:
     explain.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     explain.add_argument("--prefill", default="", help="text after the generation prompt")
     explain.add_argument("--engine", default="hf", choices=("hf", "vllm"))
+    explain.add_argument("--injection-family", choices=("add", "replace"),
+                         help="the AV's family when its sidecar does not record it (nanoNLA: add)")
     explain.set_defaults(func=_cmd_explain)
 
     extract = sub.add_parser("extract", help="activations of a base model for some text")

@@ -6,7 +6,10 @@ checkpoints (NLA_REFERENCE §5), from training checkpoints or from finished mode
                (one tensor ``weight``, d×d), tokenizer (right padding), nla_meta.yaml (role ar)
 
 Both sidecars say ``stage: export`` and record where the weights came from: ``parent_checkpoints``
-and ``training.export.{source, step, source_stage, config_from}``.
+and ``training.export.{source, step, source_stage, config_from}``. Both directories are written so
+that transformers 4.x reads them as 5 does (:func:`nla_rl.compat.make_portable`: a tokenizer class
+both load, the 4.x rope fields in ``config.json``), and a tokenizer must add the BOS token it
+declares (:func:`nla_rl.compat.check_bos_contract`).
 
 Every export is *verified* before it becomes visible. The written directory is reloaded the way a
 user loads it (strictly: a missing or unexpected tensor is an error) and run on fixed inputs next
@@ -36,6 +39,7 @@ import torch
 from nla_rl.ar_model import ActivationReconstructor, quiet_transformers
 from nla_rl.atomic import atomic_dir
 from nla_rl.checkpoint import read_manifest
+from nla_rl.compat import check_bos_contract, make_portable, same_base_problem
 from nla_rl.errors import NLAError
 from nla_rl.injection import d_model_of, inject
 from nla_rl.sidecar import ModelSidecar, read_model_sidecar, validate_model_sidecar, write_model_sidecar
@@ -53,7 +57,7 @@ PROBE_SEED = 0
 PROBE_COMPLETION = "<explanation>\nthe red cat sits near the river\n</explanation>"
 PROBE_EXPLANATIONS = ("the red cat sits near the river", "two small birds sing in an old tree",
                       "a calm blue ocean under the sky")
-_PAIR_FIELDS = ("base_checkpoint", "d_model", "extraction_layer_index", "mse_scale", "ar_template")
+_PAIR_FIELDS = ("d_model", "extraction_layer_index", "mse_scale", "ar_template")
 
 
 class ExportError(NLAError):
@@ -130,6 +134,7 @@ def pair_from_checkpoints(av_step, av_init, ar_step, ar_init, out_root, *,
                           ) -> tuple[Exported, Exported]:
     """Both roles from checkpoints into ``out_root/{av,ar}``; nothing is committed unless both verify."""
     check_pair(read_model_sidecar(av_init), read_model_sidecar(ar_init))
+    check_same_base(Path(av_init), Path(ar_init))
     out_root = Path(out_root)
     with atomic_dir(out_root / "av") as av_tmp, atomic_dir(out_root / "ar") as ar_tmp:
         av = _export_av_checkpoint(Path(av_step), Path(av_init), av_tmp, lora=lora,
@@ -147,6 +152,7 @@ def export_pair(av_src, ar_src, out_root, *, av_injection_scale: float | None = 
     _check_role(av_meta, "av", av_src)
     _check_role(ar_meta, "ar", ar_src)
     check_pair(av_meta, ar_meta)
+    check_same_base(av_src, ar_src)
     with atomic_dir(out_root / "av") as av_tmp, atomic_dir(out_root / "ar") as ar_tmp:
         av = _export_av_dir(av_src, av_meta, av_tmp, injection_scale=av_injection_scale)
         ar = _export_ar_dir(ar_src, ar_meta, ar_tmp)
@@ -154,8 +160,9 @@ def export_pair(av_src, ar_src, out_root, *, av_injection_scale: float | None = 
 
 
 def check_pair(av: ModelSidecar, ar: ModelSidecar) -> None:
-    """The AV and the AR must read the same activations: same base model, width, layer, MSE scale,
-    marker and AR template (a field the AV's sidecar leaves empty is not compared)."""
+    """The AV and the AR must read the same activations: same width, layer, MSE scale, marker and
+    AR template (a field the AV's sidecar leaves empty is not compared). The base model is
+    compared on the models themselves (:func:`check_same_base`), not on the recorded path."""
     _check_role(av, "av", "the AV source")
     _check_role(ar, "ar", "the AR source")
     pairs = [(name, getattr(av, name), getattr(ar, name)) for name in _PAIR_FIELDS]
@@ -166,6 +173,17 @@ def check_pair(av: ModelSidecar, ar: ModelSidecar) -> None:
             raise ExportError(f"the AV and the AR do not belong together: {name} is {av_value!r} in "
                               f"the AV's sidecar but {ar_value!r} in the AR's; export a pair from "
                               "the same run (same base model and extraction layer)")
+
+
+def check_same_base(av_dir: Path, ar_dir: Path) -> None:
+    """The AV and AR directories must hold the same base model (config) and tokenizer."""
+    from transformers import AutoConfig
+
+    configs = [AutoConfig.from_pretrained(d, local_files_only=True) for d in (av_dir, ar_dir)]
+    problem = same_base_problem(configs[0], _tokenizer(av_dir), configs[1], _tokenizer(ar_dir))
+    if problem:
+        raise ExportError(f"the AV ({av_dir}) and the AR ({ar_dir}) do not belong together: "
+                          f"{problem}; export a pair trained from the same base model")
 
 
 def export_sidecar(meta: ModelSidecar, *, source: Path, step: int | None = None,
@@ -297,6 +315,7 @@ def _write_av(model, tokenizer, sidecar: ModelSidecar, out: Path) -> None:
     with quiet_transformers():
         model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    make_portable(out)
     write_model_sidecar(out, sidecar)
 
 
@@ -381,7 +400,11 @@ def _write_verified_ar(ar, tokenizer, sidecar: ModelSidecar, out: Path, dtype, *
 
 def _write_ar(ar, tokenizer, sidecar: ModelSidecar, out: Path) -> None:
     """The AR layout (:meth:`ActivationReconstructor.save_pretrained`) + sidecar, into ``out``."""
-    ar.save_pretrained(out, tokenizer, extra_files=lambda d: write_model_sidecar(d, sidecar))
+    def extra_files(d: Path) -> None:
+        make_portable(d)
+        write_model_sidecar(d, sidecar)
+
+    ar.save_pretrained(out, tokenizer, extra_files=extra_files)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -455,9 +478,12 @@ def _compare(what: str, reference: torch.Tensor, found: torch.Tensor, dtype=torc
 
 
 def _tokenizer(model_dir: Path):
+    """The directory's tokenizer, which must add the BOS token it declares (and only that)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    check_bos_contract(tokenizer, model_dir)
+    return tokenizer
 
 
 def _text_config(config):

@@ -5,11 +5,16 @@
     nla.reconstruct(texts)          # torch.Tensor [n, d] (fp32)
     nla.score(vectors)              # explanations, predictions, per-row MSE and cosine, FVE
 
-Both directories carry an ``nla_meta.yaml`` sidecar. On load each is validated against its live
-tokenizer and config (:func:`nla_rl.sidecar.validate_model_sidecar`), and the two against each
-other (same ``d_model``, extraction layer, base checkpoint, ``mse_scale``). The injection family
-(``replace`` with its scale, or ``add`` with its block and coefficient) and the AV template (with
-the depth % when the template shows one) come from the AV's sidecar, never from the caller.
+Both directories carry an ``nla_meta.yaml`` sidecar (ours, the reference's — minimal ones too —
+or nanoNLA's copy of its dataset sidecar; see :func:`nla_rl.sidecar.read_model_sidecar`). On load
+each is validated against its live tokenizer and config
+(:func:`nla_rl.sidecar.validate_model_sidecar`), and the two against each other: the sidecars on
+``d_model``, extraction layer, ``mse_scale`` and marker (:func:`check_pair`), the models on base
+architecture and tokenizer (:func:`nla_rl.compat.same_base_problem`) — not on the recorded
+``base_checkpoint`` paths, which the reference's training stages write differently for the AV and
+the AR. The injection family (``replace`` with its scale, or ``add`` with its block and
+coefficient) and the AV template (with the depth % when the template shows one) come from the AV's
+sidecar; only a family the sidecar does not record (nanoNLA) is taken from the caller.
 
 Generation runs in-process with transformers (``engine="hf"``). Other engines are supplied by the
 caller as a factory (the core never imports vLLM): ``rollout.explain.engine_factory("vllm")``
@@ -19,6 +24,7 @@ returns one, and ``NLA.from_pretrained(..., engine="vllm", engine_factory=that)`
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +34,7 @@ import torch
 
 from nla_rl.ar_model import ActivationReconstructor, quiet_transformers
 from nla_rl.base_model import DTYPES, load_causal_lm
+from nla_rl.compat import same_base_problem
 from nla_rl.errors import NLAError, mismatch
 from nla_rl.injection import generate_with_injection
 from nla_rl.metrics import cosine, fve
@@ -39,8 +46,11 @@ from nla_rl.tokens import find_marker_positions
 
 # The releases' rule for a replace scale the sidecar leaves null: a little above the mean raw norm.
 DATA_SCALE_FACTOR = 1.1
-# Fields the AV and AR sidecars of one pair must agree on.
-_PAIR_FIELDS = ("d_model", "extraction_layer_index", "base_checkpoint", "mse_scale")
+# Fields the AV and AR sidecars of one pair must agree on (the base model is compared on the
+# loaded configs and tokenizers instead of the recorded path).
+_PAIR_FIELDS = ("d_model", "extraction_layer_index", "mse_scale")
+_MARKER_FIELDS = (("tokens.injection_char", "char"), ("tokens.injection_token_id", "token_id"))
+logger = logging.getLogger(__name__)
 
 
 class InferenceError(NLAError):
@@ -104,8 +114,11 @@ def check_pair(av: ModelSidecar, ar: ModelSidecar) -> None:
         if meta.role != role:
             raise InferenceError(mismatch(f"role of the {role.upper()} directory", role, meta.role,
                                           "pass the AV as the first directory and the AR as the second"))
-    for name in _PAIR_FIELDS:
-        a, r = getattr(av, name), getattr(ar, name)
+    pairs = [(name, getattr(av, name), getattr(ar, name)) for name in _PAIR_FIELDS]
+    # A marker a reader chose by the selection rule (not recorded) says nothing about the pair.
+    pairs += [(name, getattr(av.tokens, attr), getattr(ar.tokens, attr)) for name, attr in _MARKER_FIELDS
+              if name not in av.derived | ar.derived]
+    for name, a, r in pairs:
         if name == "extraction_layer_index" and a is None:
             continue  # an AV sidecar may omit K; the AR's is authoritative
         if a != r:
@@ -113,6 +126,10 @@ def check_pair(av: ModelSidecar, ar: ModelSidecar) -> None:
                 f"the AV and AR do not belong together: {name} is {a!r} in the AV's sidecar but "
                 f"{r!r} in the AR's. Load the AV and AR of the same run (e.g. <run>/export/av and "
                 f"<run>/export/ar)")
+    if av.base_checkpoint != ar.base_checkpoint:
+        logger.info("the AV's sidecar names base_checkpoint %r and the AR's %r; the pair is matched "
+                    "on its models' configs and tokenizers instead", av.base_checkpoint,
+                    ar.base_checkpoint)
 
 
 def as_vectors(vectors, d_model: int) -> torch.Tensor:
@@ -162,13 +179,16 @@ class NLA:
     def from_pretrained(cls, av_dir, ar_dir, *, dtype: str = "float32", device=None,
                         engine: str = "hf", engine_factory: EngineFactory | None = None,
                         injection_scale: float | None = None, prefill: str = "",
-                        trust_remote_code: bool = False) -> NLA:
+                        trust_remote_code: bool = False, injection_family: str | None = None) -> NLA:
         """Load and validate an AV/AR pair (HF directories with ``nla_meta.yaml``).
 
         ``injection_scale`` overrides a replace-family scale; when neither it nor the sidecar has
         one (an untrained ``init`` AV), each call chooses ``1.1 × mean raw norm`` of its vectors,
         as the training stages do. ``prefill`` is text placed after the generation prompt (the
         recipe's ``templates.av_prefill``; the LoRA release uses ``<explanation>``).
+        ``injection_family`` (``add`` | ``replace``): the AV's family when its sidecar does not
+        record it — required for nanoNLA's layout (its Karvonen AVs: ``add``), refused when it
+        contradicts the sidecar.
         """
         from transformers import AutoTokenizer
 
@@ -178,7 +198,8 @@ class NLA:
         if engine != "hf" and engine_factory is None:
             raise InferenceError(f"engine {engine!r}: the core runs only 'hf' in-process; pass "
                                  f"engine_factory=rollout.explain.engine_factory({engine!r})")
-        av_meta, ar_meta = read_model_sidecar(av_dir), read_model_sidecar(ar_dir)
+        av_meta = read_model_sidecar(av_dir, injection_family=injection_family)
+        ar_meta = read_model_sidecar(ar_dir)
         check_pair(av_meta, ar_meta)
         device = _resolve_device(device)
         with quiet_transformers():
@@ -189,6 +210,10 @@ class NLA:
         ar_tok = AutoTokenizer.from_pretrained(ar_dir, local_files_only=True,
                                                trust_remote_code=trust_remote_code)
         validate_model_sidecar(ar_meta, ar_tok, ar.config, role="ar")
+        problem = same_base_problem(av_model.config, av_tok, ar.config, ar_tok)
+        if problem:
+            raise InferenceError(f"the AV and AR do not belong together: {problem}. Load the AV and "
+                                 "AR of the same run (e.g. <run>/export/av and <run>/export/ar)")
         nla = cls(av_model.to(device).eval(), av_tok, av_meta, ar.to(device).eval(), ar_tok, ar_meta,
                   injection_scale=injection_scale, prefill=prefill)
         if engine != "hf":

@@ -6,14 +6,19 @@ Two kinds, in the reference implementation's published layout:
   the old ``actor``/``critic`` spellings are read too);
 * **dataset** sidecar ``<data file>.nla_meta.yaml`` (``kind: nla_dataset``, schema 1).
 
-Readers ignore unknown keys (released checkpoints carry extras) but fail on a missing required
-key, naming the dotted field and the file. Writers are atomic (temp file + ``os.replace``).
-``validate_*`` checks a sidecar against the live tokenizer and model config.
+Readers ignore unknown keys (released checkpoints carry extras). A model sidecar may be as small
+as the published clients accept (the reference's minimal files, nanoNLA's checkpoint copy of its
+*dataset* sidecar): what the checkpoint's own tokenizer and config determine is filled in, with a
+logged note kept in ``ModelSidecar.notes``; what they cannot determine (the AV template, a replace
+scale, a nanoNLA AV's injection family) is refused, naming the dotted field and the file. Writers
+are atomic (temp file + ``os.replace``). ``validate_*`` checks a sidecar against the live
+tokenizer and model config.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,10 +31,13 @@ from nla_rl.atomic import atomic_path
 from nla_rl.errors import SidecarError, mismatch
 from nla_rl.templates import depth_percent
 from nla_rl.tokens import (MarkerTokens, canonical_neighbors, critic_suffix_ids, marker_token_id,
-                           marker_tokens)
+                           marker_tokens, select_marker)
+
+logger = logging.getLogger(__name__)
 
 MODEL_SIDECAR_NAME = "nla_meta.yaml"
 DATASET_SIDECAR_SUFFIX = ".nla_meta.yaml"
+VALUE_HEAD_FILE = "value_head.safetensors"  # only an AR directory holds one (nla_rl.ar_model)
 MODEL_KIND, MODEL_SCHEMA, MODEL_SCHEMAS_READ = "nla_model", 2, (1, 2)
 DATASET_KIND, DATASET_SCHEMA = "nla_dataset", 1
 ROLE_ALIASES = {"av": "av", "ar": "ar", "actor": "av", "critic": "ar"}
@@ -37,6 +45,7 @@ INJECTION_FAMILIES = ("replace", "add")
 DATASET_STAGES = ("base", "av_sft", "ar_sft", "rl", "eval")
 TRAINING_STAGES = ("av_sft", "ar_sft", "rl")
 SQRT_D_MODEL = "sqrt_d_model"
+UNKNOWN = "unknown"  # a stage or base checkpoint the sidecar does not record
 _UNSET, _ABSENT = object(), object()
 
 
@@ -50,12 +59,13 @@ def _tuple(x):
 
 @dataclass(frozen=True)
 class TokenMeta:
-    """The marker and its anchors (``tokens:`` in both sidecars)."""
+    """The marker and its anchors (``tokens:`` in both sidecars). The neighbour ids may be
+    ``None`` only in an AR sidecar without an AV template (the AR never looks for the marker)."""
 
     char: str
     token_id: int
-    left_id: int
-    right_id: int
+    left_id: int | None
+    right_id: int | None
     critic_suffix_ids: tuple[int, ...] | None = None
 
     def __post_init__(self):
@@ -70,7 +80,9 @@ class TokenMeta:
 @dataclass(frozen=True)
 class ModelSidecar:
     """A checkpoint's metadata. ``role`` is normalised to ``av``/``ar``; scales are resolved
-    floats or ``None`` (raw). ``extraction_layer_index`` (K) is required for the AR."""
+    floats or ``None`` (raw). ``extraction_layer_index`` (K) is required for the AR, the AV
+    template for the AV. ``notes`` says what a reader filled in (not written back; not compared);
+    ``derived`` names those fields."""
 
     role: str
     stage: str
@@ -80,7 +92,7 @@ class ModelSidecar:
     injection_scale: float | None
     mse_scale: float | None
     tokens: TokenMeta
-    av_template: str
+    av_template: str | None
     ar_template: str | None = None
     trained_on: tuple = ()
     parent_checkpoints: tuple = ()
@@ -91,6 +103,8 @@ class ModelSidecar:
     injection_family: str = "replace"
     injection_add_layer: int = 1
     injection_add_coeff: float = 1.0
+    notes: tuple[str, ...] = field(default=(), compare=False)
+    derived: frozenset = field(default=frozenset(), compare=False)
 
     def __post_init__(self):
         role = ROLE_ALIASES.get(self.role)
@@ -107,6 +121,12 @@ class ModelSidecar:
         object.__setattr__(self, "trained_on", tuple(self.trained_on))
         object.__setattr__(self, "parent_checkpoints", tuple(self.parent_checkpoints))
         object.__setattr__(self, "training", dict(self.training or {}))
+        object.__setattr__(self, "notes", tuple(self.notes))
+        object.__setattr__(self, "derived", frozenset(self.derived))
+        if role == "av" and self.av_template is None:
+            raise SidecarError("prompt_templates.av is required in an AV sidecar")
+        if role == "av" and None in (self.tokens.left_id, self.tokens.right_id):
+            raise SidecarError("tokens.injection_left/right_neighbor_id are required in an AV sidecar")
         if role == "ar":
             for name, value in (("extraction_layer_index", self.extraction_layer_index),
                                 ("tokens.critic_suffix_ids", self.tokens.critic_suffix_ids),
@@ -246,8 +266,9 @@ class _Doc:
                            "a list of token ids", tuple)
 
     def listing(self, dotted: str) -> tuple:
-        return self._typed(dotted, (), (), lambda v: v is None or isinstance(v, list), "a list",
-                           lambda v: tuple(v or ()))
+        """A list (absent or null: empty)."""
+        value = self._typed(dotted, None, (), lambda v: isinstance(v, list), "a list", tuple)
+        return value or ()
 
     def mapping(self, dotted: str, default: Any = None) -> dict | None:
         return self._typed(dotted, default, (), lambda v: isinstance(v, dict), "a mapping", dict)
@@ -337,59 +358,247 @@ def model_sidecar_path(path_or_dir: str | Path) -> Path:
     return p / MODEL_SIDECAR_NAME if p.is_dir() or p.suffix not in (".yaml", ".yml") else p
 
 
-def read_model_sidecar(path_or_dir: str | Path) -> ModelSidecar:
-    """Read a checkpoint's ``nla_meta.yaml`` (pass the directory or the file), any spelling."""
+def read_model_sidecar(path_or_dir: str | Path, *, injection_family: str | None = None,
+                       tokenizer=None, config=None) -> ModelSidecar:
+    """Read a checkpoint's ``nla_meta.yaml`` (pass the directory or the file), any spelling.
+
+    Besides our files and the releases' (schema 1 and 2, old spellings) it reads what the
+    published clients read: the reference's minimal files and nanoNLA's checkpoint copy of its
+    dataset sidecar (``kind: nla_dataset``). A field left out is filled where the checkpoint
+    determines it, each with a logged note (``ModelSidecar.notes``):
+
+    * ``schema_version`` → 2; ``stage``, ``base_checkpoint`` → ``unknown`` (a nanoNLA copy:
+      its data's stage and ``extraction.base_model``);
+    * ``role`` → ``ar`` when the directory holds ``value_head.safetensors``, else ``av``;
+    * ``d_model`` → ``config.hidden_size``; the AR's K → ``config.num_hidden_layers - 1``;
+    * ``tokens.*`` → from the tokenizer: the marker by the selection rule, its id, the neighbours
+      in the AV template, the AR suffix ids; ``extraction.mse_scale`` → √d_model.
+
+    What they cannot determine is refused: the AV template, a replace AV's scale, and the
+    injection family of a nanoNLA AV. ``injection_family`` is that family when the sidecar does
+    not record it (nanoNLA's Karvonen AVs: ``add``); a reference ``nla_model`` file without one is
+    ``replace``, the only family of that layout. ``tokenizer``/``config``: the live ones when
+    already loaded; otherwise they are loaded from the directory, and only if a field needs them.
+    """
     path = model_sidecar_path(path_or_dir)
     if not path.is_file():
         raise _missing(path, "model", "nla_rl.sidecar.write_model_sidecar when a checkpoint is "
                        "saved or exported; is this an NLA checkpoint directory?")
-    doc = _Doc(path, "model")
-    doc.check_kind(MODEL_KIND, MODEL_SCHEMAS_READ)
-    role = doc.get("role")
-    if role not in ROLE_ALIASES:
-        raise doc.fail(mismatch("role", "av | ar (or actor | critic)", role))
-    is_ar = ROLE_ALIASES[role] == "ar"
-    d_model = doc.integer("d_model")
-    doc.mapping("extraction", _UNSET)  # required, though the AR may leave its scales out
-    ex = "extraction."
-    return doc.build(
-        ModelSidecar,
-        role=role,
-        stage=doc.string("stage"),
-        base_checkpoint=doc.string("base_checkpoint"),
-        d_model=d_model,
-        extraction_layer_index=_layer_index(doc, required=is_ar),
-        injection_scale=doc.scale(ex + "injection_scale", None if is_ar else _UNSET, d_model),
-        mse_scale=doc.scale(ex + "mse_scale", SQRT_D_MODEL, d_model),  # absent = √d, null = raw
-        tokens=doc.tokens(need_suffix=is_ar),
-        av_template=doc.string("prompt_templates.av", alt=("prompt_templates.actor",)),
-        ar_template=doc.string("prompt_templates.ar", _UNSET if is_ar else None,
-                               alt=("prompt_templates.critic",)),
-        trained_on=doc.listing("trained_on"),
-        parent_checkpoints=doc.listing("parent_checkpoints"),
-        created_at=doc.string("created_at", None) or "",
-        created_by=doc.string("created_by", None) or "",
-        training=doc.mapping("training") or {},
-        injection_family=doc.string(ex + "injection_family", "replace"),
-        injection_add_layer=doc.integer(ex + "injection_layer", 1),
-        injection_add_coeff=doc.number(ex + "injection_coeff", 1.0),
-    )
+    sc = _ModelReader(_Doc(path, "model"), _Live(path.parent, tokenizer, config),
+                      injection_family).read()
+    for note in sc.notes:
+        logger.warning("%s: %s", path, note)
+    return sc
 
 
-def _layer_index(doc: _Doc, *, required: bool) -> int | None:
-    """K from ``extraction_layer_index``, ``critic.extraction_layer_index`` or (schema 1)
-    ``critic.num_hidden_layers - 1``; the spellings present must agree."""
-    found = {name: doc.integer(name, None)
-             for name in ("extraction_layer_index", "critic.extraction_layer_index")}
-    n = doc.integer("critic.num_hidden_layers", None)
-    found["critic.num_hidden_layers - 1"] = None if n is None else n - 1
-    found = {k: v for k, v in found.items() if v is not None}
-    if len(set(found.values())) > 1:
-        raise doc.fail(f"the extraction layer index disagrees between fields: {found}")
-    if not found and required:
-        raise doc.fail("missing required field `critic.extraction_layer_index` (also read from "
-                       "top-level `extraction_layer_index` or v1 `critic.num_hidden_layers`)")
-    return next(iter(found.values()), None)
+class _Live:
+    """The checkpoint directory's tokenizer and config, loaded only when a field has to be
+    derived from them (a sidecar that records everything loads neither)."""
+
+    def __init__(self, directory: Path, tokenizer=None, config=None):
+        self.directory, self._tokenizer, self._config = directory, tokenizer, config
+
+    def tokenizer(self, doc: _Doc, dotted: str):
+        if self._tokenizer is None:
+            self._need(doc, dotted, "tokenizer", ("tokenizer.json", "tokenizer_config.json"))
+            from transformers import AutoTokenizer
+            self._tokenizer = AutoTokenizer.from_pretrained(self.directory, local_files_only=True)
+        return self._tokenizer
+
+    def config(self, doc: _Doc, dotted: str):
+        if self._config is None:
+            self._need(doc, dotted, "config", ("config.json",))
+            from transformers import AutoConfig
+            self._config = AutoConfig.from_pretrained(self.directory, local_files_only=True)
+        return _text_config(self._config)
+
+    def _need(self, doc: _Doc, dotted: str, what: str, files: tuple[str, ...]) -> None:
+        if not any((self.directory / f).is_file() for f in files):
+            raise doc.fail(f"missing required field `{dotted}`, and it cannot be derived: "
+                           f"{self.directory} has no {what} ({' or '.join(files)}); add the field, "
+                           "or read the sidecar inside its checkpoint directory")
+
+
+class _ModelReader:
+    """One read of a model sidecar: the reference layouts (``kind: nla_model``) or nanoNLA's
+    (a checkpoint's copy of its ``kind: nla_dataset`` sidecar), with the notes of what was filled."""
+
+    def __init__(self, doc: _Doc, live: _Live, injection_family: str | None):
+        self.doc, self.live, self.given_family = doc, live, injection_family
+        self.notes: list[str] = []
+        self.derived: set[str] = set()
+        kind = doc.get("kind")
+        if kind not in (MODEL_KIND, DATASET_KIND):
+            raise doc.fail(mismatch("kind", MODEL_KIND, kind, "this is not a model sidecar (a "
+                                    f"nanoNLA checkpoint may carry its {DATASET_KIND!r} sidecar)"))
+        self.nano = kind == DATASET_KIND
+        if injection_family is not None and injection_family not in INJECTION_FAMILIES:
+            raise SidecarError(mismatch("injection_family", " | ".join(INJECTION_FAMILIES),
+                                        injection_family))
+
+    def fill(self, dotted: str, value, why: str):
+        self.notes.append(f"filled {dotted} = {value!r} ({why})")
+        self.derived.add(dotted)
+        return value
+
+    def read(self) -> ModelSidecar:
+        doc, ex = self.doc, "extraction."
+        self._schema()
+        role = self._role()
+        is_ar = role == "ar"
+        d_model = self._d_model()
+        layer = self._layer_index(is_ar)
+        family = self._family(is_ar)
+        av_t = doc.string("prompt_templates.av", None if is_ar else _UNSET,
+                          alt=("prompt_templates.actor",))
+        ar_t = doc.string("prompt_templates.ar", _UNSET if is_ar else None,
+                          alt=("prompt_templates.critic",))
+        if self.nano and doc.get("stage", None) is not None:
+            stage = self.fill("stage", doc.string("stage"), "the stage of the data it was trained on")
+        else:
+            stage = doc.string("stage", None) or self.fill("stage", UNKNOWN, "not recorded")
+        base = (doc.string(ex + "base_model", None) if self.nano else doc.string("base_checkpoint", None))
+        if base is None:
+            base = self.fill("base_checkpoint", UNKNOWN, "not recorded; a pair is matched on its "
+                             "models' configs and tokenizers")
+        if not is_ar and family == "replace":
+            doc.mapping("extraction", _UNSET)  # a replace AV records its scale in it
+        scale = doc.scale(ex + "injection_scale", _UNSET if family == "replace" and not is_ar else None,
+                          d_model)
+        if doc.get(ex + "mse_scale", _ABSENT) is _ABSENT:
+            self.fill(ex + "mse_scale", round(math.sqrt(d_model), 4), "√d_model, the releases' value")
+        return doc.build(
+            ModelSidecar,
+            role=role, stage=stage, base_checkpoint=base, d_model=d_model,
+            extraction_layer_index=layer,
+            injection_scale=scale,
+            mse_scale=doc.scale(ex + "mse_scale", SQRT_D_MODEL, d_model),  # absent = √d, null = raw
+            tokens=self._tokens(is_ar, av_t, ar_t, layer),
+            av_template=av_t, ar_template=ar_t,
+            trained_on=(tuple(filter(None, [doc.string("dataset_id", None)])) if self.nano
+                        else doc.listing("trained_on")),
+            parent_checkpoints=doc.listing("parent_checkpoints"),
+            created_at=doc.string("created_at", None) or "",
+            created_by=doc.string("created_by", None) or "",
+            training=doc.mapping("training") or {},
+            injection_family=family,
+            injection_add_layer=doc.integer(ex + "injection_layer", 1),
+            injection_add_coeff=doc.number(ex + "injection_coeff", 1.0),
+            notes=tuple(self.notes), derived=frozenset(self.derived),
+        )
+
+    def _schema(self) -> None:
+        schemas = (DATASET_SCHEMA,) if self.nano else MODEL_SCHEMAS_READ
+        version = self.doc.get("schema_version", None)
+        if version is None:
+            self.fill("schema_version", schemas[-1], "not recorded")
+        elif version not in schemas:
+            raise self.doc.fail(mismatch("schema_version", " or ".join(map(str, schemas)), version,
+                                         "this reader does not understand that schema"))
+
+    def _role(self) -> str:
+        role = self.doc.get("role", None)
+        if role is not None:
+            if role not in ROLE_ALIASES:
+                raise self.doc.fail(mismatch("role", "av | ar (or actor | critic)", role))
+            return ROLE_ALIASES[role]
+        directory = self.live.directory
+        if (directory / VALUE_HEAD_FILE).is_file():
+            return self.fill("role", "ar", f"the directory holds {VALUE_HEAD_FILE}")
+        if (directory / "config.json").is_file():
+            return self.fill("role", "av", f"a model directory without {VALUE_HEAD_FILE}")
+        raise self.doc.fail(f"missing required field `role`, and it cannot be inferred: {directory} "
+                            "is not a model directory (no config.json); add role: av or role: ar")
+
+    def _d_model(self) -> int:
+        dotted = "extraction.d_model" if self.nano else "d_model"
+        d_model = self.doc.integer(dotted, None)
+        if d_model is None:
+            d_model = self.fill("d_model", int(self.live.config(self.doc, dotted).hidden_size),
+                                "config.hidden_size")
+        return d_model
+
+    def _layer_index(self, is_ar: bool) -> int | None:
+        """K from ``extraction_layer_index``, ``critic.extraction_layer_index``, (schema 1)
+        ``critic.num_hidden_layers - 1`` or (nanoNLA) ``extraction.layer_index``; the spellings
+        present must agree. An AR recording none has K = its config's blocks - 1."""
+        doc = self.doc
+        found = {name: doc.integer(name, None) for name in
+                 ("extraction_layer_index", "critic.extraction_layer_index", "extraction.layer_index")}
+        n = doc.integer("critic.num_hidden_layers", None)
+        found["critic.num_hidden_layers - 1"] = None if n is None else n - 1
+        found = {k: v for k, v in found.items() if v is not None}
+        if len(set(found.values())) > 1:
+            raise doc.fail(f"the extraction layer index disagrees between fields: {found}")
+        if found or not is_ar:
+            return next(iter(found.values()), None)
+        # Also read from top-level `extraction_layer_index` or v1 `critic.num_hidden_layers`.
+        blocks = int(self.live.config(doc, "critic.extraction_layer_index").num_hidden_layers)
+        return self.fill("critic.extraction_layer_index", blocks - 1,
+                         "an AR keeps blocks 0..K: config.num_hidden_layers - 1")
+
+    def _family(self, is_ar: bool) -> str:
+        recorded = self.doc.string("extraction.injection_family", None)
+        given = self.given_family
+        if recorded is not None:
+            if given is not None and given != recorded:
+                raise self.doc.fail(f"extraction.injection_family: the sidecar records {recorded!r} "
+                                    f"but {given!r} was given; drop the argument or fix the sidecar")
+            return recorded
+        if given is not None:
+            return self.fill("extraction.injection_family", given, "given by the caller")
+        if not self.nano:
+            return "replace"  # the reference layout has one family: embedding replacement
+        if is_ar:
+            return self.fill("extraction.injection_family", "replace", "unused by an AR")
+        raise self.doc.fail(
+            "the injection family is not recorded: this is nanoNLA's layout (the checkpoint's copy "
+            f"of its `kind: {DATASET_KIND}` sidecar), whose AVs use residual addition (its Karvonen "
+            "checkpoints) or embedding replacement, and the wrong one gives wrong explanations "
+            "without any error. Say which: injection_family='add' (CLI: --injection-family add) "
+            "or 'replace'")
+
+    def _tokens(self, is_ar: bool, av_t: str | None, ar_t: str | None, layer: int | None) -> TokenMeta:
+        """``tokens:``; each id left out is computed with the checkpoint's tokenizer."""
+        doc, t = self.doc, "tokens."
+        char = doc.string(t + "injection_char", None)
+        token_id = doc.integer(t + "injection_token_id", None)
+        left = doc.integer(t + "injection_left_neighbor_id", None)
+        right = doc.integer(t + "injection_right_neighbor_id", None)
+        suffix = doc.ids(t + "critic_suffix_ids", None)
+        if char is None:
+            tok = self.live.tokenizer(doc, t + "injection_char")
+            char = self.fill(t + "injection_char", select_marker(tok)[0],
+                             "the first single-token character of U+3200–U+33FF")
+        if token_id is None:
+            tok = self.live.tokenizer(doc, t + "injection_token_id")
+            token_id = self.fill(t + "injection_token_id", marker_token_id(tok, char),
+                                 "the tokenizer's id of the marker")
+        # The AR's truncated config cannot give a depth-% template's depth: it keeps no neighbours.
+        if (left is None or right is None) and av_t is not None and not (is_ar and "{depth_pct}" in av_t):
+            live_left, live_right = self._neighbors(left is None, av_t, char, layer)
+            if left is None:
+                left = self.fill(t + "injection_left_neighbor_id", live_left, "from the AV template")
+            if right is None:
+                right = self.fill(t + "injection_right_neighbor_id", live_right, "from the AV template")
+        if suffix is None and is_ar:
+            tok = self.live.tokenizer(doc, t + "critic_suffix_ids")
+            suffix = tuple(self.fill(t + "critic_suffix_ids", critic_suffix_ids(tok, ar_t),
+                                     "from the AR template"))
+        return TokenMeta(char, token_id, left, right, suffix)
+
+    def _neighbors(self, left_missing: bool, av_t: str, char: str, layer: int | None) -> tuple[int, int]:
+        doc = self.doc
+        missing = "tokens.injection_" + ("left" if left_missing else "right") + "_neighbor_id"
+        tok = self.live.tokenizer(doc, missing)
+        depth = None
+        if "{depth_pct}" in av_t:
+            if layer is None:
+                raise doc.fail("missing required field `extraction_layer_index`: the depth-% AV "
+                               "template needs it to place the marker's neighbours")
+            blocks = int(self.live.config(doc, "extraction_layer_index").num_hidden_layers)
+            depth = depth_percent(layer, blocks)
+        return canonical_neighbors(tok, av_t, char, depth_pct=depth)
 
 
 def model_sidecar_dict(sc: ModelSidecar) -> dict:
@@ -545,7 +754,7 @@ def validate_model_sidecar(sc: ModelSidecar, tokenizer, config, *, role: str | N
         _check("role", ROLE_ALIASES.get(role, role), sc.role, "load the other checkpoint")
     cfg = _text_config(config)
     _check("d_model", sc.d_model, cfg.hidden_size, "expected = the sidecar, found = config.hidden_size")
-    has_depth = "{depth_pct}" in sc.av_template
+    has_depth = sc.av_template is not None and "{depth_pct}" in sc.av_template
     depth = None
     if sc.role == "ar":
         _check("num_hidden_layers", sc.extraction_layer_index + 1, cfg.num_hidden_layers,
@@ -558,7 +767,7 @@ def validate_model_sidecar(sc: ModelSidecar, tokenizer, config, *, role: str | N
     # The AR's truncated config cannot give the depth %, so a depth template's neighbours are
     # only recomputed for the AV.
     _validate_tokens(sc.tokens, tokenizer, sc.av_template, sc.ar_template, depth,
-                     check_neighbors=not (has_depth and sc.role == "ar"))
+                     check_neighbors=not (has_depth and sc.role == "ar") and sc.tokens.left_id is not None)
 
 
 def validate_dataset_sidecar(sc: DatasetSidecar, tokenizer, config) -> None:

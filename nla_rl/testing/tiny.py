@@ -7,8 +7,10 @@ Design choices that matter downstream:
 
 * Attention head size is 32 (vLLM's CPU attention refuses head sizes below 32).
 * Each family gets its own chat-template *style* (ChatML for Qwen, header tokens for Llama-3,
-  turns for Gemma) and its own BOS behaviour (Qwen adds none; Llama and Gemma add BOS, and their
-  chat template string already contains it — the double-BOS trap real checkpoints have).
+  turns for Gemma) and its real BOS convention: Qwen declares no BOS token and adds none; Llama and
+  Gemma declare BOS and add it, and their chat template string already contains it — the
+  double-BOS trap real checkpoints have. A declared BOS is always the one tokenisation adds
+  (:func:`nla_rl.compat.check_bos_contract`; the reference AR critic asserts it).
 * Exactly one character of the marker range (``TINY_MARKER_CHAR``, U+320E as in Qwen2.5) is a
   single BPE token; its lower neighbours in U+3200–U+320D are not, so marker selection is exercised
   for real.
@@ -64,7 +66,7 @@ class TokenizerStyle:
     """Special tokens and BOS behaviour of one family's tokenizer."""
 
     chat_template: str
-    bos: str
+    bos: str | None  # None: the family declares no BOS token (Qwen2.5/Qwen3)
     eos: str
     pad: str
     turn_close: str
@@ -74,7 +76,7 @@ class TokenizerStyle:
 
 _STYLES = {
     "qwen2": TokenizerStyle(
-        "chatml", "<|endoftext|>", "<|im_end|>", "<|endoftext|>", "<|im_end|>",
+        "chatml", None, "<|im_end|>", "<|endoftext|>", "<|im_end|>",
         ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), add_bos=False,
     ),
     "llama": TokenizerStyle(

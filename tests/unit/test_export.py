@@ -4,6 +4,7 @@ directories in the published layout; corrupted writes and bad inputs are refused
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 from pathlib import Path
@@ -29,6 +30,8 @@ from nla_rl.tokens import find_marker_positions
 ROOT = Path(__file__).resolve().parents[2]
 LORA = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 TEXTS = ["the cat sits on a red house", "a small bird"]
+# Tokenizer classes transformers 4.x loads (a family class: its fast variant from tokenizer.json).
+V4_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "Qwen2Tokenizer", "Qwen2TokenizerFast")
 FAMILIES = {"replace": ["injection.family=replace", "injection.scale=3.0"],
             "add": ["injection.family=add", "injection.add_layer=1"]}
 
@@ -293,8 +296,15 @@ def _copy_with_sidecar(src: Path, dst: Path, **changes) -> Path:
 
 def test_mismatched_pair_and_sidecar_are_refused(run_dir, tmp_path):
     av, ar = run_dir / "init" / "av", run_dir / "init" / "ar"
-    other = _copy_with_sidecar(ar, tmp_path / "other_ar", base_checkpoint="tiny:llama")
-    with pytest.raises(ExportError, match="base_checkpoint is 'tiny:qwen2'.*'tiny:llama'"):
+    # The recorded base path may differ (the reference's stages write different ones) …
+    moved = _copy_with_sidecar(ar, tmp_path / "moved_ar", base_checkpoint="/scratch/ar_sft/base")
+    export.export_pair(av, moved, tmp_path / "moved")
+    # … but not the base model itself: here its rope base.
+    other = _copy_with_sidecar(ar, tmp_path / "other_ar")
+    config = json.loads((other / "config.json").read_text(encoding="utf-8"))
+    config["rope_parameters"]["rope_theta"] = 1e6
+    (other / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(ExportError, match="base models differ: config rope_parameters"):
         export.export_pair(av, other, tmp_path / "e")
     with pytest.raises(ExportError, match="expected an AV"):
         export.export_pair(ar, av, tmp_path / "e")
@@ -310,3 +320,30 @@ def test_mismatched_pair_and_sidecar_are_refused(run_dir, tmp_path):
         export.export_pair(wrong, _copy_with_sidecar(ar, tmp_path / "ar2", tokens=tokens), tmp_path / "e")
     assert not (tmp_path / "e").exists() or not list((tmp_path / "e").iterdir())
     assert issubclass(ExportError, NLAError)
+
+
+# ----------------------------------------------------------------------------- other readers
+
+def test_export_is_read_alike_under_transformers_4_field_names(run_dir, tmp_path):
+    """transformers 4.x (the published NLA code, older vLLM/SGLang) reads rope_theta/rope_scaling
+    and cannot load the tokenizer class TokenizersBackend; the export names what both majors read."""
+    av, ar = export.export_pair(run_dir / "init" / "av", run_dir / "init" / "ar", tmp_path / "e")
+    for path in (av.path, ar.path):
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        v5 = AutoConfig.from_pretrained(path).rope_parameters
+        assert config["rope_theta"] == v5["rope_theta"] and config["rope_scaling"] is None
+        tok_config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        assert tok_config["tokenizer_class"] in V4_TOKENIZER_CLASSES
+        tok = AutoTokenizer.from_pretrained(path)
+        assert tok.bos_token is None and tok("x")["input_ids"] == tok("x", add_special_tokens=False)["input_ids"]
+
+
+def test_a_tokenizer_that_does_not_add_its_declared_bos_is_not_exported(run_dir, tmp_path):
+    av = tmp_path / "av"
+    shutil.copytree(run_dir / "init" / "av", av)
+    config = json.loads((av / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["bos_token"] = "<|endoftext|>"
+    (av / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(SidecarError, match="declares bos_token '<\\|endoftext\\|>'.*tokenising 'x'"):
+        export.export_pair(av, run_dir / "init" / "ar", tmp_path / "e")
+    assert not (tmp_path / "e").exists() or not list((tmp_path / "e").iterdir())

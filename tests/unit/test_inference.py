@@ -125,11 +125,24 @@ def test_mismatched_pair_names_the_field(tmp_path, qwen):
     with pytest.raises(InferenceError, match="extraction_layer_index is 2 in the AV.*1 in the AR"):
         NLA.from_pretrained(av_dir, other_ar)
     _, ar_dir = make_pair(tmp_path / "c", qwen)
-    _edit_sidecar(ar_dir, "base_checkpoint", "tiny:other")
-    with pytest.raises(InferenceError, match="base_checkpoint"):
-        NLA.from_pretrained(av_dir, ar_dir)
     with pytest.raises(InferenceError, match="role"):
         NLA.from_pretrained(ar_dir, av_dir)  # swapped
+
+
+def test_pairs_match_on_the_models_not_the_recorded_path(tmp_path, qwen, tiny_models):
+    """The reference's stages record different base_checkpoint paths for the AV and the AR."""
+    av_dir, ar_dir = make_pair(tmp_path / "a", qwen)
+    _edit_sidecar(av_dir, "base_checkpoint", "/scratch/av_sft/qwen2.5-7b")
+    _edit_sidecar(ar_dir, "base_checkpoint", "Qwen/Qwen2.5-7B-Instruct")
+    NLA.from_pretrained(av_dir, ar_dir)
+    # Another base model is refused whatever the sidecars say: here a Llama AR of the same width
+    # and layer whose sidecar records no tokens (derived from its own tokenizer, so valid).
+    _, llama_ar = make_pair(tmp_path / "b", tiny_models["llama"])
+    data = yaml.safe_load((llama_ar / "nla_meta.yaml").read_text(encoding="utf-8"))
+    del data["tokens"]
+    (llama_ar / "nla_meta.yaml").write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(InferenceError, match="base models differ: config model_type is 'qwen2'.*'llama'"):
+        NLA.from_pretrained(av_dir, llama_ar)
 
 
 def test_sidecar_tokenizer_mismatch_is_refused(tmp_path, qwen):

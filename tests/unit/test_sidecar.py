@@ -265,9 +265,7 @@ def test_model_sidecar_constructor_checks(qwen):
 
 
 @pytest.mark.parametrize("name,dotted", [
-    ("qwen2.5-7b-L20-av.yaml", "d_model"),
-    ("qwen2.5-7b-L20-av.yaml", "stage"),
-    ("qwen2.5-7b-L20-av.yaml", "base_checkpoint"),
+    ("qwen2.5-7b-L20-av.yaml", "d_model"),  # no config beside the file to derive it from
     ("qwen2.5-7b-L20-av.yaml", "extraction"),
     ("qwen2.5-7b-L20-av.yaml", "extraction.injection_scale"),
     ("qwen2.5-7b-L20-av.yaml", "tokens.injection_char"),
@@ -304,9 +302,21 @@ def test_missing_layer_index_for_ar(tmp_path):
 
 
 def test_missing_av_template_names_old_spelling_too(tmp_path):
-    path = _edited("qwen2.5-7b-L20-critic-v1.yaml", tmp_path, "prompt_templates.actor")
+    data = _load(FIXTURES / "qwen2.5-7b-L20-critic-v1.yaml")
+    data["role"] = "actor"
+    data["extraction"]["injection_scale"] = 150.0
+    del data["prompt_templates"]["actor"]
     with pytest.raises(SidecarError, match=r"`prompt_templates\.av` \(older spelling: `prompt_templates\.actor`\)"):
-        read_model_sidecar(path)
+        read_model_sidecar(_dump(data, tmp_path / "nla_meta.yaml"))
+
+
+def test_an_ar_needs_no_av_template(tmp_path):
+    """The reference critic reads only its own template: an AR sidecar without the AV's loads."""
+    path = _edited("qwen2.5-7b-L20-critic-v1.yaml", tmp_path, "prompt_templates.actor")
+    sc = read_model_sidecar(path)
+    assert sc.role == "ar" and sc.av_template is None and sc.tokens.left_id == 29
+    write_model_sidecar(tmp_path / "ckpt", sc)
+    assert read_model_sidecar(tmp_path / "ckpt") == sc
 
 
 def test_training_stage_dataset_needs_tokens(tmp_path):
@@ -324,7 +334,9 @@ def test_wrong_type_is_named(tmp_path):
 def test_wrong_kind(tmp_path):
     with pytest.raises(SidecarError, match=r"kind: expected 'nla_dataset', found 'nla_model'"):
         read_dataset_sidecar(FIXTURES / "qwen2.5-7b-L20-av.yaml")
-    with pytest.raises(SidecarError, match=r"kind: expected 'nla_model', found 'nla_dataset'"):
+    # A dataset sidecar read as a model's is nanoNLA's layout: without a checkpoint beside it,
+    # its role cannot be inferred.
+    with pytest.raises(SidecarError, match=r"missing required field `role`.*not a model directory"):
         read_model_sidecar(FIXTURES / "rl.parquet.nla_meta.yaml")
     path = _edited("qwen2.5-7b-L20-av.yaml", tmp_path, "kind", "nla_modle", delete=False)
     with pytest.raises(SidecarError, match="nla_modle"):
