@@ -215,7 +215,8 @@ def step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats, old_lo
                             learner_logp=_pad(old_logp), engine_logp=_pad(rollouts.engine_logp),
                             mask=_pad_mask(rollouts.completions), skipped_steps=world.skipped_steps)
     metrics = {**scored.metrics, **health, "perf/generate_s": rollouts.seconds,
-               "rollout/zero_variance_groups": float(adv.zero_variance_groups)}
+               "rollout/zero_variance_groups": float(adv.zero_variance_groups),
+               "reward/group_std": adv.group_std_mean}  # vs rl.advantage_eps
     if ok:
         metrics["rollout/cosine"] = float(cosine(preds[ok], gold[ok]).mean())
     for role, stats in (("av", av_stats), ("ar", ar_stats)):
@@ -284,7 +285,7 @@ def rl_loop(world: RLWorld, start: int) -> None:
             [e or "" for e in rollouts.explanations], ema=world.critic.spec.ema_decay > 0))
         scored = score(world, batch, rollouts, preds, step)
         adv = compute_advantages(scored.rewards, rl.advantage,
-                                 torch.from_numpy(rollouts.group_ids))
+                                 torch.from_numpy(rollouts.group_ids), eps=rl.advantage_eps)
         old_logp = _timed(seconds, "perf/old_logp_s", lambda: [lp.tolist() for lp in (
             world.policy.av_logprobs([world.prompt_ids] * len(rollouts.completions),
                                      rollouts.completions, rollouts.golds,

@@ -288,8 +288,12 @@ class RLConfig(ConfigSection):
                                               "Δ = logπ_ref - logπ.")
     clip_low: float = param(0.2, "PPO ratio clip below 1.", gt=0, lt=1)
     clip_high: float = param(0.28, "PPO ratio clip above 1.", gt=0)
-    advantage: Literal["grpo", "drgrpo"] = param("grpo", "grpo: (r-mean)/(std+1e-6); drgrpo: "
-                                                 "r-mean (no std division).")
+    advantage: Literal["grpo", "drgrpo"] = param("grpo", "grpo: (r-mean)/(std+advantage_eps); "
+                                                 "drgrpo: r-mean (no std division).")
+    advantage_eps: float = param(
+        1e-6, "epsilon of the grpo advantage (r-mean)/(std+eps), std the group's sample std. TRL "
+        "uses 1e-4; NLA rewards (-MSE) can have tight groups (std near 1e-3), where 1e-4 shrinks "
+        "the advantages by ~9% and 1e-6 by ~0.1% (reward/group_std logs the mean std).", gt=0)
     reward: Literal["neg_mse", "neg_log_mse"] = param("neg_mse", "-MSE, or -log(max(MSE, 1e-8)).")
     failure_penalty: float | None = param(None, "Reward of a rollout with no extractable "
                                           "explanation or that hits the cap; null = the "
@@ -320,10 +324,11 @@ class RLConfig(ConfigSection):
         0.1, "Rollouts whose mean |logp_learner - logp_engine| over response tokens exceeds this "
         "are masked out of the policy loss (counted; a lost injection or a stale engine); "
         "null = never mask.", gt=0)
-    loss_agg: Literal["token_mean", "seq_mean_token_mean"] = param(
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = param(
         "token_mean", "token_mean: policy loss summed over every response token of the step "
         "(all micro-batches and ranks) / their number; seq_mean_token_mean: token mean within "
-        "each rollout, then mean over rollouts.")
+        "each rollout, then mean over rollouts; seq_mean_token_sum_norm (Dr.GRPO, TRL's "
+        "dr_grpo): the token sum / (rollouts x max_new_tokens), a constant normaliser.")
     length_penalty_coef: float = param(
         0.01, "c of the hinge length penalty c·max(0, n_tokens - (max_new_tokens - "
         "length_penalty_margin)), n_tokens counted up to the first EOS; 0 = off.", ge=0)
