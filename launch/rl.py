@@ -110,8 +110,11 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
         for role, model_dir, meta in (("av", av_dir, av_meta), ("ar", ar_dir, ar_meta)):
             spec, ranks = rl_learner_spec(cfg, role, model_dir, meta,
                                           injection if role == "av" else None)
+            # The AR is committed before the AV (save_both), so it keeps one more: a crash
+            # between the two commits still leaves the AR of the AV's newest step on disk.
+            keep = cfg.rl.keep_last + (role == "ar")
             manager = CheckpointManager.for_recipe(run_dir / "rl" / role, cfg, f"rl_{role}",
-                                                   keep_last=cfg.rl.keep_last)
+                                                   keep_last=keep)
             groups[role] = LearnerGroup(spec, world_size=ranks, name=f"rl_{role}",
                                         checkpoints=manager,
                                         **learner_placement(cfg, colocated, ranks))
@@ -135,7 +138,9 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
 
 
 def save_both(world, step: int, skipped: float) -> None:
-    """Checkpoint both learners; the policy's checkpoint carries the data cursor and progress."""
+    """Checkpoint both learners; the policy's checkpoint carries the data cursor and progress.
+    The AR first: :func:`resume` takes the newest step both reached, so a crash in between costs
+    one save interval, never the run."""
     from nla_rl.checkpoint import atomic_write_json, save_data_cursor
 
     def extra(staging: Path) -> None:
@@ -147,23 +152,33 @@ def save_both(world, step: int, skipped: float) -> None:
 
 
 def resume(world, cfg: RecipeConfig) -> int:
-    """Restore both learners and the data cursor; returns the first step to run."""
-    from nla_rl.checkpoint import load_data_cursor
+    """Restore both learners and the data cursor from the newest step both have a checkpoint of
+    (a crash between the AR's and the AV's commit leaves the AR one step ahead: that orphan is
+    ignored, and replaced when the run saves that step again); returns the first step to run."""
+    from nla_rl.checkpoint import CheckpointError, load_data_cursor, newest_complete_set
 
     if not cfg.run.resume:
         return 0
-    path = world.policy.load()
-    if path is None:
+    managers = {"AV": world.policy.checkpoints, "AR": world.critic.checkpoints}
+    try:
+        found = newest_complete_set(managers)
+    except CheckpointError as err:
+        raise SFTStageError(f"rl: {err}") from None
+    if found is None:
         return 0
-    critic_path = world.critic.load()
-    progress = json.loads((path / PROGRESS_FILE).read_text())
-    if critic_path is None or critic_path.name != path.name:
-        raise SFTStageError(f"rl: the AV checkpoint {path.name} has no AR checkpoint of the same "
-                            f"step (found {critic_path}); delete {path.parent} to restart RL")
-    world.data.cursor = load_data_cursor(path / CURSOR_FILE, num_items=len(world.data.vectors),
-                                         seed=cfg.run.seed)
+    step, paths = found
+    for name, manager in managers.items():
+        newer = [s for s in manager.steps() if s > step]
+        if newer:
+            print(f"[rl] ignoring {name} checkpoint(s) {newer} newer than the newest complete "
+                  f"AV/AR pair (a crash between the two commits)")
+    world.policy.load_state(paths["AV"])
+    world.critic.load_state(paths["AR"])
+    progress = json.loads((paths["AV"] / PROGRESS_FILE).read_text())
+    world.data.cursor = load_data_cursor(paths["AV"] / CURSOR_FILE,
+                                         num_items=len(world.data.vectors), seed=cfg.run.seed)
     world.skipped_steps = float(progress["skipped_steps"])
-    print(f"[rl] resumed from {path} (step {progress['step']})")
+    print(f"[rl] resumed from {paths['AV']} and {paths['AR']} (step {progress['step']})")
     return int(progress["step"])
 
 
