@@ -189,6 +189,7 @@ def rl(cfg: RecipeConfig, run_dir: Path) -> None:
     world, (av_dir, ar_dir, av_meta, ar_meta, injection), actors = build_world(cfg, run_dir)
     try:
         start = resume(world, cfg)
+        world.tracker.rewind(start, stage="rl")  # steps after `start` are logged again
         if start:
             sync_engines(world)  # the engines still hold the SFT weights
         rl_loop(world, start)

@@ -73,6 +73,15 @@ class Tracker:
                                 data=[[r[c] for c in SAMPLE_COLUMNS] for r in rows])
             self._wandb_run.log({"rollout/samples": table}, step=step)
 
+    def rewind(self, step: int, stage: str) -> int:
+        """Forget what ``stage`` logged after ``step`` in ``metrics.jsonl`` and the samples table:
+        a stage resumed (or re-run) from ``step`` logs those steps again. W&B keeps its history
+        (it ignores the repeated steps of a resumed run). Returns the metric rows dropped."""
+        from nla_rl.metrics_log import rewind_jsonl
+
+        rewind_jsonl(self.samples_path, lambda row: row.get("step", 0) > step)
+        return self.jsonl.rewind(step, stage)
+
     def finish(self) -> None:
         if self._wandb_run is not None:
             self._wandb_run.finish()
