@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from launch.stages import PLANNED, STAGES
@@ -33,6 +34,7 @@ def run(recipe: str, overrides: list[str]) -> Path:
             + f". Stages available now: {', '.join(STAGES)}"
         )
     run_dir = Path(cfg.run.dir)
+    check_resume(cfg, run_dir)  # a refused resume must leave the run as it was
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(cfg, run_dir / "recipe.yaml")
     for stage in cfg.run.stages:
@@ -40,6 +42,37 @@ def run(recipe: str, overrides: list[str]) -> Path:
         STAGES[stage](cfg, run_dir)
         print(f"[{stage}] done in {time.perf_counter() - started:.1f}s")
     return run_dir
+
+
+# Where each resumable stage keeps its checkpoints (under the run directory), and the role its
+# checkpoint fingerprints name (launch/sft.py, launch/rl.py).
+CHECKPOINT_ROOTS = {"ar_sft": {"AR": ("ar_sft", "ar_sft")},
+                    "av_sft": {"AV": ("av_sft", "av_sft")},
+                    "rl": {"AV": ("rl/av", "rl_av"), "AR": ("rl/ar", "rl_ar")}}
+
+
+def check_resume(cfg, run_dir: Path) -> None:
+    """With ``run.resume``, refuse now, before anything is written or Ray starts, what a stage
+    would refuse when it resumes: a checkpoint of another recipe (the fields that differ are
+    named), or RL parts that share no step. The stages repeat the check on what they load."""
+    from nla_rl.checkpoint import CheckpointError, CheckpointManager, newest_complete_set
+
+    if not cfg.run.resume:
+        return
+    for stage in cfg.run.stages:
+        managers = {name: CheckpointManager.for_recipe(run_dir / sub, cfg, role, keep_last=None)
+                    for name, (sub, role) in CHECKPOINT_ROOTS.get(stage, {}).items()}
+        if not managers:
+            continue
+        try:
+            with warnings.catch_warnings():  # damaged checkpoints: the stage itself warns
+                warnings.simplefilter("ignore")
+                if len(managers) == 1:
+                    next(iter(managers.values())).latest_valid()
+                else:
+                    newest_complete_set(managers)
+        except CheckpointError as err:
+            raise NLAError(f"run.resume: {stage}: {err}; nothing was written") from None
 
 
 def main(argv: list[str] | None = None) -> int:
