@@ -73,6 +73,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     from actors.learner import LearnerGroup
     from actors.placement import colocated_for_recipe
     from actors.rollout import pool_from_recipe
+    from nla_rl.base_model import check_context
     from nla_rl.checkpoint import CheckpointManager
     from nla_rl.rl_data import RLData
     from nla_rl.sft import turn_close_ids
@@ -87,11 +88,13 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     data = RLData(run_dir / "data", seed=cfg.run.seed, per_sample=negatives)
     injection = injection_for(av_meta, data.vectors)
     tokenizer = AutoTokenizer.from_pretrained(av_dir, local_files_only=True)
-    layers = AutoConfig.from_pretrained(av_dir).get_text_config().num_hidden_layers
+    av_config = AutoConfig.from_pretrained(av_dir)
+    layers = av_config.get_text_config().num_hidden_layers
     prompt = av_prompt_ids(tokenizer, av_meta.av_template, av_meta.marker.char,
                            depth_pct=depth_pct_for(av_meta.av_template,
                                                    av_meta.extraction_layer_index, layers),
                            prefill=cfg.templates.av_prefill)
+    check_context(av_config, len(prompt), cfg.rl.max_new_tokens, "rl.max_new_tokens")
     eos = {tokenizer.eos_token_id, *turn_close_ids(tokenizer)} - {None}
 
     connect_ray(num_cpus=recipe_cpus(cfg))

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from launch.stages import PLANNED, STAGES
+from nla_rl.atomic import check_writable_dir
 from nla_rl.config import dump_recipe, load_recipe
 from nla_rl.errors import NLAError
 
@@ -33,7 +34,7 @@ def run(recipe: str, overrides: list[str]) -> Path:
                                        for s in missing)
             + f". Stages available now: {', '.join(STAGES)}"
         )
-    run_dir = Path(cfg.run.dir)
+    run_dir = check_writable_dir(cfg.run.dir, "run.dir")
     check_resume(cfg, run_dir)  # a refused resume must leave the run as it was
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(cfg, run_dir / "recipe.yaml")

@@ -106,6 +106,8 @@ class RunConfig(ConfigSection):
     def validate(self):
         _require(bool(self.name) and "/" not in self.name, "name",
                  f"must be a non-empty name without '/', found {self.name!r}")
+        _require(len(self.stages) > 0, "stages", f"is empty, so the run would do nothing; name "
+                 f"the stages to run, e.g. [prepare, datagen] (all: {list(ALL_STAGES)})")
         _require(list(self.stages) == [s for s in ALL_STAGES if s in self.stages], "stages",
                  f"must list each stage once, in the pipeline order {list(ALL_STAGES)}, "
                  f"found {list(self.stages)}")
@@ -618,11 +620,18 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
     if not Path(path).is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist; recipes/ has one per base model "
                           "(recipes/tiny.yaml is the CPU default)")
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                          f"{err.start}); is it a recipe YAML file?") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:  # an empty file (or only comments): most likely a truncated copy
+        raise ConfigError(f"{path}: the recipe is empty; a recipe names at least its run and "
+                          f"model (start from recipes/tiny.yaml)")
     try:
         return recipe_from_dict(data, overrides)
     except ConfigError as err:
