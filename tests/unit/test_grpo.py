@@ -346,7 +346,7 @@ def test_dr_grpo_aggregation_is_the_token_sum_over_rollouts_times_max_len():
     torch.testing.assert_close(logp.grad, grad)
     # token_mean differs from it by exactly B·L_max / N_tokens (N = 5 kept tokens).
     tok = policy_loss(logp.detach(), torch.tensor(adv), mask, PolicyLossSettings())
-    assert float(out.loss) == pytest.approx(float(tok.loss) * 5 / (3 * l_max))
+    assert float(out.loss.detach()) == pytest.approx(float(tok.loss) * 5 / (3 * l_max))
     assert loss_normalizer(mask, s) == 3 * l_max
 
 
