@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from actors.rollout import replacement_metrics
 from nla_rl.config import RecipeConfig
 from nla_rl.grpo import PolicyLossSettings, compute_advantages
 from nla_rl.health import check_step0_health, rollout_health
@@ -300,6 +301,7 @@ def rl_loop(world: RLWorld, start: int) -> None:
                                   old_logp), **seconds, **synced}
         if step == start and rl.stop_on_unhealthy:
             check_step0_health(metrics)  # broken injection or >50% failures: stop now
+        metrics.update(replacement_metrics(world.engines.drain_replacements(), step + 1))
         metrics["perf/step_s"] = time.perf_counter() - started
         world.tracker.log(step + 1, metrics, stage="rl")
         if (step + 1) % rl.samples_every == 0 or step + 1 == rl.steps:

@@ -97,6 +97,8 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     check_context(av_config, len(prompt), cfg.rl.max_new_tokens, "rl.max_new_tokens")
     eos = {tokenizer.eos_token_id, *turn_close_ids(tokenizer)} - {None}
 
+    # Before Ray: a W&B failure leaves nothing running; after it, a failure finishes W&B.
+    tracker = Tracker(cfg, run_dir, job_type="rl")
     connect_ray(num_cpus=recipe_cpus(cfg))
     started = []  # shut down last first: a shared placement group after the actors in it
     try:
@@ -125,6 +127,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     except BaseException:
         for actor in reversed(started):
             actor.shutdown()
+        tracker.finish()
         raise
     probe_completion = tokenizer("<explanation>\nprobe of the weight sync\n</explanation>",
                                  add_special_tokens=False)["input_ids"]
@@ -132,7 +135,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
              [probe_completion])
     tolerance = cfg.rl.sync_tolerance or (2e-3 if cfg.model.dtype == "float32" else 0.15)
     world = RLWorld(cfg=cfg, policy=groups["av"], critic=groups["ar"], engines=engines, data=data,
-                    tracker=Tracker(cfg, run_dir, job_type="rl"), prompt_ids=prompt,
+                    tracker=tracker, prompt_ids=prompt,
                     prefill=cfg.templates.av_prefill, eos_ids=frozenset(eos),
                     mse_scale=av_meta.mse_scale, probe=probe, sync_tolerance=tolerance,
                     adapter_dir=str(run_dir / "rl" / "adapter"))

@@ -15,6 +15,7 @@ from launch.stages import PLANNED, STAGES
 from nla_rl.atomic import check_writable_dir
 from nla_rl.config import dump_recipe, load_recipe
 from nla_rl.errors import NLAError
+from nla_rl.tracking import check_wandb
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,6 +36,7 @@ def run(recipe: str, overrides: list[str]) -> Path:
             + f". Stages available now: {', '.join(STAGES)}"
         )
     run_dir = check_writable_dir(cfg.run.dir, "run.dir")
+    check_wandb(cfg)  # not 40 s into the RL stage, after prepare, datagen and SFT
     check_resume(cfg, run_dir)  # a refused resume must leave the run as it was
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(cfg, run_dir / "recipe.yaml")

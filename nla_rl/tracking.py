@@ -94,17 +94,28 @@ class Tracker:
         self.finish()
 
 
-def _start_wandb(cfg: RecipeConfig, logs_dir: Path, job_type: str):
-    try:
-        import wandb
-    except ImportError:
+def check_wandb(cfg: RecipeConfig) -> None:
+    """Raise now what starting W&B would raise later: wandb not installed, or mode online with
+    the key's environment variable empty. Cheap (no network, no run created), so the launcher
+    calls it before any stage runs."""
+    if not cfg.wandb.enabled or cfg.wandb.mode == "disabled":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
         raise ConfigError("wandb.enabled is true but wandb is not installed: pip install "
-                          "'nla-rl[wandb]', or set wandb.enabled=false") from None
-    key = os.environ.get(cfg.wandb.api_key_env)
-    if cfg.wandb.mode == "online" and not key:
+                          "'nla-rl[wandb]', or set wandb.enabled=false")
+    if cfg.wandb.mode == "online" and not os.environ.get(cfg.wandb.api_key_env):
         raise ConfigError(f"wandb.mode is online but the environment variable "
                           f"{cfg.wandb.api_key_env} (wandb.api_key_env) is empty; export the key "
                           f"there, or use wandb.mode=offline")
+
+
+def _start_wandb(cfg: RecipeConfig, logs_dir: Path, job_type: str):
+    check_wandb(cfg)
+    import wandb
+
+    key = os.environ.get(cfg.wandb.api_key_env)
     logs_dir.mkdir(parents=True, exist_ok=True)
     settings = dict(silent=True, disable_code=True, save_code=False, disable_git=True)
     if key and cfg.wandb.mode == "online":

@@ -244,3 +244,13 @@ def test_a_wrong_d_model_in_the_sidecar_says_what_to_fix(pair, qwen):
     message = str(err.value)
     assert f"expected {qwen.d_model + 1}, found {qwen.d_model}" in message
     assert f"set d_model: {qwen.d_model} in nla_meta.yaml" in message
+
+
+def test_wandb_online_without_its_key_fails_before_any_stage(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("NLA_TEST_NO_SUCH_KEY", raising=False)
+    run_dir = tmp_path / "run"
+    refused(capsys, lambda: train([TINY, f"run.dir={run_dir}", "run.stages=[prepare]",
+                                   "wandb.enabled=true", "wandb.mode=online",
+                                   "wandb.api_key_env=NLA_TEST_NO_SUCH_KEY"]),
+            "NLA_TEST_NO_SUCH_KEY", "wandb.mode=offline", root=tmp_path)
+    assert not run_dir.exists()
