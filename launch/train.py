@@ -14,7 +14,7 @@ from pathlib import Path
 from launch.stages import PLANNED, STAGES
 from nla_rl.atomic import check_writable_dir
 from nla_rl.config import dump_recipe, load_recipe
-from nla_rl.errors import NLAError
+from nla_rl.errors import ConfigError, NLAError
 from nla_rl.tracking import check_wandb
 
 
@@ -36,6 +36,7 @@ def run(recipe: str, overrides: list[str]) -> Path:
             + f". Stages available now: {', '.join(STAGES)}"
         )
     run_dir = check_writable_dir(cfg.run.dir, "run.dir")
+    check_inputs(cfg)
     check_wandb(cfg)  # not 40 s into the RL stage, after prepare, datagen and SFT
     check_resume(cfg, run_dir)  # a refused resume must leave the run as it was
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -45,6 +46,39 @@ def run(recipe: str, overrides: list[str]) -> Path:
         STAGES[stage](cfg, run_dir)
         print(f"[{stage}] done in {time.perf_counter() - started:.1f}s")
     return run_dir
+
+
+def check_inputs(cfg) -> None:
+    """The files a recipe names, checked before anything is written (a missing corpus was found
+    only after prepare had written init/): the local base model (config, readable safetensors,
+    model.layer_index within its depth) for prepare/datagen, the corpus path and format and a
+    local teacher's model directory for datagen. Their content is read by the stages."""
+    import json
+
+    from nla_rl.base_model import TINY_PREFIX, TOYWORLD, check_model_dir
+    from nla_rl.data.corpus import FORMATS
+
+    stages = set(cfg.run.stages)
+    base = cfg.model.base
+    if stages & {"prepare", "datagen"} and base != TOYWORLD and not base.startswith(TINY_PREFIX):
+        path = check_model_dir(base, "model.base")
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        layers = (config.get("text_config") or config).get("num_hidden_layers")
+        if isinstance(layers, int) and not cfg.model.layer_index < layers:
+            raise ConfigError(f"model.layer_index: {cfg.model.layer_index} is beyond the depth of "
+                              f"{base} ({layers} blocks, 0-based); choose K in 0..{layers - 1}")
+    if "datagen" not in stages:
+        return
+    corpus = Path(cfg.data.corpus).expanduser()
+    if cfg.data.corpus != TOYWORLD:
+        if not corpus.exists():
+            raise ConfigError(f"data.corpus: {cfg.data.corpus!r} does not exist; give a local "
+                              f"{', '.join(FORMATS)}, or toyworld")
+        if corpus.is_file() and corpus.suffix.lower() not in (".txt", ".jsonl", ".parquet"):
+            raise ConfigError(f"data.corpus: {cfg.data.corpus!r} has the unknown format "
+                              f"{corpus.suffix or '(no suffix)'!r}; supported: {', '.join(FORMATS)}")
+    if cfg.data.teacher.kind == "local":
+        check_model_dir(cfg.data.teacher.model, "data.teacher.model")
 
 
 # Where each resumable stage keeps its checkpoints (under the run directory), and the role its

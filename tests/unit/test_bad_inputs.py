@@ -254,3 +254,24 @@ def test_wandb_online_without_its_key_fails_before_any_stage(tmp_path, capsys, m
                                    "wandb.api_key_env=NLA_TEST_NO_SUCH_KEY"]),
             "NLA_TEST_NO_SUCH_KEY", "wandb.mode=offline", root=tmp_path)
     assert not run_dir.exists()
+
+
+def test_inputs_the_recipe_names_are_checked_before_the_first_write(tmp_path, qwen, capsys):
+    run_dir = tmp_path / "run"
+    run = lambda *o: lambda: train([TINY, f"run.dir={run_dir}", *o])  # noqa: E731
+    refused(capsys, run("run.stages=[prepare,datagen]", f"model.base={tmp_path / 'nope'}"),
+            "model.base", "no such directory", root=tmp_path)
+    bad = truncated_copy(qwen.path, tmp_path / "truncated")
+    refused(capsys, run("run.stages=[prepare]", f"model.base={bad}"), "model.base",
+            "truncated", root=tmp_path)
+    refused(capsys, run("run.stages=[prepare]", f"model.base={qwen.path}", "model.layer_index=7"),
+            "model.layer_index: 7 is beyond the depth", "0..3", root=tmp_path)
+    refused(capsys, run("run.stages=[prepare,datagen]", f"data.corpus={tmp_path / 'none.txt'}"),
+            "data.corpus", "does not exist", root=tmp_path)
+    (tmp_path / "corpus.csv").write_text("a,b\n")
+    refused(capsys, run("run.stages=[prepare,datagen]", f"data.corpus={tmp_path / 'corpus.csv'}"),
+            "unknown format '.csv'", root=tmp_path)
+    refused(capsys, run("run.stages=[prepare,datagen]", "data.teacher.kind=local",
+                        f"data.teacher.model={tmp_path / 'no_teacher'}"),
+            "data.teacher.model", "no such directory", root=tmp_path)
+    assert not run_dir.exists()
