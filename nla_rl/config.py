@@ -313,7 +313,9 @@ class RLConfig(ConfigSection):
         "extractable explanation (an untrained or mismatched AV); false only for smoke tests.")
     save_every: int = param(10, "Checkpoint both learners every this many steps (the last step "
                             "is always saved).", gt=0)
-    keep_last: int = param(2, "RL checkpoints kept per learner.", gt=0)
+    keep_last: int = param(2, "RL checkpoints kept per learner (the AR, saved first, keeps one "
+                           "more, so a crash between the two saves still leaves a complete pair "
+                           "to resume).", gt=0)
     samples_every: int = param(5, "Log a table of rollouts (explanation, reward, MSE, gap) every "
                                "this many steps.", gt=0)
     sync_tolerance: float | None = param(
