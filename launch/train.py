@@ -38,6 +38,10 @@ def run(recipe: str, overrides: list[str]) -> Path:
     run_dir = check_writable_dir(cfg.run.dir, "run.dir")
     check_inputs(cfg)
     check_wandb(cfg)  # not 40 s into the RL stage, after prepare, datagen and SFT
+    if cfg.wandb.enabled and cfg.wandb.mode != "disabled" and "rl" not in cfg.run.stages:
+        print(f"note: wandb.enabled, but only the rl stage logs to W&B; the stages "
+              f"{list(cfg.run.stages)} log to {run_dir / 'logs' / 'metrics.jsonl'} only",
+              file=sys.stderr)
     check_resume(cfg, run_dir)  # a refused resume must leave the run as it was
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(cfg, run_dir / "recipe.yaml")
