@@ -80,7 +80,8 @@ def check_inputs(cfg) -> None:
                               f"{', '.join(FORMATS)}, or toyworld")
         if corpus.is_file() and corpus.suffix.lower() not in (".txt", ".jsonl", ".parquet"):
             raise ConfigError(f"data.corpus: {cfg.data.corpus!r} has the unknown format "
-                              f"{corpus.suffix or '(no suffix)'!r}; supported: {', '.join(FORMATS)}")
+                              f"{corpus.suffix or '(no suffix)'!r}; supported: "
+                              f"{', '.join(FORMATS)}")
     if cfg.data.teacher.kind == "local":
         check_model_dir(cfg.data.teacher.model, "data.teacher.model")
 

@@ -40,7 +40,8 @@ LOG_RATIO_CLAMP = 20.0  # |log ratio| and |Δ| are clamped here before exp (exp(
 def grpo_advantage(rewards: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                    eps: float = ADV_EPS) -> torch.Tensor:
     """``A_i = (r_i - mean_g) / (std_g + ε)`` (GRPO; invariant to the reward's scale while
-    ``std_g ≫ ε``: with ``std_g`` = 1e-3, ε = 1e-4 shrinks the advantages by 9%, ε = 1e-6 by 0.1%)."""
+    ``std_g ≫ ε``: with ``std_g`` = 1e-3, ε = 1e-4 shrinks the advantages by 9%, ε = 1e-6 by
+    0.1%)."""
     return (rewards - mean) / (std + eps)
 
 
@@ -86,9 +87,11 @@ def compute_advantages(rewards: torch.Tensor, kind: str = "grpo",
 
     ``rewards`` is [P, G] (one row per prompt), or flat [N] with ``group_ids`` [N] (groups may then
     differ in size). ``mean_g`` and ``std_g`` are the group's mean and sample standard deviation
-    (Bessel-corrected, as TRL and verl compute it); ``ADVANTAGES[kind](r, mean_g, std_g, eps)`` gives
-    the advantage (``eps`` is GRPO's ε, ``rl.advantage_eps``). A group with ``std_g < 1e-8`` (all rewards equal, or a single sample) carries no
-    signal: its advantages are exactly 0 and it is counted in ``zero_variance_groups``.
+    (Bessel-corrected, as TRL and verl compute it); ``ADVANTAGES[kind](r, mean_g, std_g, eps)``
+    gives the advantage (``eps`` is GRPO's ε, ``rl.advantage_eps``). A group with
+    ``std_g < 1e-8`` (all rewards equal, or a single sample) carries no signal: its advantages are
+    exactly 0 and it is counted in ``zero_variance_groups``. ``group_std_mean`` is the mean of
+    ``std_g`` over groups (logged as ``reward/group_std``, to compare with ε).
     """
     if kind not in ADVANTAGES:
         raise ConfigError(mismatch("advantage kind", sorted(ADVANTAGES), kind))
@@ -184,8 +187,9 @@ def agg_seq_mean_token_mean(per_token: torch.Tensor, mask: torch.Tensor,
 
 def agg_seq_mean_token_sum_norm(per_token: torch.Tensor, mask: torch.Tensor,
                                 max_len: int | None = None) -> tuple[torch.Tensor, int]:
-    """Dr.GRPO: ``Σ_{b,t} m·L`` over a constant normaliser ``B · L_max`` (B = every rollout of the
-    batch, kept or not; L_max = ``rl.max_new_tokens``), as in the Dr.GRPO paper and TRL's
+    """Dr.GRPO: ``Σ_{b,t} m·L`` over a constant normaliser ``B · L_max`` (B = every rollout row
+    given to the loss, including rows masked for a log-prob mismatch or with an empty completion;
+    L_max = ``rl.max_new_tokens``), as in the Dr.GRPO paper and TRL's
     ``loss_type="dr_grpo"``: no per-rollout length normalisation, so long and short completions
     get the same per-token weight and the loss scale does not depend on the batch's lengths."""
     if max_len is None or max_len <= 0:

@@ -20,8 +20,8 @@ def normalize_to(v: torch.Tensor, scale: float, eps: float = NORM_EPS) -> torch.
 
 
 def check_norms(vectors: torch.Tensor, what: str, error: type[Exception] = InjectionError) -> None:
-    """Raise ``error`` for rows whose fp32 squared norm overflows (|x| above ~1e19): the norm is inf,
-    so normalising gives 0 and every score NaN. Activations of real models have norms of 1-1e4,
+    """Raise ``error`` for rows whose fp32 squared norm overflows (|x| above ~1e19): the norm is
+    inf, so normalising gives 0 and every score NaN. Activations of real models have norms of 1-1e4,
     so such rows are a scale or units mistake, not data to inject. Non-finite rows are left to
     the callers' own NaN/Inf check."""
     v = vectors.detach().float()

@@ -91,7 +91,8 @@ def test_a_resumed_stage_rewinds_its_rows_so_the_history_has_each_step_once(tmp_
     assert [(r["stage"], r["step"]) for r in rows] == [("ar_sft", 5), ("rl", 1), ("rl", 2),
                                                         ("eval", 9), ("rl", 3)]
     assert rows[-1]["reward/mean"] == -3.5
-    samples = [json.loads(l) for l in (tmp_path / "logs" / "samples.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "logs" / "samples.jsonl").read_text().splitlines()
+    samples = [json.loads(line) for line in lines]
     assert [(s["step"], s["explanation"]) for s in samples] == [(1, "x"), (2, "x"), (3, "y")]
     # Nothing to drop: the file is left as it is.
     inode = path.stat().st_ino
