@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from actors.rollout import replacement_metrics
 from nla_rl.config import RecipeConfig
 from nla_rl.data.toyworld import score_explanation
 from nla_rl.grpo import PolicyLossSettings, compute_advantages
@@ -253,7 +254,8 @@ def step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats, old_lo
                             learner_logp=_pad(old_logp), engine_logp=_pad(rollouts.engine_logp),
                             mask=_pad_mask(rollouts.completions), skipped_steps=world.skipped_steps)
     metrics = {**scored.metrics, **health, "perf/generate_s": rollouts.seconds,
-               "rollout/zero_variance_groups": float(adv.zero_variance_groups)}
+               "rollout/zero_variance_groups": float(adv.zero_variance_groups),
+               "reward/group_std": adv.group_std_mean}  # vs rl.advantage_eps
     if ok:
         metrics["rollout/cosine"] = float(cosine(preds[ok], gold[ok]).mean())
     for role, stats in (("av", av_stats), ("ar", ar_stats)):
@@ -328,7 +330,7 @@ def rl_loop(world: RLWorld, start: int) -> None:
             world, rollouts, step))
         scored = score(world, batch, rollouts, preds, step)
         adv = compute_advantages(scored.rewards, rl.advantage,
-                                 torch.from_numpy(rollouts.group_ids))
+                                 torch.from_numpy(rollouts.group_ids), eps=rl.advantage_eps)
         old_logp = _timed(seconds, "perf/old_logp_s", lambda: [lp.tolist() for lp in (
             world.policy.av_logprobs([world.prompt_ids] * len(rollouts.completions),
                                      rollouts.completions, rollouts.golds,
@@ -348,6 +350,7 @@ def rl_loop(world: RLWorld, start: int) -> None:
             world.warn(f"WARNING step {step + 1}: {warning}")
         if step == start and rl.stop_on_unhealthy:
             check_step0_health(metrics)  # broken injection or >50% failures: stop now
+        metrics.update(replacement_metrics(world.engines.drain_replacements(), step + 1))
         metrics["perf/step_s"] = time.perf_counter() - started
         world.tracker.log(step + 1, metrics, stage="rl")
         if (step + 1) % rl.samples_every == 0 or step + 1 == rl.steps:

@@ -12,6 +12,8 @@ so an RL step survives it; a pool the cluster cannot hold fails at once instead 
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import ray
@@ -88,6 +90,27 @@ def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
 ACTOR_LOST = (ray.exceptions.RayActorError,)
 
 
+@dataclass(frozen=True)
+class EngineReplacement:
+    """One lost engine actor that the pool replaced: which, why, during what, and the seconds
+    from noticing the loss to the re-run slice's result (the step's time lost to it)."""
+
+    engine: int
+    cause: str
+    method: str
+    seconds: float
+
+
+def replacement_metrics(events: Sequence[EngineReplacement], step: int) -> dict[str, float]:
+    """A step's ``health/engine_replacements`` (count, 0 on a normal step, so the chart is
+    continuous) and ``perf/engine_replacement_s`` (seconds lost to them); one line per event."""
+    for e in events:
+        print(f"[rl] step {step}: engine {e.engine} replaced ({e.cause} during {e.method}), "
+              f"{e.seconds:.1f}s lost", flush=True)
+    return {"health/engine_replacements": float(len(events)),
+            "perf/engine_replacement_s": float(sum(e.seconds for e in events))}
+
+
 class EngineLostError(NLAError):
     """An engine actor kept dying: the pool replaced it as often as allowed and gave up."""
 
@@ -153,6 +176,7 @@ class RolloutPool:
         self.max_replacements = max_replacements
         self._weights_ref = None  # the last sync_weights payload (kept in the object store)
         self._adapter_dir: str | None = None  # the last adapter synced
+        self.replacements: list[EngineReplacement] = []  # since the last drain_replacements()
         self.actors = [self._start_actor(i) for i in range(num_engines)]
         ray.get([a.health.remote() for a in self.actors])  # surface start-up errors here
 
@@ -188,15 +212,20 @@ class RolloutPool:
         return [self._result(i, method, args, future) for (i, method, args), future in zip(calls, futures)]
 
     def _result(self, index: int, method: str, args: tuple, future):
-        cause = None
+        cause, lost_at = None, None
         for attempt in range(self.max_replacements + 1):
             try:
                 if attempt:
                     self._replace_actor(index, cause)
                     future = getattr(self.actors[index], method).remote(*args)
-                return ray.get(future)
+                result = ray.get(future)
+                if lost_at is not None:
+                    self.replacements.append(EngineReplacement(
+                        index, type(cause).__name__, method, time.perf_counter() - lost_at))
+                return result
             except ACTOR_LOST as err:
                 cause = err
+                lost_at = lost_at if lost_at is not None else time.perf_counter()
         raise EngineLostError(
             f"rollout engine actor {index} died during {method} and its {self.max_replacements} "
             f"replacement(s) died too; last cause: {cause}. Check the engine's log (out of memory, "
@@ -234,6 +263,11 @@ class RolloutPool:
     def verify_sync(self, expected_logprobs, probe, tol: float = 1e-3) -> float:
         """Max |Δ| over every actor; raises (the first actor's error) if any sync did not apply."""
         return max(self._broadcast("verify_sync", expected_logprobs, probe, tol))
+
+    def drain_replacements(self) -> list[EngineReplacement]:
+        """The replacements since the last call (the coordinator logs them once per step)."""
+        out, self.replacements = self.replacements, []
+        return out
 
     def health(self) -> list[dict]:
         return self._broadcast("health")

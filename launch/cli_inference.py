@@ -23,13 +23,25 @@ from nla_rl.errors import NLAError
 
 def load_vectors(path: str | Path, limit: int | None = None) -> np.ndarray:
     """float32 [n, d] from a ``.npy`` file or the ``activation_vector`` column of a parquet file."""
+    import torch
+
     from nla_rl.data.store import read_activations
+    from nla_rl.vectors import check_norms
 
     path = Path(path)
     if not path.is_file():
         raise NLAError(f"--vectors {path}: no such file")
+    if limit is not None and limit < 1:
+        raise NLAError(f"--limit: expected >= 1 rows, found {limit}")
     if path.suffix == ".npy":
-        vectors = np.load(path, allow_pickle=False)
+        try:
+            vectors = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            # numpy's own message suggests allow_pickle=True: an unsafe fix for a file that is
+            # simply not an array file.
+            raise NLAError(f"--vectors {path} is not a NumPy .npy vector file ({type(err).__name__}"
+                           f"); write one with numpy.save(path, float32_array), or give a "
+                           f".parquet with an activation_vector column") from None
     elif path.suffix in (".parquet", ".arrow"):
         vectors = read_activations(path)
     else:
@@ -39,7 +51,11 @@ def load_vectors(path: str | Path, limit: int | None = None) -> np.ndarray:
     if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
         raise NLAError(f"--vectors {path}: expected a float array [n, d], found "
                        f"{vectors.dtype} {list(vectors.shape)}")
-    return np.ascontiguousarray(vectors[:limit], dtype=np.float32)
+    if len(vectors) == 0:
+        raise NLAError(f"--vectors {path}: 0 rows; there is nothing to explain")
+    vectors = np.ascontiguousarray(vectors[:limit], dtype=np.float32)
+    check_norms(torch.from_numpy(vectors), f"--vectors {path}", NLAError)
+    return vectors
 
 
 def _cmd_explain(args) -> int:
@@ -71,11 +87,21 @@ def _cmd_explain(args) -> int:
 
 def _texts(args) -> list[str]:
     texts = list(args.text or [])
+    blank = [i + 1 for i, t in enumerate(texts) if not t.strip()]
+    if blank:
+        raise NLAError(f"extract: --text number {blank} is empty or whitespace only; give text "
+                       f"with at least one token")
     if args.text_file:
         path = Path(args.text_file)
         if not path.is_file():
             raise NLAError(f"--text-file {path}: no such file")
-        texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            content = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise NLAError(f"--text-file {path}: not UTF-8 text (byte {err.object[err.start]:#04x} "
+                           f"at offset {err.start}); convert it, e.g. iconv -f latin1 -t utf-8"
+                           ) from None
+        texts += [line for line in content.splitlines() if line.strip()]
     if not texts:
         raise NLAError("extract: give at least one --text or a --text-file (one text per line)")
     return texts
@@ -88,7 +114,13 @@ def _cmd_extract(args) -> int:
     from nla_rl.data.corpus import Document
     from nla_rl.data.extract import ActivationExtractor
 
+    from nla_rl.base_model import check_model_dir
+
     texts = _texts(args)
+    check_model_dir(args.base, "--base")
+    if args.layer < 0:
+        raise NLAError(f"--layer: K is a 0-based block index (block K's output is read), found "
+                       f"{args.layer}; give 0 <= K < the base model's number of layers")
     last = args.positions == "last"
     # "last": the final non-special token of each text; "all": every non-special token.
     extractor = ActivationExtractor(args.base, args.layer, positions_per_doc=1 if last else args.max_tokens,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nla_rl.atomic import atomic_write_text
+from nla_rl.atomic import atomic_write_text, check_writable_dir
 from nla_rl.config import EvalConfig, RecipeConfig, load_recipe
 from nla_rl.data.store import read_activations, read_rows
 from nla_rl.errors import NLAError
@@ -99,6 +99,11 @@ def evaluate(run_dir: str | Path, *, av: str | Path | None = None, ar: str | Pat
     """Evaluate a pair on ``<run>/data/eval.parquet``; write the report; return its dict. Unset
     settings come from the run's recipe (``eval.*``), else the defaults."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise EvalError(f"{run_dir}: no such run directory" + (" (it is a file)" if run_dir.exists()
+                                                                else ""))
+    for sub in ("eval", "logs"):  # checked before minutes of scoring, not when writing the plot
+        check_writable_dir(run_dir / sub, f"eval output directory {sub}/ of")
     cfg = cfg or _run_recipe(run_dir)
     settings = cfg.eval if cfg else EvalConfig()
     rows = rows if rows is not None else settings.rows

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from nla_rl.atomic import check_writable_dir
 from nla_rl.config import RecipeConfig
 from nla_rl.export import Exported, ExportError, LoraSettings, export_pair, pair_from_checkpoints
 from nla_rl.sidecar import MODEL_SIDECAR_NAME, read_model_sidecar
@@ -141,6 +142,11 @@ def export_run(run_dir, *, source: str | None = None, step: int | None = None,
     """Export ``run_dir``'s pair from ``source`` (default: the most trained present) to
     ``<run>/export/{av,ar}``; prints the source and the verification result."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"export: {run_dir} " + ("is a file; give a run directory (the run.dir "
+                          "of a recipe)" if run_dir.exists() else "does not exist; give a run "
+                          "directory (the run.dir of a recipe)"))
+    check_writable_dir(run_dir / "export", "export directory")
     if source is not None and source not in SOURCES:
         raise ExportError(f"export source: expected one of {SOURCES}, found {source!r}")
     if step is not None and source != "checkpoint":

@@ -74,6 +74,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     from actors.learner import LearnerGroup
     from actors.placement import colocated_for_recipe
     from actors.rollout import pool_from_recipe
+    from nla_rl.base_model import check_context
     from nla_rl.checkpoint import CheckpointManager
     from nla_rl.rl_data import RLData
     from nla_rl.sft import turn_close_ids
@@ -88,13 +89,17 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     data = RLData(run_dir / "data", seed=cfg.rl_seed, per_sample=negatives)
     injection = injection_for(av_meta, data.vectors)
     tokenizer = AutoTokenizer.from_pretrained(av_dir, local_files_only=True)
-    layers = AutoConfig.from_pretrained(av_dir).get_text_config().num_hidden_layers
+    av_config = AutoConfig.from_pretrained(av_dir)
+    layers = av_config.get_text_config().num_hidden_layers
     prompt = av_prompt_ids(tokenizer, av_meta.av_template, av_meta.marker.char,
                            depth_pct=depth_pct_for(av_meta.av_template,
                                                    av_meta.extraction_layer_index, layers),
                            prefill=cfg.templates.av_prefill)
+    check_context(av_config, len(prompt), cfg.rl.max_new_tokens, "rl.max_new_tokens")
     eos = {tokenizer.eos_token_id, *turn_close_ids(tokenizer)} - {None}
 
+    # Before Ray: a W&B failure leaves nothing running; after it, a failure finishes W&B.
+    tracker = Tracker(cfg, run_dir, job_type="rl")
     connect_ray(num_cpus=recipe_cpus(cfg))
     started = []  # shut down last first: a shared placement group after the actors in it
     try:
@@ -111,8 +116,11 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
         for role, model_dir, meta in (("av", av_dir, av_meta), ("ar", ar_dir, ar_meta)):
             spec, ranks = rl_learner_spec(cfg, role, model_dir, meta,
                                           injection if role == "av" else None)
+            # The AR is committed before the AV (save_both), so it keeps one more: a crash
+            # between the two commits still leaves the AR of the AV's newest step on disk.
+            keep = cfg.rl.keep_last + (role == "ar")
             manager = CheckpointManager.for_recipe(run_dir / "rl" / role, cfg, f"rl_{role}",
-                                                   keep_last=cfg.rl.keep_last)
+                                                   keep_last=keep)
             groups[role] = LearnerGroup(spec, world_size=ranks, name=f"rl_{role}",
                                         checkpoints=manager,
                                         **learner_placement(cfg, colocated, ranks))
@@ -120,6 +128,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     except BaseException:
         for actor in reversed(started):
             actor.shutdown()
+        tracker.finish()
         raise
     probe_completion = tokenizer("<explanation>\nprobe of the weight sync\n</explanation>",
                                  add_special_tokens=False)["input_ids"]
@@ -127,7 +136,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
              [probe_completion])
     tolerance = cfg.rl.sync_tolerance or (2e-3 if cfg.model.dtype == "float32" else 0.15)
     world = RLWorld(cfg=cfg, policy=groups["av"], critic=groups["ar"], engines=engines, data=data,
-                    tracker=Tracker(cfg, run_dir, job_type="rl"), prompt_ids=prompt,
+                    tracker=tracker, prompt_ids=prompt,
                     prefill=cfg.templates.av_prefill, eos_ids=frozenset(eos),
                     mse_scale=av_meta.mse_scale, probe=probe, sync_tolerance=tolerance,
                     adapter_dir=str(run_dir / "rl" / "adapter"))
@@ -136,7 +145,9 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
 
 
 def save_both(world, step: int, skipped: float) -> None:
-    """Checkpoint both learners; the policy's checkpoint carries the data cursor and progress."""
+    """Checkpoint both learners; the policy's checkpoint carries the data cursor and progress.
+    The AR first: :func:`resume` takes the newest step both reached, so a crash in between costs
+    one save interval, never the run."""
     from nla_rl.checkpoint import atomic_write_json, save_data_cursor
 
     def extra(staging: Path) -> None:
@@ -148,23 +159,33 @@ def save_both(world, step: int, skipped: float) -> None:
 
 
 def resume(world, cfg: RecipeConfig) -> int:
-    """Restore both learners and the data cursor; returns the first step to run."""
-    from nla_rl.checkpoint import load_data_cursor
+    """Restore both learners and the data cursor from the newest step both have a checkpoint of
+    (a crash between the AR's and the AV's commit leaves the AR one step ahead: that orphan is
+    ignored, and replaced when the run saves that step again); returns the first step to run."""
+    from nla_rl.checkpoint import CheckpointError, load_data_cursor, newest_complete_set
 
     if not cfg.run.resume:
         return 0
-    path = world.policy.load()
-    if path is None:
+    managers = {"AV": world.policy.checkpoints, "AR": world.critic.checkpoints}
+    try:
+        found = newest_complete_set(managers)
+    except CheckpointError as err:
+        raise SFTStageError(f"rl: {err}") from None
+    if found is None:
         return 0
-    critic_path = world.critic.load()
-    progress = json.loads((path / PROGRESS_FILE).read_text())
-    if critic_path is None or critic_path.name != path.name:
-        raise SFTStageError(f"rl: the AV checkpoint {path.name} has no AR checkpoint of the same "
-                            f"step (found {critic_path}); delete {path.parent} to restart RL")
-    world.data.cursor = load_data_cursor(path / CURSOR_FILE, num_items=len(world.data.vectors),
-                                         seed=cfg.rl_seed)
+    step, paths = found
+    for name, manager in managers.items():
+        newer = [s for s in manager.steps() if s > step]
+        if newer:
+            print(f"[rl] ignoring {name} checkpoint(s) {newer} newer than the newest complete "
+                  f"AV/AR pair (a crash between the two commits)")
+    world.policy.load_state(paths["AV"])
+    world.critic.load_state(paths["AR"])
+    progress = json.loads((paths["AV"] / PROGRESS_FILE).read_text())
+    world.data.cursor = load_data_cursor(paths["AV"] / CURSOR_FILE,
+                                         num_items=len(world.data.vectors), seed=cfg.rl_seed)
     world.skipped_steps = float(progress["skipped_steps"])
-    print(f"[rl] resumed from {path} (step {progress['step']})")
+    print(f"[rl] resumed from {paths['AV']} and {paths['AR']} (step {progress['step']})")
     return int(progress["step"])
 
 
@@ -175,6 +196,7 @@ def rl(cfg: RecipeConfig, run_dir: Path) -> None:
     world, (av_dir, ar_dir, av_meta, ar_meta, injection), actors = build_world(cfg, run_dir)
     try:
         start = resume(world, cfg)
+        world.tracker.rewind(start, stage="rl")  # steps after `start` are logged again
         if start:
             sync_engines(world)  # the engines still hold the SFT weights
         rl_loop(world, start)

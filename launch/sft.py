@@ -209,6 +209,7 @@ def _train(cfg, run_dir: Path, stage: str, group, train: Split, held: Split | No
     role, sft = ROLE_OF[stage], getattr(cfg, stage)
     log = MetricsLog(run_dir / "logs" / "metrics.jsonl")
     start, cursor, skipped = _resume(cfg, group, train)
+    log.rewind(start, stage)  # steps after `start` are logged again: one history
     bar = tqdm(range(start, sft.steps), initial=start, total=sft.steps, desc=stage, unit="step")
     for step in bar:
         rows = train.rows(cursor.next_indices(sft.batch_size))

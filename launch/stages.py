@@ -17,12 +17,12 @@ from launch.rl import rl
 from launch.sft import ar_sft, av_sft
 from nla_rl.ar_model import ActivationReconstructor
 from nla_rl.atomic import atomic_dir
-from nla_rl.base_model import DTYPES, load_causal_lm, resolve_base_model
+from nla_rl.base_model import DTYPES, check_context, load_causal_lm, resolve_base_model
 from nla_rl.config import RecipeConfig
 from nla_rl.errors import ConfigError
 from nla_rl.metrics_log import MetricsLog
 from nla_rl.rewards import mse_scale_for
-from nla_rl.templates import depth_pct_for
+from nla_rl.templates import av_prompt_ids, depth_pct_for
 from nla_rl.data.store import read_activations, read_rows
 from nla_rl.data.toyworld import score_explanations
 from nla_rl.roundtrip import InjectionSpec, round_trip
@@ -108,14 +108,17 @@ def check(cfg: RecipeConfig, run_dir: Path) -> None:
     scale = av_meta.injection_scale or 1.1 * float(vectors.norm(dim=-1).mean())
     injection = InjectionSpec(av_meta.injection_family, scale, av_meta.injection_add_layer,
                               av_meta.injection_add_coeff)
+    depth = depth_pct_for(av_meta.av_template, av_meta.extraction_layer_index,
+                          av.config.num_hidden_layers)
+    prompt = av_prompt_ids(av_tok, av_meta.av_template, av_meta.tokens.char, depth_pct=depth,
+                           prefill=cfg.templates.av_prefill)
+    check_context(av.config, len(prompt), cfg.rl.max_new_tokens, "rl.max_new_tokens")
     started = time.perf_counter()
     result = round_trip(av, av_tok, ar, ar_tok, vectors, marker=av_meta.tokens.marker,
                         av_template=av_meta.av_template, ar_template=av_meta.ar_template,
                         injection=injection, mse_scale=av_meta.mse_scale,
                         max_new_tokens=cfg.rl.max_new_tokens, reward=cfg.rl.reward,
-                        prefill=cfg.templates.av_prefill,
-                        depth_pct=depth_pct_for(av_meta.av_template, av_meta.extraction_layer_index,
-                                                av.config.num_hidden_layers))
+                        prefill=cfg.templates.av_prefill, depth_pct=depth)
     metrics = {**result.metrics, "perf/check_seconds": time.perf_counter() - started}
     if "attributes" in rows.column_names:
         toy = score_explanations(result.explanations, rows["attributes"].to_pylist())

@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from launch.stages import PLANNED, STAGES
+from nla_rl.atomic import check_writable_dir
 from nla_rl.config import dump_recipe, load_recipe
-from nla_rl.errors import NLAError
+from nla_rl.errors import ConfigError, NLAError
+from nla_rl.tracking import check_wandb
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,7 +35,14 @@ def run(recipe: str, overrides: list[str]) -> Path:
                                        for s in missing)
             + f". Stages available now: {', '.join(STAGES)}"
         )
-    run_dir = Path(cfg.run.dir)
+    run_dir = check_writable_dir(cfg.run.dir, "run.dir")
+    check_inputs(cfg)
+    check_wandb(cfg)  # not 40 s into the RL stage, after prepare, datagen and SFT
+    if cfg.wandb.enabled and cfg.wandb.mode != "disabled" and "rl" not in cfg.run.stages:
+        print(f"note: wandb.enabled, but only the rl stage logs to W&B; the stages "
+              f"{list(cfg.run.stages)} log to {run_dir / 'logs' / 'metrics.jsonl'} only",
+              file=sys.stderr)
+    check_resume(cfg, run_dir)  # a refused resume must leave the run as it was
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(cfg, run_dir / "recipe.yaml")
     for stage in cfg.run.stages:
@@ -40,6 +50,71 @@ def run(recipe: str, overrides: list[str]) -> Path:
         STAGES[stage](cfg, run_dir)
         print(f"[{stage}] done in {time.perf_counter() - started:.1f}s")
     return run_dir
+
+
+def check_inputs(cfg) -> None:
+    """The files a recipe names, checked before anything is written (a missing corpus was found
+    only after prepare had written init/): the local base model (config, readable safetensors,
+    model.layer_index within its depth) for prepare/datagen, the corpus path and format and a
+    local teacher's model directory for datagen. Their content is read by the stages."""
+    import json
+
+    from nla_rl.base_model import TINY_PREFIX, TOYWORLD, check_model_dir
+    from nla_rl.data.corpus import FORMATS
+
+    stages = set(cfg.run.stages)
+    base = cfg.model.base
+    if stages & {"prepare", "datagen"} and base != TOYWORLD and not base.startswith(TINY_PREFIX):
+        path = check_model_dir(base, "model.base")
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        layers = (config.get("text_config") or config).get("num_hidden_layers")
+        if isinstance(layers, int) and not cfg.model.layer_index < layers:
+            raise ConfigError(f"model.layer_index: {cfg.model.layer_index} is beyond the depth of "
+                              f"{base} ({layers} blocks, 0-based); choose K in 0..{layers - 1}")
+    if "datagen" not in stages:
+        return
+    corpus = Path(cfg.data.corpus).expanduser()
+    if cfg.data.corpus != TOYWORLD:
+        if not corpus.exists():
+            raise ConfigError(f"data.corpus: {cfg.data.corpus!r} does not exist; give a local "
+                              f"{', '.join(FORMATS)}, or toyworld")
+        if corpus.is_file() and corpus.suffix.lower() not in (".txt", ".jsonl", ".parquet"):
+            raise ConfigError(f"data.corpus: {cfg.data.corpus!r} has the unknown format "
+                              f"{corpus.suffix or '(no suffix)'!r}; supported: "
+                              f"{', '.join(FORMATS)}")
+    if cfg.data.teacher.kind == "local":
+        check_model_dir(cfg.data.teacher.model, "data.teacher.model")
+
+
+# Where each resumable stage keeps its checkpoints (under the run directory), and the role its
+# checkpoint fingerprints name (launch/sft.py, launch/rl.py).
+CHECKPOINT_ROOTS = {"ar_sft": {"AR": ("ar_sft", "ar_sft")},
+                    "av_sft": {"AV": ("av_sft", "av_sft")},
+                    "rl": {"AV": ("rl/av", "rl_av"), "AR": ("rl/ar", "rl_ar")}}
+
+
+def check_resume(cfg, run_dir: Path) -> None:
+    """With ``run.resume``, refuse now, before anything is written or Ray starts, what a stage
+    would refuse when it resumes: a checkpoint of another recipe (the fields that differ are
+    named), or RL parts that share no step. The stages repeat the check on what they load."""
+    from nla_rl.checkpoint import CheckpointError, CheckpointManager, newest_complete_set
+
+    if not cfg.run.resume:
+        return
+    for stage in cfg.run.stages:
+        managers = {name: CheckpointManager.for_recipe(run_dir / sub, cfg, role, keep_last=None)
+                    for name, (sub, role) in CHECKPOINT_ROOTS.get(stage, {}).items()}
+        if not managers:
+            continue
+        try:
+            with warnings.catch_warnings():  # damaged checkpoints: the stage itself warns
+                warnings.simplefilter("ignore")
+                if len(managers) == 1:
+                    next(iter(managers.values())).latest_valid()
+                else:
+                    newest_complete_set(managers)
+        except CheckpointError as err:
+            raise NLAError(f"run.resume: {stage}: {err}; nothing was written") from None
 
 
 def main(argv: list[str] | None = None) -> int:

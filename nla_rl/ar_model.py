@@ -167,12 +167,15 @@ class ActivationReconstructor(nn.Module):
         """
         from transformers import AutoConfig
 
+        from nla_rl.base_model import check_model_dir
+
+        check_model_dir(base_dir, "base model")
         config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
         total = int(config.num_hidden_layers)
         if not 0 <= layer_index < total:
             raise ARModelError(
                 f"layer_index: expected 0 ≤ K < {total} (the base model has {total} decoder blocks and "
-                f"the AR keeps K+1 of them), found K={layer_index}. Choose a smaller layer index."
+                f"the AR keeps K+1 of them), found K={layer_index}. Choose K in 0..{total - 1}."
             )
         config = _truncate_config(config, layer_index + 1)
         lm, info = _load_causal_lm(base_dir, config, dtype, trust_remote_code)
@@ -194,7 +197,9 @@ class ActivationReconstructor(nn.Module):
     def from_pretrained(cls, ar_dir, *, dtype: torch.dtype = torch.float32,
                         trust_remote_code: bool = False) -> ActivationReconstructor:
         """Load an AR checkpoint written by :meth:`save_pretrained` (or the reference implementation)."""
-        ar_dir = Path(ar_dir)
+        from nla_rl.base_model import check_model_dir
+
+        ar_dir = check_model_dir(ar_dir, "AR")
         head_path = ar_dir / VALUE_HEAD_FILE
         if not head_path.is_file():
             raise ARModelError(f"{head_path}: {VALUE_HEAD_FILE} not found; an AR checkpoint needs its "

@@ -80,3 +80,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """``path`` if it is (or can be created as) a directory this process may write in: one clear
+    error, before any work, for a path that is a file or lies in a read-only directory. Nothing
+    is created here."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {existing}, which is a file"
+        raise NLAError(f"{what} {str(path)!r} {where}; give a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NLAError(f"{what} {str(path)!r}: {existing} is not writable; choose a writable "
+                       f"location or fix its permissions")
+    return path

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from nla_rl.errors import ConfigError
+from nla_rl.errors import ConfigError, NLAError
 
 TINY_PREFIX = "tiny:"
 TOYWORLD = "toyworld"
@@ -45,6 +45,39 @@ def resolve_base_model(base: str, run_dir: Path, *, seed: int = 0, toyworld=None
             "Download the model first (e.g. `hf download ORG/NAME --local-dir DIR`) and point "
             "model.base at DIR, or use toyworld / tiny:qwen2 for an offline model"
         )
+    check_model_dir(path, "model.base")
+    return path
+
+
+def check_model_dir(path, what: str = "model directory") -> Path:
+    """``path`` if it is a local Hugging Face model directory whose weights can be read: one clear
+    error for a missing directory, a file, no ``config.json``, no ``*.safetensors`` or one that is
+    truncated or not safetensors at all. Only the headers are read (memory-mapped), so it is cheap;
+    it runs before transformers, whose errors for these cases are tracebacks (a Hub "Repo id must
+    be …" message for a missing local path)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise NLAError(f"{what} {str(path)!r}: no such directory; give a local Hugging Face model "
+                       f"directory (config.json + *.safetensors)")
+    if not path.is_dir():
+        raise NLAError(f"{what} {str(path)!r} is a file; give the model's directory (config.json "
+                       f"+ *.safetensors)")
+    if not (path / "config.json").is_file():
+        raise NLAError(f"{what} {str(path)!r}: no config.json, so this is not a Hugging Face model "
+                       f"directory")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise NLAError(f"{what} {str(path)!r}: no *.safetensors weights (only safetensors are "
+                       f"loaded; re-save the model with save_pretrained(safe_serialization=True))")
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise NLAError(f"{what}: {file} is truncated or not a safetensors file ({err}); "
+                           f"re-download or re-export the model") from None
     return path
 
 
@@ -54,6 +87,7 @@ def load_causal_lm(path: Path, *, dtype: str = "float32", trust_remote_code: boo
 
     if dtype not in DTYPES:
         raise ConfigError(f"model.dtype: expected one of {sorted(DTYPES)}, found {dtype!r}")
+    check_model_dir(path, "model")
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[dtype], local_files_only=True, use_safetensors=True,
         trust_remote_code=trust_remote_code,
@@ -61,3 +95,18 @@ def load_causal_lm(path: Path, *, dtype: str = "float32", trust_remote_code: boo
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
                                               trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def check_context(config, prompt_tokens: int, max_new_tokens: int, what: str) -> None:
+    """Refuse a generation cap the model cannot hold: ``prompt + max_new_tokens`` positions must
+    fit the model's ``max_position_embeddings`` (past it, positions are out of the trained range
+    or the engine refuses mid-run). ``what`` names the setting to lower in the message."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    context = getattr(text, "max_position_embeddings", None)
+    if not isinstance(context, int) or context <= 0:
+        return  # the model does not say: nothing to check against
+    if prompt_tokens + max_new_tokens > context:
+        raise ConfigError(f"{what}: {max_new_tokens} new tokens after the {prompt_tokens}-token "
+                          f"AV prompt need {prompt_tokens + max_new_tokens} positions, but the "
+                          f"model's context is {context} (max_position_embeddings); set {what} "
+                          f"<= {context - prompt_tokens}")

@@ -337,6 +337,50 @@ class CheckpointManager:
                               stacklevel=2)
         return None
 
+    def valid_steps(self, *, verify_sha256: bool = False) -> dict[int, Path]:
+        """Every valid checkpoint by step (damaged ones skipped with a :class:`CheckpointWarning`;
+        a checkpoint of another recipe raises, as in :meth:`check`)."""
+        out = {}
+        for step in self.steps():
+            path = self.step_path(step)
+            try:
+                self.check(path, verify_sha256=verify_sha256)
+            except RecipeMismatchError:
+                raise
+            except CheckpointError as err:
+                warnings.warn(f"skipping checkpoint {path.name}: {err}", CheckpointWarning,
+                              stacklevel=2)
+                continue
+            out[step] = path
+        return out
+
+
+def newest_complete_set(managers: dict[str, CheckpointManager], *,
+                        verify_sha256: bool = False) -> tuple[int, dict[str, Path]] | None:
+    """The newest step every manager has a valid checkpoint of, and those checkpoints.
+
+    Parts of one training state saved one after the other (the RL stage commits the AR, then the
+    AV with the data cursor) are only consistent at a step all of them reached: a crash between
+    two commits leaves the first part one step ahead, and resuming it with the others' older step
+    would mix two states. Newer parts without partners are ignored (and overwritten when the run
+    saves that step again). ``None`` when some part has no checkpoint at all (a crash inside the
+    first save: nothing to resume); a CheckpointError naming the steps when every part has
+    checkpoints but they share no step (resuming one of them alone would be wrong).
+    """
+    found = {name: m.valid_steps(verify_sha256=verify_sha256) for name, m in managers.items()}
+    if not all(found.values()):
+        return None
+    common = set.intersection(*(set(steps) for steps in found.values()))
+    if not common:
+        listing = "; ".join(f"{name}: {[step_dir_name(s) for s in sorted(steps)] or 'none'}"
+                            for name, steps in found.items())
+        roots = ", ".join(str(m.root) for m in managers.values())
+        raise CheckpointError(f"no step has a complete set of checkpoints ({listing}), so the "
+                              f"state cannot be resumed consistently; delete {roots} to restart "
+                              f"from the beginning")
+    step = max(common)
+    return step, {name: found[name][step] for name in managers}
+
 
 # ----------------------------------------------------------------------------- RNG state
 

@@ -106,6 +106,8 @@ class RunConfig(ConfigSection):
     def validate(self):
         _require(bool(self.name) and "/" not in self.name, "name",
                  f"must be a non-empty name without '/', found {self.name!r}")
+        _require(len(self.stages) > 0, "stages", f"is empty, so the run would do nothing; name "
+                 f"the stages to run, e.g. [prepare, datagen] (all: {list(ALL_STAGES)})")
         _require(list(self.stages) == [s for s in ALL_STAGES if s in self.stages], "stages",
                  f"must list each stage once, in the pipeline order {list(ALL_STAGES)}, "
                  f"found {list(self.stages)}")
@@ -296,8 +298,12 @@ class RLConfig(ConfigSection):
                                               "Δ = logπ_ref - logπ.")
     clip_low: float = param(0.2, "PPO ratio clip below 1.", gt=0, lt=1)
     clip_high: float = param(0.28, "PPO ratio clip above 1.", gt=0)
-    advantage: Literal["grpo", "drgrpo"] = param("grpo", "grpo: (r-mean)/(std+1e-6); drgrpo: "
-                                                 "r-mean (no std division).")
+    advantage: Literal["grpo", "drgrpo"] = param("grpo", "grpo: (r-mean)/(std+advantage_eps); "
+                                                 "drgrpo: r-mean (no std division).")
+    advantage_eps: float = param(
+        1e-6, "epsilon of the grpo advantage (r-mean)/(std+eps), std the group's sample std. TRL "
+        "uses 1e-4; NLA rewards (-MSE) can have tight groups (std near 1e-3), where 1e-4 shrinks "
+        "the advantages by ~9% and 1e-6 by ~0.1% (reward/group_std logs the mean std).", gt=0)
     reward: Literal["neg_mse", "neg_log_mse"] = param("neg_mse", "-MSE, or -log(max(MSE, 1e-8)).")
     failure_penalty: float | None = param(None, "Reward of a rollout with no extractable "
                                           "explanation or that hits the cap; null = the "
@@ -315,7 +321,9 @@ class RLConfig(ConfigSection):
         "extractable explanation (an untrained or mismatched AV); false only for smoke tests.")
     save_every: int = param(10, "Checkpoint both learners every this many steps (the last step "
                             "is always saved).", gt=0)
-    keep_last: int = param(2, "RL checkpoints kept per learner.", gt=0)
+    keep_last: int = param(2, "RL checkpoints kept per learner (the AR, saved first, keeps one "
+                           "more, so a crash between the two saves still leaves a complete pair "
+                           "to resume).", gt=0)
     frozen_ar_every: int = param(
         1, "Also score the rollouts with the frozen AR-SFT final every this many steps "
         "(rollout/fve_frozen_ar beside the live AR's rollout/fve: a gap that opens is the AV "
@@ -336,10 +344,11 @@ class RLConfig(ConfigSection):
         0.1, "Rollouts whose mean |logp_learner - logp_engine| over response tokens exceeds this "
         "are masked out of the policy loss (counted; a lost injection or a stale engine); "
         "null = never mask.", gt=0)
-    loss_agg: Literal["token_mean", "seq_mean_token_mean"] = param(
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = param(
         "token_mean", "token_mean: policy loss summed over every response token of the step "
         "(all micro-batches and ranks) / their number; seq_mean_token_mean: token mean within "
-        "each rollout, then mean over rollouts.")
+        "each rollout, then mean over rollouts; seq_mean_token_sum_norm (Dr.GRPO, TRL's "
+        "dr_grpo): the token sum / (rollouts x max_new_tokens), a constant normaliser.")
     length_penalty_coef: float = param(
         0.01, "c of the hinge length penalty c·max(0, n_tokens - (max_new_tokens - "
         "length_penalty_margin)), n_tokens counted up to the first EOS; 0 = off.", ge=0)
@@ -634,11 +643,18 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
     if not Path(path).is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist; recipes/ has one per base model "
                           "(recipes/tiny.yaml is the CPU default)")
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                          f"{err.start}); is it a recipe YAML file?") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:  # an empty file (or only comments): most likely a truncated copy
+        raise ConfigError(f"{path}: the recipe is empty; a recipe names at least its run and "
+                          f"model (start from recipes/tiny.yaml)")
     try:
         return recipe_from_dict(data, overrides)
     except ConfigError as err:

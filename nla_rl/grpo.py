@@ -29,7 +29,7 @@ import torch
 
 from nla_rl.errors import ConfigError, NLAError, mismatch
 
-ADV_EPS = 1e-6  # the GRPO denominator std + ε
+ADV_EPS = 1e-6  # default ε of the GRPO denominator std + ε (rl.advantage_eps; TRL uses 1e-4)
 ZERO_STD = 1e-8  # a group with std below this has no signal: its advantages are exactly 0
 LOG_RATIO_CLAMP = 20.0  # |log ratio| and |Δ| are clamped here before exp (exp(20) ≈ 5e8)
 
@@ -37,18 +37,22 @@ LOG_RATIO_CLAMP = 20.0  # |log ratio| and |Δ| are clamped here before exp (exp(
 # ------------------------------------------------------------------------------- advantages
 
 
-def grpo_advantage(rewards: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``A_i = (r_i - mean_g) / (std_g + 1e-6)`` (GRPO; invariant to the reward's scale)."""
-    return (rewards - mean) / (std + ADV_EPS)
+def grpo_advantage(rewards: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                   eps: float = ADV_EPS) -> torch.Tensor:
+    """``A_i = (r_i - mean_g) / (std_g + ε)`` (GRPO; invariant to the reward's scale while
+    ``std_g ≫ ε``: with ``std_g`` = 1e-3, ε = 1e-4 shrinks the advantages by 9%, ε = 1e-6 by
+    0.1%)."""
+    return (rewards - mean) / (std + eps)
 
 
-def drgrpo_advantage(rewards: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``A_i = r_i - mean_g`` (Dr.GRPO: no std division, so no per-group reweighting)."""
-    del std
+def drgrpo_advantage(rewards: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                     eps: float = ADV_EPS) -> torch.Tensor:
+    """``A_i = r_i - mean_g`` (Dr.GRPO: no std division, so no per-group reweighting; ε unused)."""
+    del std, eps
     return rewards - mean
 
 
-ADVANTAGES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {
     "grpo": grpo_advantage,
     "drgrpo": drgrpo_advantage,
 }
@@ -58,6 +62,7 @@ class GroupAdvantages(NamedTuple):
     advantages: torch.Tensor  # same shape as the rewards given, fp32
     zero_variance_groups: int  # groups with std < 1e-8 (their advantages are 0)
     num_groups: int
+    group_std_mean: float = 0.0  # mean over groups of the within-group reward std_g
 
 
 def _group_index(rewards: torch.Tensor, group_ids) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,17 +81,22 @@ def _group_index(rewards: torch.Tensor, group_ids) -> tuple[torch.Tensor, torch.
 
 
 def compute_advantages(rewards: torch.Tensor, kind: str = "grpo",
-                       group_ids: torch.Tensor | None = None) -> GroupAdvantages:
+                       group_ids: torch.Tensor | None = None,
+                       eps: float = ADV_EPS) -> GroupAdvantages:
     """Per-sample advantages from per-group reward statistics.
 
     ``rewards`` is [P, G] (one row per prompt), or flat [N] with ``group_ids`` [N] (groups may then
     differ in size). ``mean_g`` and ``std_g`` are the group's mean and sample standard deviation
-    (Bessel-corrected, as TRL and verl compute it); ``ADVANTAGES[kind](r, mean_g, std_g)`` gives the
-    advantage. A group with ``std_g < 1e-8`` (all rewards equal, or a single sample) carries no
-    signal: its advantages are exactly 0 and it is counted in ``zero_variance_groups``.
+    (Bessel-corrected, as TRL and verl compute it); ``ADVANTAGES[kind](r, mean_g, std_g, eps)``
+    gives the advantage (``eps`` is GRPO's ε, ``rl.advantage_eps``). A group with
+    ``std_g < 1e-8`` (all rewards equal, or a single sample) carries no signal: its advantages are
+    exactly 0 and it is counted in ``zero_variance_groups``. ``group_std_mean`` is the mean of
+    ``std_g`` over groups (logged as ``reward/group_std``, to compare with ε).
     """
     if kind not in ADVANTAGES:
         raise ConfigError(mismatch("advantage kind", sorted(ADVANTAGES), kind))
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ConfigError(f"advantage eps: expected a finite number > 0, found {eps!r}")
     if not isinstance(rewards, torch.Tensor):
         raise NLAError(f"rewards must be a torch.Tensor, found {type(rewards).__name__}")
     if not bool(torch.isfinite(rewards).all()):
@@ -103,10 +113,10 @@ def compute_advantages(rewards: torch.Tensor, kind: str = "grpo",
     var = torch.zeros(num_groups, dtype=flat.dtype, device=flat.device).index_add_(0, index, sq_dev)
     std = torch.sqrt(var / (counts - 1).clamp(min=1))
     flat_zero = (std < ZERO_STD) | (counts < 2)
-    advantages = ADVANTAGES[kind](flat, mean[index], std[index])
+    advantages = ADVANTAGES[kind](flat, mean[index], std[index], eps)
     advantages = torch.where(flat_zero[index], torch.zeros_like(advantages), advantages)
     return GroupAdvantages(advantages.reshape(rewards.shape).float(), int(flat_zero.sum()),
-                           num_groups)
+                           num_groups, float(std.mean()) if num_groups else 0.0)
 
 
 # --------------------------------------------------------------------------- policy losses
@@ -151,21 +161,47 @@ KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"k1": kl_k1,
 # ----------------------------------------------------------------------------- aggregation
 
 
-def agg_token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+# Each takes the per-token losses [B, T], the kept-token mask [B, T] and the completion cap L_max
+# (only the constant normaliser uses it) and returns (loss_sum, normaliser).
+
+
+def agg_token_mean(per_token: torch.Tensor, mask: torch.Tensor,
+                   max_len: int | None = None) -> tuple[torch.Tensor, int]:
     """``Σ_{b,t} m·L`` and its normaliser ``Σ m`` (the step's loss is Σ sums / Σ normalisers)."""
+    del max_len
     return (per_token * mask).sum(), int(mask.sum())
 
 
-def agg_seq_mean_token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``Σ_b (Σ_t m·L / Σ_t m)`` over rollouts with ≥ 1 token, and their number as normaliser."""
+def agg_seq_mean_token_mean(per_token: torch.Tensor, mask: torch.Tensor,
+                            max_len: int | None = None) -> tuple[torch.Tensor, int]:
+    """``Σ_b (Σ_t m·L / Σ_t m)`` over rollouts with ≥ 1 token, and their number as normaliser.
+
+    A rollout with no kept token (an empty completion, or one masked for a log-prob mismatch)
+    leaves the denominator too (TRL counts every row; nla-rl averages over rollouts that have a
+    loss)."""
+    del max_len
     tokens = mask.sum(dim=1)
     per_seq = (per_token * mask).sum(dim=1) / tokens.clamp(min=1)
     return per_seq.sum(), int((tokens > 0).sum())
 
 
-AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]] = {
+def agg_seq_mean_token_sum_norm(per_token: torch.Tensor, mask: torch.Tensor,
+                                max_len: int | None = None) -> tuple[torch.Tensor, int]:
+    """Dr.GRPO: ``Σ_{b,t} m·L`` over a constant normaliser ``B · L_max`` (B = every rollout row
+    given to the loss, including rows masked for a log-prob mismatch or with an empty completion;
+    L_max = ``rl.max_new_tokens``), as in the Dr.GRPO paper and TRL's
+    ``loss_type="dr_grpo"``: no per-rollout length normalisation, so long and short completions
+    get the same per-token weight and the loss scale does not depend on the batch's lengths."""
+    if max_len is None or max_len <= 0:
+        raise ConfigError("loss_agg seq_mean_token_sum_norm needs the completion cap L_max "
+                          "(PolicyLossSettings.max_completion_tokens = rl.max_new_tokens)")
+    return (per_token * mask).sum(), int(mask.shape[0]) * int(max_len)
+
+
+AGGREGATIONS: dict[str, Callable[..., tuple[torch.Tensor, int]]] = {
     "token_mean": agg_token_mean,
     "seq_mean_token_mean": agg_seq_mean_token_mean,
+    "seq_mean_token_sum_norm": agg_seq_mean_token_sum_norm,
 }
 
 
@@ -181,6 +217,7 @@ class PolicyLossSettings:
     mismatch_threshold: float | None = 0.1
     loss_agg: str = "token_mean"
     kind: str = "ppo_clip"
+    max_completion_tokens: int | None = None  # L_max of seq_mean_token_sum_norm (Dr.GRPO)
 
     def __post_init__(self):
         for name, value, registry in (("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
@@ -192,19 +229,26 @@ class PolicyLossSettings:
                 and self.kl_beta >= 0):
             raise ConfigError(f"policy loss settings out of range: need 0 < clip_low < 1, "
                               f"clip_high > 0, is_cap > 0, kl_beta >= 0; found {self}")
+        if self.loss_agg == "seq_mean_token_sum_norm" and not (
+                isinstance(self.max_completion_tokens, int) and self.max_completion_tokens > 0):
+            raise ConfigError(f"policy loss loss_agg seq_mean_token_sum_norm (Dr.GRPO) divides by "
+                              f"rollouts x max_completion_tokens: set max_completion_tokens to "
+                              f"rl.max_new_tokens (> 0), found {self.max_completion_tokens!r}")
 
     @classmethod
     def from_rl(cls, rl) -> "PolicyLossSettings":
         """From an :class:`nla_rl.config.RLConfig`."""
         return cls(clip_low=rl.clip_low, clip_high=rl.clip_high, kl_beta=rl.kl_beta,
                    kl_estimator=rl.kl_estimator, is_cap=rl.is_cap,
-                   mismatch_threshold=rl.is_mismatch_threshold, loss_agg=rl.loss_agg)
+                   mismatch_threshold=rl.is_mismatch_threshold, loss_agg=rl.loss_agg,
+                   max_completion_tokens=rl.max_new_tokens)
 
 
 @dataclass
 class PolicyLoss:
     loss_sum: torch.Tensor  # scalar with gradient: Σ of the aggregated per-token losses
-    normalizer: int  # tokens (token_mean) or rollouts (seq_mean_token_mean) kept in loss_sum
+    normalizer: int  # kept tokens (token_mean), kept rollouts (seq_mean_token_mean) or
+    #                  rollouts x max_completion_tokens (seq_mean_token_sum_norm)
     token_count: int  # response tokens kept (after mismatch masking)
     stats: dict[str, float]
 
@@ -256,7 +300,8 @@ def loss_normalizer(mask: torch.Tensor, settings: PolicyLossSettings,
     global count before ``backward``."""
     mask = mask.bool() & kept_rollouts(mask.bool(), old_logp, engine_logp,
                                        settings.mismatch_threshold)[:, None]
-    return AGGREGATIONS[settings.loss_agg](torch.zeros(mask.shape), mask.float())[1]
+    return AGGREGATIONS[settings.loss_agg](torch.zeros(mask.shape), mask.float(),
+                                           settings.max_completion_tokens)[1]
 
 
 # ------------------------------------------------------------------------------ the loss
@@ -303,7 +348,8 @@ def policy_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
     1 without ``engine_logp``), KL = k1 ``-Δ`` or k3 ``exp(Δ) - Δ - 1`` (skipped when β = 0).
     Rollouts dropped by :func:`kept_rollouts` contribute nothing and are not counted.
     ``loss_agg`` token_mean: ``loss_sum = Σ_{b,t} L``, ``normalizer`` = kept tokens;
-    seq_mean_token_mean: ``loss_sum = Σ_b mean_t L``, ``normalizer`` = kept rollouts.
+    seq_mean_token_mean: ``loss_sum = Σ_b mean_t L``, ``normalizer`` = kept rollouts;
+    seq_mean_token_sum_norm (Dr.GRPO): ``loss_sum = Σ_{b,t} L``, ``normalizer = B · L_max``.
     """
     mask = _check_loss_inputs(logp, advantages, mask, {"old_logp": old_logp,
                               "engine_logp": engine_logp, "ref_logp": ref_logp})
@@ -326,7 +372,8 @@ def policy_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
         kl = KL_ESTIMATORS[settings.kl_estimator](delta)
         if settings.kl_beta > 0:
             per_token = per_token + settings.kl_beta * kl
-    loss_sum, normalizer = AGGREGATIONS[settings.loss_agg](per_token, kept.float())
+    loss_sum, normalizer = AGGREGATIONS[settings.loss_agg](per_token, kept.float(),
+                                                           settings.max_completion_tokens)
     stats = _loss_stats(kept, mask, keep, pg, log_ratio, weights, clipped_high, clipped_low, kl,
                         old, engine_logp, settings.is_cap)
     return PolicyLoss(loss_sum, normalizer, int(kept.sum()), stats)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from nla_rl.ar_model import ActivationReconstructor, quiet_transformers
-from nla_rl.base_model import DTYPES, load_causal_lm
+from nla_rl.base_model import DTYPES, check_context, check_model_dir, load_causal_lm
 from nla_rl.compat import same_base_problem
 from nla_rl.errors import NLAError, mismatch
 from nla_rl.injection import generate_with_injection
@@ -43,6 +43,7 @@ from nla_rl.roundtrip import InjectionSpec, left_pad
 from nla_rl.sidecar import ModelSidecar, read_model_sidecar, validate_model_sidecar
 from nla_rl.templates import av_prompt_ids, depth_pct_for, extract_explanation
 from nla_rl.tokens import find_marker_positions
+from nla_rl.vectors import check_norms
 
 # The releases' rule for a replace scale the sidecar leaves null: a little above the mean raw norm.
 DATA_SCALE_FACTOR = 1.1
@@ -144,6 +145,9 @@ def as_vectors(vectors, d_model: int) -> torch.Tensor:
     if not bool(torch.isfinite(v).all()):
         bad = int((~torch.isfinite(v).all(dim=1)).sum())
         raise InferenceError(f"vectors: {bad} row(s) contain NaN or inf; drop or fix them")
+    if v.shape[0] == 0:
+        raise InferenceError("vectors: 0 rows; there is nothing to explain or score")
+    check_norms(v, "vectors", InferenceError)
     return v
 
 
@@ -198,6 +202,8 @@ class NLA:
         if engine != "hf" and engine_factory is None:
             raise InferenceError(f"engine {engine!r}: the core runs only 'hf' in-process; pass "
                                  f"engine_factory=rollout.explain.engine_factory({engine!r})")
+        check_model_dir(av_dir, "AV")
+        check_model_dir(ar_dir, "AR")
         av_meta = read_model_sidecar(av_dir, injection_family=injection_family)
         ar_meta = read_model_sidecar(ar_dir)
         check_pair(av_meta, ar_meta)
@@ -283,6 +289,8 @@ class NLA:
         if batch_size < 1 or max_new_tokens < 1 or not temperature >= 0:
             raise InferenceError(f"batch_size and max_new_tokens must be ≥ 1 and temperature ≥ 0, "
                                  f"found {batch_size}, {max_new_tokens}, {temperature}")
+        check_context(self.av_model.config, len(self.prompt_ids), max_new_tokens,
+                      "max_new_tokens")
         injection = self._injection_for(vectors)
         texts, applied = [], 0
         for start in range(0, len(vectors), batch_size):

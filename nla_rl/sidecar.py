@@ -753,7 +753,10 @@ def validate_model_sidecar(sc: ModelSidecar, tokenizer, config, *, role: str | N
     if role is not None:
         _check("role", ROLE_ALIASES.get(role, role), sc.role, "load the other checkpoint")
     cfg = _text_config(config)
-    _check("d_model", sc.d_model, cfg.hidden_size, "expected = the sidecar, found = config.hidden_size")
+    _check("d_model", sc.d_model, cfg.hidden_size,
+           f"expected = the sidecar's d_model, found = the model's config.hidden_size: the sidecar "
+           f"belongs to another model, or was edited; use the {sc.role} checkpoint it was written "
+           f"with, or set d_model: {cfg.hidden_size} in nla_meta.yaml if the weights are right")
     has_depth = sc.av_template is not None and "{depth_pct}" in sc.av_template
     depth = None
     if sc.role == "ar":
@@ -774,7 +777,9 @@ def validate_dataset_sidecar(sc: DatasetSidecar, tokenizer, config) -> None:
     """Check a dataset sidecar against the base model's tokenizer and config."""
     cfg = _text_config(config)
     _check("extraction.d_model", sc.d_model, cfg.hidden_size,
-           "expected = the sidecar, found = config.hidden_size; wrong base model?")
+           "expected = the dataset sidecar's d_model, found = the base model's "
+           "config.hidden_size: the activations were extracted from another base model; point "
+           "model.base at that model, or extract the data again with this one")
     if not 0 <= sc.layer_index < cfg.num_hidden_layers:
         raise SidecarError(mismatch("extraction.layer_index", f"0..{cfg.num_hidden_layers - 1}",
                                     sc.layer_index, "the base model has fewer layers"))

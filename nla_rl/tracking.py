@@ -74,6 +74,15 @@ class Tracker:
                                 data=[[r[c] for c in SAMPLE_COLUMNS] for r in rows])
             self._wandb_run.log({"rollout/samples": table}, step=step)
 
+    def rewind(self, step: int, stage: str) -> int:
+        """Forget what ``stage`` logged after ``step`` in ``metrics.jsonl`` and the samples table:
+        a stage resumed (or re-run) from ``step`` logs those steps again. W&B keeps its history
+        (it ignores the repeated steps of a resumed run). Returns the metric rows dropped."""
+        from nla_rl.metrics_log import rewind_jsonl
+
+        rewind_jsonl(self.samples_path, lambda row: row.get("step", 0) > step)
+        return self.jsonl.rewind(step, stage)
+
     def finish(self) -> None:
         if self._wandb_run is not None:
             self._wandb_run.finish()
@@ -86,17 +95,28 @@ class Tracker:
         self.finish()
 
 
-def _start_wandb(cfg: RecipeConfig, logs_dir: Path, job_type: str):
-    try:
-        import wandb
-    except ImportError:
+def check_wandb(cfg: RecipeConfig) -> None:
+    """Raise now what starting W&B would raise later: wandb not installed, or mode online with
+    the key's environment variable empty. Cheap (no network, no run created), so the launcher
+    calls it before any stage runs."""
+    if not cfg.wandb.enabled or cfg.wandb.mode == "disabled":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
         raise ConfigError("wandb.enabled is true but wandb is not installed: pip install "
-                          "'nla-rl[wandb]', or set wandb.enabled=false") from None
-    key = os.environ.get(cfg.wandb.api_key_env)
-    if cfg.wandb.mode == "online" and not key:
+                          "'nla-rl[wandb]', or set wandb.enabled=false")
+    if cfg.wandb.mode == "online" and not os.environ.get(cfg.wandb.api_key_env):
         raise ConfigError(f"wandb.mode is online but the environment variable "
                           f"{cfg.wandb.api_key_env} (wandb.api_key_env) is empty; export the key "
                           f"there, or use wandb.mode=offline")
+
+
+def _start_wandb(cfg: RecipeConfig, logs_dir: Path, job_type: str):
+    check_wandb(cfg)
+    import wandb
+
+    key = os.environ.get(cfg.wandb.api_key_env)
     logs_dir.mkdir(parents=True, exist_ok=True)
     settings = dict(silent=True, disable_code=True, save_code=False, disable_git=True)
     if key and cfg.wandb.mode == "online":

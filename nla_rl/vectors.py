@@ -19,6 +19,22 @@ def normalize_to(v: torch.Tensor, scale: float, eps: float = NORM_EPS) -> torch.
     return v32 * (scale / torch.sqrt(v32.pow(2).sum(dim=-1, keepdim=True) + eps))
 
 
+def check_norms(vectors: torch.Tensor, what: str, error: type[Exception] = InjectionError) -> None:
+    """Raise ``error`` for rows whose fp32 squared norm overflows (|x| above ~1e19): the norm is
+    inf, so normalising gives 0 and every score NaN. Activations of real models have norms of 1-1e4,
+    so such rows are a scale or units mistake, not data to inject. Non-finite rows are left to
+    the callers' own NaN/Inf check."""
+    v = vectors.detach().float()
+    finite = torch.isfinite(v).all(dim=-1)
+    overflow = finite & ~torch.isfinite(v.pow(2).sum(dim=-1))
+    if bool(overflow.any()):
+        bad = overflow.nonzero().flatten().tolist()
+        peak = float(v[bad[0]].abs().max())
+        raise error(f"{what}: rows {bad[:10]} are too large for float32 (max |x| = {peak:.3g}: the "
+                    f"squared norm overflows); activations have norms of 1-1e4, so check the "
+                    f"vectors' scale or units")
+
+
 def check_vectors(vectors: torch.Tensor, d_model: int, *, what: str = "activation vectors") -> torch.Tensor:
     """Return ``vectors`` as a 2-D tensor [n, d_model]; raise on wrong shape, zero or non-finite rows.
 
@@ -38,6 +54,7 @@ def check_vectors(vectors: torch.Tensor, d_model: int, *, what: str = "activatio
     if not bool(finite.all()):
         bad = (~finite).nonzero().flatten().tolist()
         raise InjectionError(f"{what}: rows {bad[:10]} contain NaN or Inf; drop or fix them first")
+    check_norms(vectors, what)
     zero = vectors.float().pow(2).sum(dim=-1) == 0
     if bool(zero.any()):
         bad = zero.nonzero().flatten().tolist()

@@ -64,17 +64,22 @@ def read_corpus(path: str | Path, *, text_column: str = "text",
     if not path.exists():
         raise CorpusError(f"corpus {path}: no such file or directory")
     docs, rows, empty = [], 0, 0
-    for doc_id, text in _rows(path, text_column, limit):
-        if limit is not None and rows >= limit:
-            break
-        rows += 1
-        if text is None or not str(text).strip():
-            empty += 1
-            continue
-        if not isinstance(text, str):
-            raise CorpusError(f"corpus {path}: row {doc_id}: column {text_column!r} must hold "
-                              f"text, found {type(text).__name__} {text!r:.60}")
-        docs.append(Document(doc_id, text))
+    try:
+        for doc_id, text in _rows(path, text_column, limit):
+            if limit is not None and rows >= limit:
+                break
+            rows += 1
+            if text is None or not str(text).strip():
+                empty += 1
+                continue
+            if not isinstance(text, str):
+                raise CorpusError(f"corpus {path}: row {doc_id}: column {text_column!r} must hold "
+                                  f"text, found {type(text).__name__} {text!r:.60}")
+            docs.append(Document(doc_id, text))
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"corpus {path}: not UTF-8 text (byte {err.object[err.start]:#04x} "
+                          f"after {rows} good row(s)); convert it to UTF-8, e.g. "
+                          f"iconv -f latin1 -t utf-8") from None
     if not docs:
         raise CorpusError(f"corpus {path}: no non-empty document in {rows} row(s) read "
                           f"({empty} empty); check the file and the text column")

@@ -110,13 +110,16 @@ class ActivationExtractor:
                  trust_remote_code: bool = False):
         from transformers import AutoConfig, AutoTokenizer
 
+        from nla_rl.base_model import check_model_dir
+
+        check_model_dir(base_dir, "base model")
         self.base_dir, self.layer_index = str(base_dir), int(layer_index)
         self.base_config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
         total = int(self.base_config.num_hidden_layers)
         if not 0 <= self.layer_index < total:
             raise ExtractionError(
                 f"layer_index: expected 0 ≤ K < {total} ({self.base_dir} has {total} decoder blocks; "
-                f"K is a 0-based block index), found K={layer_index}. Choose a smaller layer index.")
+                f"K is a 0-based block index), found K={layer_index}. Choose K in 0..{total - 1}.")
         if batch_size < 1 or positions_per_doc < 1:
             raise ExtractionError(f"batch_size and positions_per_doc must be ≥ 1, found "
                                   f"{batch_size} and {positions_per_doc}")

@@ -66,7 +66,7 @@ def test_every_step_is_logged_healthy(rl_run):
         for key in ("train/av/loss", "reward/top1", "rollout/mean_tokens", "perf/generate_s",
                     "perf/sync_s", "health/cjk_rate", "rollout/zero_variance_groups",
                     "perf/reconstruct_s", "perf/av/compute_s", "train/av/clip_frac",
-                    "train/av/is_ratio_mean"):
+                    "train/av/is_ratio_mean", "reward/group_std", "health/engine_replacements"):
             assert key in r, key
         # The online AR trains on the rollouts' extracted explanations, when there are any.
         assert ("train/ar/loss" in r) == (r["reward/extraction_failure_rate"] < 1.0)

@@ -10,7 +10,8 @@ import torch
 
 from nla_rl.checkpoint import (LATEST, MANIFEST, CheckpointError, CheckpointManager,
                                CheckpointWarning, DataCursor, RecipeMismatchError, capture_rng_state,
-                               fingerprint_fields, load_data_cursor, load_rng_state, read_manifest,
+                               fingerprint_fields, load_data_cursor, load_rng_state,
+                               newest_complete_set, read_manifest,
                                recipe_fingerprint, restore_rng_state, save_data_cursor,
                                save_rng_state)
 from nla_rl.config import recipe_from_dict
@@ -149,6 +150,65 @@ def test_checkpoint_of_another_recipe_names_the_differing_fields(manager, tmp_pa
     bare = CheckpointManager(manager.root, fingerprint="0" * 16)
     with pytest.raises(RecipeMismatchError, match="no fields recorded"):
         bare.latest_valid()
+
+
+# ----------------------------------------------------------------------------- complete sets
+
+def _pair(tmp_path, keep_last=2):
+    cfg = recipe()
+    return {role: CheckpointManager.for_recipe(tmp_path / role, cfg, f"rl_{role}",
+                                               keep_last=keep_last + (role == "ar"))
+            for role in ("av", "ar")}
+
+
+def test_newest_complete_set_skips_a_part_saved_ahead_of_the_others(tmp_path):
+    """A crash between the AR commit and the AV commit of step 3: the pair at step 2 resumes."""
+    parts = _pair(tmp_path)
+    for step in (1, 2):
+        parts["ar"].save(step, payload(f"ar{step}"))
+        parts["av"].save(step, payload(f"av{step}"))
+    parts["ar"].save(3, payload("ar3"))  # ... killed here, before the AV's step 3
+    assert parts["ar"].latest_valid().name == "step_000003"
+    step, paths = newest_complete_set(parts)
+    assert step == 2 and {k: p.name for k, p in paths.items()} == {"av": "step_000002",
+                                                                    "ar": "step_000002"}
+    assert (paths["ar"] / "model.bin").read_text() == "ar2"
+    # The resumed run saves step 3 again: the orphan is replaced and the pair is whole.
+    parts["ar"].save(3, payload("ar3'"))
+    parts["av"].save(3, payload("av3'"))
+    step, paths = newest_complete_set(parts)
+    assert step == 3 and (paths["ar"] / "model.bin").read_text() == "ar3'"
+
+
+def test_the_ar_keeps_one_more_so_a_pair_survives_pruning_with_keep_last_1(tmp_path):
+    parts = _pair(tmp_path, keep_last=1)
+    for step in (1, 2):
+        parts["ar"].save(step, payload())
+        parts["av"].save(step, payload())
+    parts["ar"].save(3, payload())  # crash before the AV's step 3
+    assert parts["av"].steps() == [2] and parts["ar"].steps() == [2, 3]
+    assert newest_complete_set(parts)[0] == 2
+
+
+def test_newest_complete_set_skips_a_damaged_part(tmp_path):
+    parts = _pair(tmp_path)
+    for step in (1, 2):
+        parts["ar"].save(step, payload())
+        parts["av"].save(step, payload())
+    (parts["av"].step_path(2) / "model.bin").write_text("torn")
+    with pytest.warns(CheckpointWarning, match="step_000002"):
+        assert newest_complete_set(parts)[0] == 1
+
+
+def test_newest_complete_set_none_or_a_clear_error(tmp_path):
+    parts = _pair(tmp_path)
+    assert newest_complete_set(parts) is None
+    parts["ar"].save(1, payload())  # crash inside the very first save: nothing to resume
+    assert newest_complete_set(parts) is None
+    parts["av"].save(2, payload())  # parts that share no step cannot be resumed together
+    with pytest.raises(CheckpointError, match=r"no step has a complete set.*av: \['step_000002'\]"
+                       r".*ar: \['step_000001'\].*delete"):
+        newest_complete_set(parts)
 
 
 # ----------------------------------------------------------------------------- pruning

@@ -84,6 +84,56 @@ def test_advantage_input_errors():
         compute_advantages(torch.zeros(2, 2), "ppo")
 
 
+def _written_out_grpo(rewards: list[list[float]], eps: float) -> tuple[list[list[float]], float]:
+    """Per group: mean = Σr/n, std = sqrt(Σ(r - mean)² / (n - 1)), A = (r - mean)/(std + ε);
+    and the mean over groups of std. Plain Python, nothing shared with the code under test."""
+    advantages, stds = [], []
+    for group in rewards:
+        n = len(group)
+        mean = sum(group) / n
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (n - 1))
+        stds.append(std)
+        advantages.append([(r - mean) / (std + eps) for r in group])
+    return advantages, sum(stds) / len(stds)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-4])  # nla-rl's default, TRL's
+def test_grpo_advantage_eps_conventions_match_the_formula(eps):
+    # -MSE rewards of tight groups: within-group spread near 1e-3, where ε matters.
+    rewards = [[-0.5012, -0.4997, -0.5003, -0.4989], [-1.2, -1.1995, -1.2021, -1.1987]]
+    out = compute_advantages(torch.tensor(rewards, dtype=torch.float64), "grpo", eps=eps)
+    expected, std_mean = _written_out_grpo(rewards, eps)
+    torch.testing.assert_close(out.advantages, torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert out.group_std_mean == pytest.approx(std_mean, rel=1e-9)
+    assert 5e-4 < std_mean < 2e-3
+
+
+def test_advantage_eps_default_is_unchanged_and_changes_tight_groups_by_the_expected_factor():
+    rewards = torch.tensor([[-0.5012, -0.4997, -0.5003, -0.4989]], dtype=torch.float64)
+    assert RLConfig().advantage_eps == 1e-6  # existing recipes keep their advantages
+    default = compute_advantages(rewards, "grpo").advantages
+    torch.testing.assert_close(default, compute_advantages(rewards, "grpo", eps=1e-6).advantages)
+    trl = compute_advantages(rewards, "grpo", eps=1e-4).advantages
+    std = float(rewards.std())
+    # A_ε = (r - mean)/(std + ε), so A_1e-4 / A_1e-6 = (std + 1e-6)/(std + 1e-4), 0.91 here.
+    torch.testing.assert_close(trl / default, torch.full_like(trl, (std + 1e-6) / (std + 1e-4)),
+                               rtol=1e-5, atol=0)
+    assert (std + 1e-6) / (std + 1e-4) < 0.93
+    # Dr.GRPO has no std division: ε changes nothing.
+    torch.testing.assert_close(compute_advantages(rewards, "drgrpo", eps=1e-4).advantages,
+                               compute_advantages(rewards, "drgrpo", eps=1e-6).advantages)
+    for bad in (0.0, -1e-6, float("nan")):
+        with pytest.raises(ConfigError, match="advantage eps"):
+            compute_advantages(rewards, "grpo", eps=bad)
+    with pytest.raises(ConfigError, match="advantage_eps"):
+        RLConfig(advantage_eps=0.0)
+
+
+def test_group_std_mean_skips_nothing_and_counts_zero_variance_groups_as_zero():
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 2.0]])
+    assert compute_advantages(rewards).group_std_mean == pytest.approx((0.0 + 1.0) / 2)
+
+
 # --------------------------------------------------------------------------- PPO clipping
 NO_KL = PolicyLossSettings(clip_low=0.2, clip_high=0.28, kl_beta=0.0, mismatch_threshold=None)
 
@@ -245,7 +295,8 @@ def _grad(theta, parts, mask, old, engine, ref, adv, s, *, naive=False):
 @given(st.integers(0, 10_000), st.sampled_from(sorted(AGGREGATIONS)))
 def test_micro_batches_give_the_gradient_of_the_whole_step(seed, agg):
     theta, mask, old, engine, ref, adv = _step_inputs(seed)
-    s = PolicyLossSettings(kl_beta=0.05, mismatch_threshold=0.5, loss_agg=agg)
+    s = PolicyLossSettings(kl_beta=0.05, mismatch_threshold=0.5, loss_agg=agg,
+                           max_completion_tokens=9)
     whole = _grad(theta, [slice(0, 7)], mask, old, engine, ref, adv, s)
     split = [slice(0, 2), slice(2, 3), slice(3, 7)]
     torch.testing.assert_close(_grad(theta, split, mask, old, engine, ref, adv, s), whole,
@@ -271,6 +322,50 @@ def test_seq_mean_token_mean_weights_each_rollout_equally():
     seq = policy_loss(logp, adv, mask, PolicyLossSettings(loss_agg="seq_mean_token_mean"))
     assert float(tok.loss) == pytest.approx((-1.0 + 4 * 3.0) / 5) and tok.normalizer == 5
     assert float(seq.loss) == pytest.approx((-1.0 + 3.0) / 2) and seq.normalizer == 2
+
+
+DR = "seq_mean_token_sum_norm"
+
+
+def test_dr_grpo_aggregation_is_the_token_sum_over_rollouts_times_max_len():
+    """Dr.GRPO / TRL ``loss_type="dr_grpo"``:
+    ``loss = Σ_{b,t} m_bt · L_bt / (B · L_max)`` with B every row of the batch and L_max the
+    completion cap; with ρ = 1 and no KL, ``L_bt = -A_b``."""
+    logp = torch.full((3, 4), -1.0, requires_grad=True)
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)  # 1 empty
+    adv = [1.0, -3.0, 2.0]
+    lengths = [1, 4, 0]
+    l_max = 6
+    s = PolicyLossSettings(loss_agg=DR, max_completion_tokens=l_max)
+    out = policy_loss(logp, torch.tensor(adv), mask, s)
+    expected = sum(-a * n for a, n in zip(adv, lengths)) / (3 * l_max)
+    assert out.normalizer == 3 * l_max and float(out.loss.detach()) == pytest.approx(expected)
+    out.loss.backward()  # every kept token gets d/dlogp = -A_b / (B · L_max), whatever its length
+    grad = torch.tensor([[-adv[b] / (3 * l_max) if mask[b, t] else 0.0 for t in range(4)]
+                         for b in range(3)])
+    torch.testing.assert_close(logp.grad, grad)
+    # token_mean differs from it by exactly B·L_max / N_tokens (N = 5 kept tokens).
+    tok = policy_loss(logp.detach(), torch.tensor(adv), mask, PolicyLossSettings())
+    assert float(out.loss.detach()) == pytest.approx(float(tok.loss) * 5 / (3 * l_max))
+    assert loss_normalizer(mask, s) == 3 * l_max
+
+
+def test_dr_grpo_keeps_masked_rollouts_in_its_constant_normaliser():
+    logp = torch.full((2, 3), -1.0)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    engine = logp.clone()
+    engine[1] -= 5.0  # rollout 1 is over the mismatch threshold: no loss, still counted in B
+    s = PolicyLossSettings(loss_agg=DR, max_completion_tokens=4, mismatch_threshold=0.1)
+    out = policy_loss(logp, torch.tensor([1.0, 7.0]), mask, s, old_logp=logp, engine_logp=engine)
+    assert out.normalizer == 2 * 4 and out.stats["policy/masked_rollouts"] == 1
+    assert float(out.loss) == pytest.approx(-1.0 * 3 / 8)
+
+
+def test_dr_grpo_needs_the_completion_cap():
+    with pytest.raises(ConfigError, match="max_completion_tokens"):
+        PolicyLossSettings(loss_agg=DR)
+    s = PolicyLossSettings.from_rl(RLConfig(loss_agg=DR, max_new_tokens=32))
+    assert (s.loss_agg, s.max_completion_tokens) == (DR, 32)
 
 
 def test_settings_from_the_recipe_and_bad_settings():

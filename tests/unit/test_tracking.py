@@ -65,3 +65,35 @@ def test_online_without_a_key_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="NLA_TEST_NO_SUCH_KEY.*empty"):
         Tracker(cfg, tmp_path)
     assert not (tmp_path / "logs" / "wandb").exists()
+
+
+def test_a_resumed_stage_rewinds_its_rows_so_the_history_has_each_step_once(tmp_path):
+    """Killed after logging RL steps 1-3 with the last checkpoint at step 2: the resumed run logs
+    step 3 again, and metrics.jsonl / samples.jsonl hold it once; other stages are untouched."""
+    cfg = load_recipe(TINY, [])
+    tracker = Tracker(cfg, tmp_path)
+    tracker.jsonl.log(5, {"train/ar/loss": 1.0}, stage="ar_sft")
+    for step in (1, 2, 3):
+        tracker.log(step, {"reward/mean": -float(step)}, stage="rl")
+        tracker.log_samples(step, [{"activation_id": step, "explanation": "x"}])
+    tracker.jsonl.log(9, {"eval/fve": 0.5}, stage="eval")
+    path = tmp_path / "logs" / "metrics.jsonl"
+    with path.open("a") as fh:
+        fh.write('{"step": 4, "stage": "rl", "rew')  # torn by the kill
+    before = path.stat().st_ino
+
+    resumed = Tracker(cfg, tmp_path)
+    assert resumed.rewind(2, stage="rl") == 2
+    assert path.stat().st_ino != before  # replaced by a rename, never rewritten in place
+    resumed.log(3, {"reward/mean": -3.5}, stage="rl")
+    resumed.log_samples(3, [{"activation_id": 3, "explanation": "y"}])
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in rows] == [("ar_sft", 5), ("rl", 1), ("rl", 2),
+                                                        ("eval", 9), ("rl", 3)]
+    assert rows[-1]["reward/mean"] == -3.5
+    lines = (tmp_path / "logs" / "samples.jsonl").read_text().splitlines()
+    samples = [json.loads(line) for line in lines]
+    assert [(s["step"], s["explanation"]) for s in samples] == [(1, "x"), (2, "x"), (3, "y")]
+    # Nothing to drop: the file is left as it is.
+    inode = path.stat().st_ino
+    assert resumed.rewind(3, stage="rl") == 0 and path.stat().st_ino == inode
