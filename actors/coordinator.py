@@ -24,7 +24,7 @@ import torch
 from nla_rl.config import RecipeConfig
 from nla_rl.grpo import PolicyLossSettings, compute_advantages
 from nla_rl.health import check_step0_health, rollout_health
-from nla_rl.metrics import cosine, hard_negative_gap
+from nla_rl.metrics import cosine, fve, hard_negative_gap
 from nla_rl.rewards import normalized_mse
 from nla_rl.rl_batch import trim_at_eos
 from nla_rl.rl_data import RLBatch, RLData
@@ -214,6 +214,7 @@ def step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats, old_lo
                "rollout/zero_variance_groups": float(adv.zero_variance_groups)}
     if ok:
         metrics["rollout/cosine"] = float(cosine(preds[ok], gold[ok]).mean())
+        metrics["rollout/fve"] = fve(preds[ok], gold[ok], world.mse_scale)  # NaN: 1 activation
     for role, stats in (("av", av_stats), ("ar", ar_stats)):
         for key in ("loss", "grad_norm", "lr"):
             if key in stats:

@@ -74,6 +74,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     from actors.placement import colocated_for_recipe
     from actors.rollout import pool_from_recipe
     from nla_rl.checkpoint import CheckpointManager
+    from nla_rl.console import StepConsole
     from nla_rl.rl_data import RLData
     from nla_rl.sft import turn_close_ids
     from nla_rl.templates import av_prompt_ids, depth_pct_for
@@ -126,7 +127,8 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
              [probe_completion])
     tolerance = cfg.rl.sync_tolerance or (2e-3 if cfg.model.dtype == "float32" else 0.15)
     world = RLWorld(cfg=cfg, policy=groups["av"], critic=groups["ar"], engines=engines, data=data,
-                    tracker=Tracker(cfg, run_dir, job_type="rl"), prompt_ids=prompt,
+                    tracker=Tracker(cfg, run_dir, job_type="rl",
+                                    console=StepConsole("rl", cfg.rl.steps)), prompt_ids=prompt,
                     prefill=cfg.templates.av_prefill, eos_ids=frozenset(eos),
                     mse_scale=av_meta.mse_scale, probe=probe, sync_tolerance=tolerance,
                     adapter_dir=str(run_dir / "rl" / "adapter"))
