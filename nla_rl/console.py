@@ -61,8 +61,10 @@ class StepConsole:
         if self._bar is None:
             self._bar = tqdm(total=self.total, initial=step - 1, desc=self.stage, unit="step",
                              file=self.file, dynamic_ncols=True)
-        self._bar.write(step_line(self.stage, step, self.total, metrics), file=self.file)
         self._bar.update(step - self._bar.n)
+        self._bar.write(step_line(self.stage, step, self.total, metrics), file=self.file)
+        if step >= self.total:  # done: what the stage prints next goes below the bar
+            self.close()
 
     def close(self) -> None:
         if self._bar is not None:

@@ -8,8 +8,8 @@ Failed to load weights`` warning; the run's own state was lost among them. Unles
   file descriptors 1 and 2) to its kind's file — ``engine.log``, ``learner_av.log``,
   ``learner_ar.log``, ``datagen.log`` — see :func:`redirect_process_output`;
 - the driver keeps its own prints, errors and progress bars on the console and sends the library
-  loggers (transformers, torch, vLLM, …) and library warnings to ``driver.log`` —
-  :func:`driver_logs_to_file`.
+  loggers (transformers, torch, vLLM, …) and library warnings to ``driver.log`` (transformers'
+  progress bars are switched off) — :func:`driver_logs_to_file`.
 
 Several ranks of one kind append to the same file; each process starts with a header line
 naming its pid. Files are opened in append mode, so a resumed run adds to them.
@@ -111,7 +111,10 @@ def driver_logs_to_file(logs: RunLogs) -> Iterator[Path | None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    _import_library_loggers()
+    hf = _transformers_logging()
+    bars = hf is not None and hf.is_progress_bar_enabled()
+    if bars:  # "Loading weights" / "Writing model shards" on every save and load
+        hf.disable_progress_bar()
     saved = {name: _route(logging.getLogger(name), handler) for name in THIRD_PARTY_LOGGERS}
     shown = warnings.showwarning
 
@@ -127,6 +130,8 @@ def driver_logs_to_file(logs: RunLogs) -> Iterator[Path | None]:
         yield path
     finally:
         warnings.showwarning = shown
+        if bars:
+            hf.enable_progress_bar()
         for name, (handlers, propagate) in saved.items():
             logger = logging.getLogger(name)
             logger.handlers[:] = handlers
@@ -134,12 +139,14 @@ def driver_logs_to_file(logs: RunLogs) -> Iterator[Path | None]:
         handler.close()
 
 
-def _import_library_loggers() -> None:
-    """transformers adds its console handler when first imported: import it before routing."""
+def _transformers_logging():
+    """transformers' logging module, imported now: it adds its console handler when first
+    imported, which must happen before the routing (``None`` when it is not installed)."""
     try:
-        import transformers  # noqa: F401
+        from transformers.utils import logging as hf_logging
     except ImportError:
-        pass
+        return None
+    return hf_logging
 
 
 def _route(logger: logging.Logger, handler: logging.Handler) -> tuple[list, bool]:

@@ -42,9 +42,10 @@ def test_step_console_writes_one_line_per_step_beside_a_bar_starting_at_the_resu
     console.log(4, STEP)  # resumed after step 3
     console.log(5, {**STEP, "reward/mean": 0.25})
     assert console._bar.n == 5
-    console.close()
+    console.log(10, STEP)  # the last step closes the bar
+    assert console._bar is None
     lines = [ln for ln in out.getvalue().replace("\r", "\n").splitlines() if ln.startswith("rl ")]
-    assert len(lines) == 2 and lines[0].startswith("rl  4/10  reward -0.412")
+    assert len(lines) == 3 and lines[0].startswith("rl  4/10  reward -0.412")
     assert lines[1].startswith("rl  5/10  reward 0.25")
 
 
@@ -108,6 +109,9 @@ def test_driver_library_logs_and_warnings_go_to_the_file_and_come_back(tmp_path,
                 warnings.warn_explicit("a torch warning", UserWarning, "/x/site-packages/torch/nn.py", 3)
                 warnings.warn_explicit("our own warning", UserWarning, str(ROOT / "nla_rl" / "x.py"), 1)
                 print("[rl] our own line")
+                from transformers.utils import logging as hf_logging
+
+                assert not hf_logging.is_progress_bar_enabled()
         text = path.read_text()
         assert "Some weights were not initialized" in text and "a torch warning" in text
         assert shown == ["our own warning"]  # the project's warnings are shown as before
@@ -115,6 +119,9 @@ def test_driver_library_logs_and_warnings_go_to_the_file_and_come_back(tmp_path,
         assert "[rl] our own line" in err.out
         assert "Some weights" not in err.err and "a torch warning" not in err.err
         assert console_handler in logging.getLogger("transformers").handlers  # restored
+        from transformers.utils import logging as hf_logging
+
+        assert hf_logging.is_progress_bar_enabled()  # switched off inside the block only
         with driver_logs_to_file(RunLogs(str(tmp_path / "v"), verbose=True)) as none:
             hf.warning("verbose: on the console")
         assert none is None and "verbose: on the console" in capsys.readouterr().err
