@@ -214,7 +214,7 @@ def step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats, old_lo
                "rollout/zero_variance_groups": float(adv.zero_variance_groups)}
     if ok:
         metrics["rollout/cosine"] = float(cosine(preds[ok], gold[ok]).mean())
-        metrics["rollout/fve"] = fve(preds[ok], gold[ok], world.mse_scale)  # NaN: 1 activation
+        metrics["rollout/fve"] = fve(preds[ok], gold[ok], world.mse_scale)  # NaN: one activation
     for role, stats in (("av", av_stats), ("ar", ar_stats)):
         for key in ("loss", "grad_norm", "lr"):
             if key in stats:

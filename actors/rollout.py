@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 import ray
 
+from actors.cluster import current_actor_logs
 from actors.placement import PlacementError
 from nla_rl.errors import NLAError
 from rollout.base import RolloutRequest, Sample, SamplingSpec
@@ -152,8 +153,6 @@ class RolloutPool:
                                              placement_group, bundle_indices)
         self._binds = list(omp_binds) if omp_binds is not None else core_binds(num_engines)
         self._actor_cls = ray.remote(num_cpus=num_cpus_per_engine, num_gpus=num_gpus_per_engine)(RolloutActor)
-        from actors.cluster import current_actor_logs
-
         self._build = (kind, engine_kwargs, num_threads, current_actor_logs())
         self.max_replacements = max_replacements
         self._weights_ref = None  # the last sync_weights payload (kept in the object store)
