@@ -8,6 +8,30 @@ core needs.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from nla_rl.run_logs import RunLogs
+
+_RUN_LOGS: RunLogs | None = None  # where actors started now send their output (None: console)
+
+
+@contextmanager
+def actor_logs(logs: RunLogs) -> Iterator[RunLogs]:
+    """Actors started inside the block (engines, learner ranks, extraction workers) write their
+    output to ``logs`` (:func:`nla_rl.run_logs.redirect_process_output`); set once per run by
+    :func:`launch.train.run`, so the stages need not pass it along."""
+    global _RUN_LOGS
+    previous, _RUN_LOGS = _RUN_LOGS, logs
+    try:
+        yield logs
+    finally:
+        _RUN_LOGS = previous
+
+
+def current_actor_logs() -> RunLogs | None:
+    """The :class:`RunLogs` for actors started now (``None`` outside :func:`actor_logs`)."""
+    return _RUN_LOGS
 
 
 def recipe_cpus(cfg) -> int:
@@ -28,14 +52,21 @@ def connect_ray(num_cpus: float | None = None):
     Under ``ray job submit`` (``RAY_ADDRESS`` set, or a driver already connected) the running
     cluster is joined; otherwise a local cluster with ``num_cpus`` logical CPUs is started (logical
     CPUs may exceed the cores: actors are sized fractionally and use one thread each).
+    Inside :func:`actor_logs` (not verbose) actors write to the run's log files, so nothing of
+    theirs is streamed to this console and Ray's INFO start-up lines are left out.
     """
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return ray
+    logs = current_actor_logs()
+    quiet = logs is not None and not logs.verbose
+    options = dict(log_to_driver=not quiet, logging_level=logging.WARNING if quiet else logging.INFO)
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **options)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
     return ray

@@ -193,25 +193,21 @@ def sync_engines(world: RLWorld, verify: bool = True) -> dict:
 
 
 def save_adapter(state: dict, lora, out_dir) -> str:
-    """The LoRA tensors of a peft-wrapped state dict as a peft adapter directory (written to a
-    temp dir, then swapped in), which vLLM loads in place."""
-    import shutil
-    from pathlib import Path
-
+    """The LoRA tensors of a peft-wrapped state dict as a peft adapter directory, which vLLM
+    loads in place. Written through :func:`nla_rl.atomic.atomic_dir`: a crash mid-write leaves
+    the previous adapter (which a replacement engine re-reads) whole."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    from nla_rl.atomic import atomic_dir
+
     tensors = {k.replace(".default", ""): v.contiguous() for k, v in state.items() if "lora_" in k}
-    save_file(tensors, str(tmp / "adapter_model.safetensors"))
-    LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-               use_rslora=lora.use_rslora, target_modules=list(lora.target_modules),
-               task_type="CAUSAL_LM").save_pretrained(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                   use_rslora=lora.use_rslora, target_modules=list(lora.target_modules),
+                   task_type="CAUSAL_LM").save_pretrained(str(tmp))
     return str(out_dir)
 
 
@@ -258,6 +254,7 @@ def step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats, old_lo
                "reward/group_std": adv.group_std_mean}  # vs rl.advantage_eps
     if ok:
         metrics["rollout/cosine"] = float(cosine(preds[ok], gold[ok]).mean())
+        metrics["rollout/fve"] = fve(preds[ok], gold[ok], world.mse_scale)  # NaN: one activation
     for role, stats in (("av", av_stats), ("ar", ar_stats)):
         for key in ("loss", "grad_norm", "lr"):
             if key in stats:

@@ -66,8 +66,12 @@ def extract_shard(extractor: ActivationExtractor, docs: Sequence[Document], path
 class ExtractionWorker:
     """Ray actor body: one model replica, many shards."""
 
-    def __init__(self, spec: ExtractionSpec, num_threads: int = 1):
+    def __init__(self, spec: ExtractionSpec, num_threads: int = 1, logs=None):
         import torch
+
+        from nla_rl.run_logs import redirect_process_output
+
+        redirect_process_output(logs, "datagen")
 
         torch.set_num_threads(num_threads)  # one thread per process: 2 cores, several workers
         self.extractor = spec.build()
@@ -117,9 +121,12 @@ def _run_on_ray(spec, shards, todo, shard_dir, num_workers, resources, bar) -> N
     import ray
     from ray.util import ActorPool
 
+    from actors.cluster import current_actor_logs
+
     num_cpus, num_gpus = resources
     worker_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(ExtractionWorker)
-    workers = [worker_cls.remote(spec) for _ in range(min(num_workers, len(todo)))]
+    workers = [worker_cls.remote(spec, logs=current_actor_logs())
+               for _ in range(min(num_workers, len(todo)))]
     pool = ActorPool(workers)
     jobs = ((i, shards[i], str(shard_path(shard_dir, i))) for i in todo)
     try:

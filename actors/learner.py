@@ -61,7 +61,10 @@ def _all_reduce_sum(values: Sequence[float], device) -> list[float]:
 class LearnerRank:
     """Ray actor body: one rank of a learner group (see the module doc)."""
 
-    def __init__(self, spec: LearnerSpec, rank: int, world_size: int):
+    def __init__(self, spec: LearnerSpec, rank: int, world_size: int, logs=None):
+        from nla_rl.run_logs import redirect_process_output
+
+        redirect_process_output(logs, f"learner_{spec.model.role}")  # before torch.distributed
         torch.set_num_threads(spec.threads_per_rank)
         self.spec, self.rank, self.world_size = spec, rank, world_size
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -298,6 +301,7 @@ class LearnerGroup:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from actors.cluster import current_actor_logs
         from actors.placement import check_bundles_hold, reserve
 
         if spec.ema_decay > 0 and spec.backend == "deepspeed" and spec.zero_stage == 3:
@@ -328,7 +332,7 @@ class LearnerGroup:
                     name=None, runtime_env={"env_vars": env},
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         self.placement, placement_group_bundle_index=bundles[r]),
-                ).remote(spec, r, world_size)
+                ).remote(spec, r, world_size, current_actor_logs())
                 for r in range(world_size)
             ]
             address, port = ray.get(self.ranks[0].rendezvous.remote())

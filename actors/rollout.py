@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 import ray
 
+from actors.cluster import current_actor_logs
 from actors.placement import PlacementError
 from nla_rl.errors import NLAError
 from rollout.base import RolloutRequest, Sample, SamplingSpec
@@ -27,7 +28,10 @@ class RolloutActor:
     """Ray actor body hosting one :class:`rollout.base.RolloutEngine`."""
 
     def __init__(self, kind: str, engine_kwargs: dict, *, omp_bind: str | None = None,
-                 num_threads: int = 1):
+                 num_threads: int = 1, logs=None):
+        from nla_rl.run_logs import redirect_process_output
+
+        redirect_process_output(logs, "engine")  # first: vLLM logs from its import on
         # Before vLLM is imported: it reads these once.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ["OMP_NUM_THREADS"] = str(num_threads)
@@ -172,7 +176,7 @@ class RolloutPool:
                                              placement_group, bundle_indices)
         self._binds = list(omp_binds) if omp_binds is not None else core_binds(num_engines)
         self._actor_cls = ray.remote(num_cpus=num_cpus_per_engine, num_gpus=num_gpus_per_engine)(RolloutActor)
-        self._build = (kind, engine_kwargs, num_threads)
+        self._build = (kind, engine_kwargs, num_threads, current_actor_logs())
         self.max_replacements = max_replacements
         self._weights_ref = None  # the last sync_weights payload (kept in the object store)
         self._adapter_dir: str | None = None  # the last adapter synced
@@ -182,12 +186,12 @@ class RolloutPool:
 
     # -- actor lifecycle
     def _start_actor(self, index: int):
-        kind, engine_kwargs, num_threads = self._build
+        kind, engine_kwargs, num_threads, logs = self._build
         actor_cls = self._actor_cls
         if self._strategies[index] is not None:  # the same bundle as the actor it replaces
             actor_cls = actor_cls.options(scheduling_strategy=self._strategies[index])
         return actor_cls.remote(kind, engine_kwargs, omp_bind=self._binds[index],
-                                num_threads=num_threads)
+                                num_threads=num_threads, logs=logs)
 
     def _replace_actor(self, index: int, cause: BaseException) -> None:
         """A fresh actor at ``index`` serving the latest weights (raises ACTOR_LOST if it dies too)."""

@@ -1,6 +1,7 @@
 """The ``nla-rl`` command line.
 
-    nla-rl run RECIPE [key=value …]       run a recipe's stages (same as python -m launch.train)
+    nla-rl run RECIPE [key=value …] [--verbose]   run a recipe's stages (python -m launch.train);
+                                          --verbose: vLLM/Ray/transformers output on the console
     nla-rl datagen RECIPE [key=value …]   only the data: base model, activations, labels, splits
     nla-rl sft-ar RECIPE [key=value …]    only the AR-SFT stage (run.resume=true to resume)
     nla-rl sft-av RECIPE [key=value …]    only the AV-SFT stage
@@ -27,23 +28,26 @@ from nla_rl.errors import NLAError
 
 def _cmd_run(args) -> int:
     from launch.train import run
+    from nla_rl.run_logs import with_verbose
 
-    print(f"run directory: {run(args.recipe, args.overrides)}")
+    print(f"run directory: {run(args.recipe, with_verbose(args))}")
     return 0
 
 
 def _cmd_datagen(args) -> int:
     from launch.train import run
+    from nla_rl.run_logs import with_verbose
 
-    print(f"run directory: {run(args.recipe, [*args.overrides, 'run.stages=[prepare,datagen]'])}")
+    print(f"run directory: {run(args.recipe, [*with_verbose(args), 'run.stages=[prepare,datagen]'])}")
     return 0
 
 
 def _cmd_sft(stage: str):
     def command(args) -> int:
         from launch.train import run
+        from nla_rl.run_logs import with_verbose
 
-        print(f"run directory: {run(args.recipe, [*args.overrides, f'run.stages=[{stage}]'])}")
+        print(f"run directory: {run(args.recipe, [*with_verbose(args), f'run.stages=[{stage}]'])}")
         return 0
     return command
 
@@ -97,20 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from nla_rl.run_logs import add_verbose_flag
+
     run = sub.add_parser("run", help="run a recipe's stages")
     run.add_argument("recipe")
     run.add_argument("overrides", nargs="*")
+    add_verbose_flag(run)
     run.set_defaults(func=_cmd_run)
 
     datagen = sub.add_parser("datagen", help="build a recipe's data (prepare + datagen stages)")
     datagen.add_argument("recipe")
     datagen.add_argument("overrides", nargs="*")
+    add_verbose_flag(datagen)
     datagen.set_defaults(func=_cmd_datagen)
 
     for name, stage in (("sft-ar", "ar_sft"), ("sft-av", "av_sft")):
         sft = sub.add_parser(name, help=f"run the {stage} stage")
         sft.add_argument("recipe")
         sft.add_argument("overrides", nargs="*")
+        add_verbose_flag(sft)
         sft.set_defaults(func=_cmd_sft(stage))
 
     recipe = sub.add_parser("recipe", help="inspect recipes").add_subparsers(dest="action", required=True)

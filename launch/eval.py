@@ -159,8 +159,8 @@ def evaluate(run_dir: str | Path, *, av: str | Path | None = None, ar: str | Pat
                     for i in range(min(8, len(gold)))],
     }
     out_dir = run_dir / "eval"
-    report["plots"] = _plots(run_dir, out_dir, curve, controls, metrics,
-                             {"model": per_row, **control_rows})
+    report["plots"], report["training_curves"] = _plots(run_dir, out_dir, curve, controls, metrics,
+                                                        {"model": per_row, **control_rows})
     _write_report(out_dir, report)
     _log(run_dir, metrics, controls, baselines)
     return report
@@ -187,9 +187,11 @@ def _baselines(run_dir: Path, labels, evaluated: NLA, gold, negatives, attribute
     return out
 
 
-def _plots(run_dir, out_dir, curve, controls, metrics, per_row) -> list[str]:
+def _plots(run_dir, out_dir, curve, controls, metrics, per_row) -> tuple[list[str], list[dict]]:
+    """The plots' file names, and what the training-curves figure shows (for the report)."""
     # matplotlib is imported here, not at module level: every stage imports this module.
-    from launch.eval_plots import plot_prefix_curve, plot_row_histograms, plot_training_curves
+    from launch.eval_plots import (curve_guide, plot_prefix_curve, plot_row_histograms,
+                                   plot_training_curves)
 
     logged = MetricsLog(run_dir / "logs" / "metrics.jsonl").read()
     paths = [plot_training_curves(logged, out_dir / "training_curves.png"),
@@ -197,7 +199,7 @@ def _plots(run_dir, out_dir, curve, controls, metrics, per_row) -> list[str]:
                                        **{f"control: {k}": v["fve"] for k, v in controls.items()}},
                                out_dir / "prefix_curve.png"),
              plot_row_histograms(per_row, out_dir / "row_errors.png")]
-    return [p.name for p in paths if p is not None]
+    return [p.name for p in paths if p is not None], curve_guide(logged)
 
 
 def _log(run_dir: Path, metrics: dict, controls: dict, baselines: dict) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -17,9 +18,46 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 from nla_rl.atomic import atomic_path  # noqa: E402
 
-CURVE_GROUPS = ("train/", "reward/", "rollout/", "eval/")
-MAX_CURVES = 12  # panels in the training-curves figure
 _STYLE = {"figure.dpi": 110, "font.size": 10, "axes.grid": True, "grid.alpha": 0.3}
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One panel of the training-curves figure: the metrics a person reads to judge a stage."""
+
+    stage: str  # the panel's label: AR-SFT, AV-SFT or RL
+    logged_as: str  # the ``stage`` field of the metrics.jsonl rows it reads
+    title: str
+    keys: tuple[str, ...]  # one line per key
+    read: str  # what a healthy run shows (written into the eval report)
+
+
+# In reading order; a line whose metric is absent or constantly 0 is left out, and a panel
+# without lines with it (e.g. KL with rl.kl_beta=0, the toy metrics on real data).
+CURVES = (
+    Curve("AR-SFT", "ar_sft", "AR loss", ("train/ar/loss",), "falls, then flattens"),
+    Curve("AR-SFT", "ar_sft", "AR FVE", ("eval/ar/fve", "train/ar/fve"),
+          "held-out FVE rises and stays near the training FVE (a growing gap is overfitting); "
+          "it is the reconstruction ceiling RL starts from"),
+    Curve("AV-SFT", "av_sft", "AV loss", ("train/av/loss",), "falls, then flattens"),
+    Curve("AV-SFT", "av_sft", "AV held-out loss: real vs shuffled vector",
+          ("eval/av/loss", "eval/av/shuffled_loss"),
+          "the real-vector loss drops below the shuffled one: the AV reads the activation"),
+    Curve("RL", "rl", "reward (mean)", ("reward/mean",), "rises"),
+    Curve("RL", "rl", "rollout FVE (live AR)", ("rollout/fve",),
+          "rises with the reward; a reward rising while FVE falls is the online AR being gamed"),
+    Curve("RL", "rl", "toy world: attribute recall / precision",
+          ("rollout/toy/recall", "rollout/toy/precision"),
+          "the ground truth: both rise; precision falling while recall rises is guessing"),
+    Curve("RL", "rl", "KL", ("train/av/kl", "train/av/approx_kl"),
+          "kl (to the reference) grows slowly and stays small; approx_kl (to the rollout "
+          "policy) stays near 0"),
+    Curve("RL", "rl", "response length (tokens)", ("rollout/mean_tokens",),
+          "settles; steady growth to rl.max_new_tokens means explanations are being padded"),
+    Curve("RL", "rl", "step time (s)", ("perf/step_s",),
+          "flat after the first step; growth points at memory or engine trouble"),
+)
+COLUMNS = 3
 
 
 def _save(fig, path: Path) -> Path:
@@ -30,18 +68,32 @@ def _save(fig, path: Path) -> Path:
 
 
 def training_series(rows: list[dict]) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """``{metric: {stage: [(step, value), …]}}`` for the logged train/reward/rollout/eval
-    metrics (finite values only; the eval stage's own rows are left out)."""
+    """``{metric: {stage: [(step, value), …]}}`` of every numeric metric logged by a training
+    stage (finite values only; the check and eval stages' own rows are left out)."""
     series: dict = defaultdict(lambda: defaultdict(list))
     for row in rows:
         stage = str(row.get("stage", "run"))
-        if stage == "eval" or not isinstance(row.get("step"), (int, float)):
+        if stage in ("check", "eval") or not isinstance(row.get("step"), (int, float)):
             continue
         for key, value in row.items():
-            if (key.startswith(CURVE_GROUPS) and isinstance(value, (int, float))
+            if (key not in ("step", "time", "stage") and isinstance(value, (int, float))
                     and not isinstance(value, bool) and math.isfinite(value)):
                 series[key][stage].append((float(row["step"]), float(value)))
     return {k: dict(v) for k, v in sorted(series.items())}
+
+
+def chosen_curves(rows: list[dict]) -> list[tuple[Curve, dict[str, list[tuple[float, float]]]]]:
+    """The panels of :data:`CURVES` that have something to show, each with its lines
+    ``{metric: [(step, value), …]}`` (absent and constant-zero metrics dropped)."""
+    series = training_series(rows)
+    panels = []
+    for curve in CURVES:
+        lines = {key: series[key][curve.logged_as] for key in curve.keys
+                 if curve.logged_as in series.get(key, {})}
+        lines = {k: v for k, v in lines.items() if any(value != 0.0 for _, value in v)}
+        if lines:
+            panels.append((curve, lines))
+    return panels
 
 
 def _attempts(points: list[tuple[float, float]]) -> list[list[tuple[float, float]]]:
@@ -54,33 +106,64 @@ def _attempts(points: list[tuple[float, float]]) -> list[list[tuple[float, float
     return runs
 
 
+def _grid(panels) -> list[list]:
+    """Figure rows: each stage starts a new row of at most :data:`COLUMNS` panels."""
+    rows: list[list] = []
+    for i, panel in enumerate(panels):
+        if i == 0 or panel[0].stage != panels[i - 1][0].stage or len(rows[-1]) == COLUMNS:
+            rows.append([])
+        rows[-1].append(panel)
+    return rows
+
+
+def _labels(keys) -> list[str]:
+    """The keys without the path segments they share (``eval/ar/fve``, ``train/ar/fve`` stay
+    whole; ``rollout/toy/recall``, ``rollout/toy/precision`` become recall, precision)."""
+    parts = [k.split("/") for k in keys]
+    shared = 0
+    while all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    return ["/".join(p[shared:]) for p in parts]
+
+
+def _draw(ax, curve: Curve, lines: dict) -> None:
+    for name, points in zip(_labels(lines), lines.values()):
+        runs = _attempts(points)
+        for i, run in enumerate(runs):
+            steps, values = zip(*run)
+            latest = i == len(runs) - 1  # a rerun of the stage restarts its steps
+            ax.plot(steps, values, marker="." if len(run) < 30 else None,
+                    alpha=1.0 if latest else 0.35,
+                    label=name if latest else f"{name} (earlier attempt)" if i == 0 else None)
+    ax.set_title(f"{curve.stage}: {curve.title}", fontsize=10)
+    ax.set_xlabel("step")
+    if len(ax.get_legend_handles_labels()[1]) > 1:
+        ax.legend(fontsize=8)
+
+
 def plot_training_curves(rows: list[dict], path: Path) -> Path | None:
-    """One panel per metric (at most ``MAX_CURVES``, train/* first), one line per stage."""
-    series = training_series(rows)
-    if not series:
+    """The curves of :data:`CURVES` that were logged, one row of panels per stage."""
+    grid = _grid(chosen_curves(rows))
+    if not grid:
         return None
-    names = sorted(series, key=lambda k: (CURVE_GROUPS.index(k.split("/")[0] + "/"), k))[:MAX_CURVES]
-    cols = min(3, len(names))
-    nrows = math.ceil(len(names) / cols)
     with plt.rc_context(_STYLE):
-        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
-        for ax, name in zip(axes.flat, names):
-            for stage, points in series[name].items():
-                runs = _attempts(points)
-                for i, run in enumerate(runs):
-                    steps, values = zip(*run)
-                    latest = i == len(runs) - 1  # a rerun of the stage restarts its steps
-                    ax.plot(steps, values, marker="." if len(run) < 30 else None,
-                            alpha=1.0 if latest else 0.35,
-                            label=stage if latest else f"{stage} (earlier attempt)" if i == 0 else None)
-            ax.set_title(name, fontsize=10)
-            ax.set_xlabel("step")
-            ax.legend(fontsize=8, title="stage", title_fontsize=8)
-        for ax in list(axes.flat)[len(names):]:
-            ax.set_visible(False)
+        fig, axes = plt.subplots(len(grid), COLUMNS, figsize=(4.2 * COLUMNS, 3.0 * len(grid)),
+                                 squeeze=False)
+        for ax_row, panels in zip(axes, grid):
+            for ax, (curve, lines) in zip(ax_row, panels):
+                _draw(ax, curve, lines)
+            for ax in ax_row[len(panels):]:
+                ax.set_visible(False)
         fig.suptitle("Training curves (logs/metrics.jsonl)")
         fig.tight_layout()
         return _save(fig, path)
+
+
+def curve_guide(rows: list[dict]) -> list[dict]:
+    """What the eval report says about the training-curves figure: each panel drawn, its
+    metrics and what to look for."""
+    return [{"stage": c.stage, "title": c.title, "metrics": list(lines), "read": c.read}
+            for c, lines in chosen_curves(rows)]
 
 
 def plot_prefix_curve(curve: list[dict], controls: dict[str, float], path: Path) -> Path:

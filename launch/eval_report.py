@@ -89,6 +89,7 @@ def render_markdown(report: dict) -> str:
         "| tokens | FVE | cosine |", "|---|---|---|",
         *[f"| {p['tokens']} | {_fmt(p['fve'])} | {_fmt(p['cosine'])} |" for p in report["prefix_curve"]],
         "", "## Plots", "", *[f"![{name}]({name})" for name in report["plots"]], "",
+        *_curves_section(report.get("training_curves") or []),
         "## Samples", "",
     ]
     for sample in report["samples"]:
@@ -97,6 +98,16 @@ def render_markdown(report: dict) -> str:
                   f"  - shuffled control: {_one_line(sample['shuffled_control'])}",
                   f"  - no-injection control: {_one_line(sample['no_injection_control'])}"]
     return "\n".join(lines) + "\n"
+
+
+def _curves_section(curves: list[dict]) -> list[str]:
+    """Which training curves to read, and what a healthy run shows in each (none: no section)."""
+    if not curves:
+        return []
+    return ["What to look at in `training_curves.png` (metrics that were not logged, or stayed "
+            "0, are left out):", "",
+            *[f"- **{c['stage']}: {c['title']}** ({', '.join(f'`{m}`' for m in c['metrics'])}): "
+              f"{c['read']}" for c in curves], ""]
 
 
 def _one_line(text) -> str:

@@ -76,6 +76,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     from actors.rollout import pool_from_recipe
     from nla_rl.base_model import check_context
     from nla_rl.checkpoint import CheckpointManager
+    from nla_rl.console import StepConsole
     from nla_rl.rl_data import RLData
     from nla_rl.sft import turn_close_ids
     from nla_rl.templates import av_prompt_ids, depth_pct_for
@@ -99,7 +100,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     eos = {tokenizer.eos_token_id, *turn_close_ids(tokenizer)} - {None}
 
     # Before Ray: a W&B failure leaves nothing running; after it, a failure finishes W&B.
-    tracker = Tracker(cfg, run_dir, job_type="rl")
+    tracker = Tracker(cfg, run_dir, job_type="rl", console=StepConsole("rl", cfg.rl.steps))
     connect_ray(num_cpus=recipe_cpus(cfg))
     started = []  # shut down last first: a shared placement group after the actors in it
     try:

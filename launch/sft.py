@@ -123,12 +123,10 @@ def learner_spec(cfg: RecipeConfig, stage: str, init_dir: Path, meta: ModelSidec
 def batch_fve(loss: float, vectors: np.ndarray, mse_scale: float | None) -> float:
     """FVE of a batch from its mean normalised MSE: ``1 - d·loss / E‖n(h) - μ‖²`` (the loss is
     ``mean_b mean_d (n(ĥ) - n(h))²``, so ``d·loss = E‖n(ĥ) - n(h)‖²``)."""
-    from nla_rl.vectors import normalize_to
+    from nla_rl.metrics import fve_from_error
 
     gold = torch.from_numpy(np.asarray(vectors, dtype=np.float32))
-    normed = gold if mse_scale is None else normalize_to(gold, mse_scale)
-    variance = float((normed - normed.mean(dim=0)).pow(2).sum(dim=-1).mean())
-    return 1.0 - gold.shape[1] * loss / variance if variance > 0 else float("nan")
+    return fve_from_error(gold.shape[1] * loss, gold, mse_scale)  # NaN: no variance (as fve)
 
 
 def av_control(group, rows: dict, *, seed: int, prefix: str) -> dict:

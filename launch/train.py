@@ -11,10 +11,12 @@ import time
 import warnings
 from pathlib import Path
 
+from actors.cluster import actor_logs
 from launch.stages import PLANNED, STAGES
 from nla_rl.atomic import check_writable_dir
 from nla_rl.config import dump_recipe, load_recipe
 from nla_rl.errors import ConfigError, NLAError
+from nla_rl.run_logs import add_verbose_flag, driver_logs_to_file, run_logs, with_verbose
 from nla_rl.tracking import check_wandb
 
 
@@ -22,7 +24,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__)
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rl.steps=10")
-    return parser.parse_args(argv)
+    add_verbose_flag(parser)
+    args = parser.parse_args(argv)
+    args.overrides = with_verbose(args)
+    return args
 
 
 def run(recipe: str, overrides: list[str]) -> Path:
@@ -45,10 +50,14 @@ def run(recipe: str, overrides: list[str]) -> Path:
     check_resume(cfg, run_dir)  # a refused resume must leave the run as it was
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(cfg, run_dir / "recipe.yaml")
-    for stage in cfg.run.stages:
-        started = time.perf_counter()
-        STAGES[stage](cfg, run_dir)
-        print(f"[{stage}] done in {time.perf_counter() - started:.1f}s")
+    logs = run_logs(cfg, run_dir)
+    with driver_logs_to_file(logs), actor_logs(logs):
+        if not logs.verbose:
+            print(f"third-party logs: {logs.directory}/*.log (--verbose shows them here)")
+        for stage in cfg.run.stages:
+            started = time.perf_counter()
+            STAGES[stage](cfg, run_dir)
+            print(f"[{stage}] done in {time.perf_counter() - started:.1f}s")
     return run_dir
 
 

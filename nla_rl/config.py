@@ -102,6 +102,9 @@ class RunConfig(ConfigSection):
     stages: tuple[Stage, ...] = param(ALL_STAGES, "Stages to run, in pipeline order: "
                                       + ", ".join(ALL_STAGES) + ".")
     resume: bool = param(False, "Resume from the latest checkpoint in the run directory.")
+    verbose: bool = param(False, "Show third-party output (vLLM, Ray actors, transformers, "
+                          "torch.distributed) on the console; off: it goes to <dir>/logs/<process "
+                          "kind>.log and the console shows one line per RL step (--verbose sets it).")
 
     def validate(self):
         _require(bool(self.name) and "/" not in self.name, "name",

@@ -48,9 +48,18 @@ def _fve_parts(pred, gold, scale):
     return n_gold, mu, error
 
 
-def _ratio(error: torch.Tensor, variance: torch.Tensor) -> float:
-    if not float(variance) > 0:
-        return float("nan")  # no variance to explain (one row, or every gold in one direction)
+# Below this fraction of the golds' mean squared norm, a "variance" is rounding, not spread: fp32
+# means and renormalisations leave ~(log2(n)·2⁻²³)² ≈ 1e-12 of it where the golds are identical.
+NO_VARIANCE_REL = 1e-10
+
+
+def _ratio(error: torch.Tensor, variance: torch.Tensor, n_gold: torch.Tensor) -> float:
+    """``1 - error / variance``, NaN when there is no variance to explain: one row, or every
+    (normalised) gold the same vector. Decided by row count and a tolerance relative to the
+    golds' scale, never by whether float rounding happened to leave an exact zero."""
+    power = float(n_gold.pow(2).sum(dim=-1).mean())
+    if n_gold.shape[0] < 2 or not float(variance) > NO_VARIANCE_REL * power:
+        return float("nan")
     return float(1.0 - error / variance)
 
 
@@ -60,10 +69,21 @@ def fve(pred: torch.Tensor, gold: torch.Tensor, scale: float | None) -> float:
     ``μ = mean_i n_s(h_i)`` over the evaluation set;
     ``FVE = 1 - E_i ‖n_s(ĥ_i) - n_s(h_i)‖² / E_i ‖n_s(h_i) - μ‖²``.
     1 for a perfect prediction, 0 for predicting μ itself, < 0 for uninformative predictions.
-    The scale cancels for any ``s > 0``. NaN when the golds have no variance.
+    The scale cancels for any ``s > 0``. NaN when the golds have no variance (one row, or every
+    normalised gold the same vector; see :data:`NO_VARIANCE_REL`).
     """
     n_gold, mu, error = _fve_parts(pred, gold, scale)
-    return _ratio(error, (n_gold - mu).pow(2).sum(dim=-1).mean())
+    return _ratio(error, (n_gold - mu).pow(2).sum(dim=-1).mean(), n_gold)
+
+
+def fve_from_error(error: float, gold: torch.Tensor, scale: float | None) -> float:
+    """:func:`fve` when only the error is known (e.g. a training loss):
+    ``1 - error / E_i ‖n_s(h_i) - μ‖²`` with ``error = E_i ‖n_s(ĥ_i) - n_s(h_i)‖²``; NaN as in :func:`fve`."""
+    n_gold = _norm(torch.as_tensor(gold), scale)
+    if n_gold.dim() != 2:
+        raise ValueError(f"gold: expected a 2-D [n, d] tensor, found shape {list(n_gold.shape)}")
+    mu = n_gold.mean(dim=0, keepdim=True)
+    return _ratio(torch.as_tensor(float(error)), (n_gold - mu).pow(2).sum(dim=-1).mean(), n_gold)
 
 
 def fve_meannorm(pred: torch.Tensor, gold: torch.Tensor, scale: float | None) -> float:
@@ -75,7 +95,7 @@ def fve_meannorm(pred: torch.Tensor, gold: torch.Tensor, scale: float | None) ->
     """
     n_gold, mu, error = _fve_parts(pred, gold, scale)
     mu_n = _norm(mu, scale)
-    return _ratio(error, (n_gold - mu_n).pow(2).sum(dim=-1).mean())
+    return _ratio(error, (n_gold - mu_n).pow(2).sum(dim=-1).mean(), n_gold)
 
 
 def hard_negative_gap(pred: torch.Tensor, gold: torch.Tensor, negatives: torch.Tensor) -> float:

@@ -1,4 +1,5 @@
-"""Run tracking: every metric goes to ``<run>/logs/metrics.jsonl``; W&B mirrors it when enabled.
+"""Run tracking: every metric goes to ``<run>/logs/metrics.jsonl``; W&B mirrors it when enabled,
+and a console (one compact line per step, :mod:`nla_rl.console`) shows it when given.
 
 Metric names are stable and grouped (``train/av/*``, ``train/ar/*``, ``rollout/*``, ``reward/*``,
 ``eval/*``, ``perf/*``, ``health/*``): a name outside the groups is a bug, caught here rather than
@@ -39,8 +40,11 @@ def check_metric_names(metrics: dict[str, Any]) -> None:
 class Tracker:
     """One per process that logs (the coordinator, or a stage driver)."""
 
-    def __init__(self, cfg: RecipeConfig, run_dir: str | Path, *, job_type: str = "train"):
+    def __init__(self, cfg: RecipeConfig, run_dir: str | Path, *, job_type: str = "train",
+                 console=None):
+        """``console``: e.g. a :class:`nla_rl.console.StepConsole`, shown each logged step."""
         self.run_dir = Path(run_dir)
+        self.console = console
         self.logs_dir = self.run_dir / "logs"
         self.jsonl = MetricsLog(self.logs_dir / "metrics.jsonl")
         self.samples_path = self.logs_dir / "samples.jsonl"
@@ -58,6 +62,8 @@ class Tracker:
         row = self.jsonl.log(step, metrics, **context)
         if self._wandb_run is not None:
             self._wandb_run.log({k: row[k] for k in metrics}, step=step)
+        if self.console is not None:
+            self.console.log(step, metrics)
         return row
 
     def log_samples(self, step: int, samples: Sequence[dict]) -> None:
@@ -84,6 +90,8 @@ class Tracker:
         return self.jsonl.rewind(step, stage)
 
     def finish(self) -> None:
+        if self.console is not None:
+            self.console.close()
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None

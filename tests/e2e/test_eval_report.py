@@ -57,6 +57,8 @@ def test_eval_command_plots_training_curves(tiny_run, capsys):
     report = json.loads((tiny_run / "eval" / "report.json").read_text())
     assert report["models"]["label"] == "given" and report["data"]["rows"] == 4
     assert _png_ok(tiny_run / "eval" / "training_curves.png")
+    assert report["training_curves"][0]["metrics"] == ["train/ar/loss"]  # what the figure shows
+    assert "**AR-SFT: AR loss** (`train/ar/loss`)" in (tiny_run / "eval" / "report.md").read_text()
     assert "fve=" in capsys.readouterr().out
     assert main(["eval", str(tiny_run), "--av", str(tiny_run / "init" / "av")]) == 2  # --ar missing
 

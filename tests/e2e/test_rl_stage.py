@@ -85,10 +85,21 @@ def test_finals_and_checkpoints(rl_run):
     assert ar.config.num_hidden_layers == 3
 
 
-def test_resume_continues_at_the_next_step(rl_run, tmp_path):
+def test_third_party_output_is_in_the_run_logs(rl_run):
+    for kind in ("engine", "learner_av", "learner_ar"):
+        text = (rl_run / "logs" / f"{kind}.log").read_text()
+        assert text.startswith(f"==== {kind} pid "), kind
+    engine = (rl_run / "logs" / "engine.log").read_text().splitlines()
+    assert len(engine) > 5  # vLLM's start-up and per-step lines, off the console
+
+
+def test_resume_continues_at_the_next_step(rl_run, tmp_path, capsys):
     run_dir = tmp_path / "resumed"
     shutil.copytree(rl_run, run_dir)
     assert main([TINY, f"run.dir={run_dir}", *BASE, *RL, "rl.steps=3", "run.resume=true",
                  "run.stages=[rl]", "rl.stop_on_unhealthy=false"]) == 0
     assert [r["step"] for r in rows(run_dir)] == [1, 2, 3]  # steps 1-2 from before, then 3
+    console = capsys.readouterr()
+    assert "rl 3/3  reward " in console.out  # the step's one line (the resumed step only)
+    assert "rl 2/3" not in console.out and "INFO" not in console.out + console.err
     assert (run_dir / "rl" / "av" / "step_000003").is_dir()

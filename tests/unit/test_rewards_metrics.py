@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nla_rl.errors import ConfigError, NLAError
-from nla_rl.metrics import cosine, fve, fve_meannorm, hard_negative_gap, top1_retrieval
+from nla_rl.metrics import (cosine, fve, fve_from_error, fve_meannorm, hard_negative_gap,
+                            top1_retrieval)
 from nla_rl.rewards import (CONTRASTIVE, REWARDS, apply_failures, combined_reward,
                             contrastive_infonce, contrastive_max, failure_penalty, mse_scale_for,
                             normalized_mse, reward_neg_log_mse, reward_neg_mse)
@@ -207,6 +208,38 @@ def test_fve_perfect_and_random():
     assert fve(gold + noise, gold, 1.0) == pytest.approx(fve(gold + noise, gold, s), rel=1e-5)
     for fn in (fve, fve_meannorm):
         assert math.isnan(fn(gold[:1], gold[:1], s))  # one row: no variance
+
+
+@pytest.mark.parametrize("fn", [fve, fve_meannorm])
+@pytest.mark.parametrize("scale", [mse_scale_for(32), 1.0, None])
+def test_no_variance_is_nan_whatever_the_rounding(fn, scale):
+    """One row, copies of one row, or (normalised) golds that share a direction have no variance
+    to explain: NaN on every seed, not 1.0 where renormalising left a rounding-sized denominator."""
+    for seed in range(50):
+        gen = torch.Generator().manual_seed(seed)
+        row = torch.randn(1, 32, generator=gen) * 10.0 ** float(torch.rand(1, generator=gen) * 4 - 2)
+        pred = torch.randn(4, 32, generator=gen)
+        assert math.isnan(fn(row, row, scale)), seed
+        assert math.isnan(fn(pred[:1], row, scale)), seed
+        assert math.isnan(fn(pred, row.expand(4, 32), scale)), seed
+        if scale is not None:  # norms differ, directions agree: nothing left after normalising
+            assert math.isnan(fn(pred, row * torch.tensor([[0.5], [1.0], [3.0], [70.0]]), scale)), seed
+
+
+def test_a_small_real_variance_is_not_mistaken_for_none():
+    gold = torch.ones(2, 32)
+    gold[1, 0] += 1e-3  # a variance of 7.6e-9 × the squared norm: small, but 75× the tolerance
+    assert math.isfinite(fve(gold, gold, mse_scale_for(32)))
+    assert fve(gold, gold, mse_scale_for(32)) == pytest.approx(1.0)
+
+
+def test_fve_from_error_matches_fve():
+    gold = _clustered_golds(n=64)
+    pred = gold + torch.randn(gold.shape, generator=torch.Generator().manual_seed(3))
+    s = mse_scale_for(32)
+    error = float(normalized_mse(pred, gold, s).mean()) * 32  # E‖n(ĥ)-n(h)‖² = d · MSE
+    assert fve_from_error(error, gold, s) == pytest.approx(fve(pred, gold, s), rel=1e-5)
+    assert math.isnan(fve_from_error(0.0, gold[:1], s))
 
 
 def test_predicting_the_mean_direction():

@@ -97,3 +97,20 @@ def test_a_resumed_stage_rewinds_its_rows_so_the_history_has_each_step_once(tmp_
     # Nothing to drop: the file is left as it is.
     inode = path.stat().st_ino
     assert resumed.rewind(3, stage="rl") == 0 and path.stat().st_ino == inode
+
+
+def test_a_console_sees_every_logged_step_and_is_closed_at_the_end(tmp_path):
+    import io
+
+    from nla_rl.console import StepConsole
+
+    out = io.StringIO()
+    with Tracker(load_recipe(TINY, []), tmp_path, console=StepConsole("rl", 3, file=out)) as tracker:
+        tracker.log(1, {"reward/mean": -1.5, "perf/step_s": 2.0}, stage="rl")
+        tracker.log(2, {"reward/mean": -1.0, "rollout/fve": float("nan")}, stage="rl")
+        assert tracker.console._bar.n == 2
+    assert tracker.console._bar is None  # a run stopped early: closed by finish()
+    text = out.getvalue()
+    assert "rl 1/3  reward -1.5  2.0s" in text and "rl 2/3  reward -1  fve n/a" in text
+    with pytest.raises(ValueError):  # names are checked before anything is shown
+        tracker.log(3, {"loss": 1.0})
