@@ -254,7 +254,6 @@ def step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats, old_lo
                "reward/group_std": adv.group_std_mean}  # vs rl.advantage_eps
     if ok:
         metrics["rollout/cosine"] = float(cosine(preds[ok], gold[ok]).mean())
-        metrics["rollout/fve"] = fve(preds[ok], gold[ok], world.mse_scale)  # NaN: one activation
     for role, stats in (("av", av_stats), ("ar", ar_stats)):
         for key in ("loss", "grad_norm", "lr"):
             if key in stats:

@@ -34,7 +34,8 @@ def test_the_curves_people_read_grouped_by_stage(tmp_path):
     assert [(c.stage, c.title) for c, _ in panels] == [
         ("AR-SFT", "AR loss"), ("AR-SFT", "AR FVE"), ("AV-SFT", "AV loss"),
         ("AV-SFT", "AV held-out loss: real vs shuffled vector"), ("RL", "reward (mean)"),
-        ("RL", "rollout FVE (live AR)"), ("RL", "toy world: attribute recall / precision"),
+        ("RL", "rollout FVE: live AR vs frozen AR-SFT"),
+        ("RL", "toy world: attribute recall / precision"),
         ("RL", "response length (tokens)"), ("RL", "step time (s)")]  # KL: only a flat 0 logged
     lines = {c.title: l for c, l in panels}
     assert list(lines["AR FVE"]) == ["eval/ar/fve", "train/ar/fve"]
