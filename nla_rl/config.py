@@ -217,7 +217,7 @@ class ToyWorldConfig(ConfigSection):
     lm_hidden: int = param(128, "Hidden size of the toy LM (head size 32).", gt=0)
     lm_layers: int = param(4, "Decoder blocks of the toy LM.", gt=0)
     ending: Literal["recap", "end"] = param(
-        "recap", "recap (v2): documents end 'The end. In short: v1, v2, ….' and the readout is "
+        "end", "recap (v2): documents end 'The end. In short: v1, v2, ….' and the readout is "
         "the cue's last token, where the LM must hold every revealed value; end (v1): documents "
         "end 'The end.', whose last token carries which slots were revealed but barely their "
         "values.")

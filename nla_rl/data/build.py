@@ -23,7 +23,7 @@ from nla_rl.sidecar import DatasetSidecar, write_dataset_sidecar
 NEGATIVES_FILE = "rl.negatives.parquet"
 
 
-def toyworld_documents(seed: int, n_docs: int, ending: str = "recap") -> list[Document]:
+def toyworld_documents(seed: int, n_docs: int, ending: str = "end") -> list[Document]:
     """The first ``n_docs`` toy-world documents as corpus documents, each cut after its readout
     token (the activation there does not depend on what follows), so ``data.positions: last``
     reads the readout."""
@@ -31,7 +31,7 @@ def toyworld_documents(seed: int, n_docs: int, ending: str = "recap") -> list[Do
 
 
 def label_with_toy_teacher(table: pa.Table, tokenizer, *, seed: int, p_include: float,
-                           p_wrong: float, ending: str = "recap") -> tuple[pa.Table, dict]:
+                           p_wrong: float, ending: str = "end") -> tuple[pa.Table, dict]:
     """Add ``attributes`` (ground truth at each row's position) and the partial teacher's
     ``explanation``; rows the teacher refuses (no attribute named) are dropped and counted."""
     world = ToyWorld(seed, ending=ending)

@@ -29,12 +29,13 @@ META_FILE = "toy_lm.json"
 _WEIGHTS = "model.safetensors"
 
 
-def build_toy_tokenizer(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 1024):
+def build_toy_tokenizer(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 1024,
+                        ending: str = "end"):
     """The toy world's tiny byte-level BPE (Qwen2 style), saved to ``out_dir`` and reloaded."""
     from nla_rl.testing.tiny import build_tiny_tokenizer
 
     return build_tiny_tokenizer("qwen2", out_dir, vocab_size=vocab_size, seed=seed,
-                                texts=toy_tokenizer_texts(seed))
+                                texts=toy_tokenizer_texts(seed, ending=ending))
 
 
 def is_finished_toy_lm(path: str | Path) -> bool:
@@ -47,7 +48,7 @@ def train_toy_lm(out_dir: str | Path, *, seed: int = 0, steps: int = 600, hidden
                  layers: int = 4, heads: int = 4, kv_heads: int = 1, batch_size: int = 32,
                  max_len: int = 96, lr: float = 1e-3, warmup: int | None = None,
                  vocab_size: int = 1024, threads: int = 1, progress: bool = True,
-                 ending: str = "recap") -> Path:
+                 ending: str = "end") -> Path:
     """Train the toy LM and save model + tokenizer (safetensors) and ``toy_lm.json`` to ``out_dir``.
 
     Next-token prediction with AdamW (betas 0.9/0.95, linear warmup — default 10% of ``steps`` —
@@ -77,13 +78,13 @@ def train_toy_lm(out_dir: str | Path, *, seed: int = 0, steps: int = 600, hidden
     return out_dir
 
 
-def world_fingerprint(seed: int, ending: str = "recap") -> str:
+def world_fingerprint(seed: int, ending: str = "end") -> str:
     """A hash of what the toy LM learns from (tokenizer texts, a sample of its training
     documents): a cached LM built from an older toy world must not be reused silently."""
     import hashlib
 
     docs = [d.text for d in ToyWorld(seed, ending=ending).documents(20, start=LM_DOC_START)]
-    return hashlib.sha256("\n".join([*toy_tokenizer_texts(seed), *docs]).encode()).hexdigest()[:16]
+    return hashlib.sha256("\n".join([*toy_tokenizer_texts(seed, ending=ending), *docs]).encode()).hexdigest()[:16]
 
 
 def _check_cached(out_dir: Path, settings: dict) -> Path:
@@ -127,7 +128,8 @@ def _train(tmp: Path, settings: dict, *, threads: int, progress: bool) -> dict:
     torch.set_num_threads(threads)
     try:
         t0 = time.perf_counter()
-        tok = build_toy_tokenizer(tmp, seed=s["seed"], vocab_size=s["vocab_size"])
+        tok = build_toy_tokenizer(tmp, seed=s["seed"], vocab_size=s["vocab_size"],
+                                  ending=s["ending"])
         config = tiny_config("qwen2", len(tok), layers=s["layers"], hidden=s["hidden"],
                              heads=s["heads"], kv_heads=s["kv_heads"], tokenizer=tok)
         torch.manual_seed(s["seed"])

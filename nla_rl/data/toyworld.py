@@ -121,7 +121,7 @@ class ToyWorld:
     place, quantity, mood, time; fillers still inserted at random) — a more regular variant whose
     ``nats`` over-count a little where fillers commute.
 
-    ``ending``: ``recap`` (v2, the default) closes with "The end. In short: v1, v2, …." — every
+    ``ending``: ``recap`` (v2) closes with "The end. In short: v1, v2, …." — every
     revealed value in a random order — and the readout is the cue's last token, where the LM must
     hold every value (its next token is any of them); ``end`` (v1) closes with "The end." and the
     readout is that final token, where the LM keeps which slots were revealed but their values
@@ -129,7 +129,7 @@ class ToyWorld:
     """
 
     def __init__(self, seed: int = 0, *, p_slot: float = 0.7, shuffle: bool = True,
-                 ending: str = "recap"):
+                 ending: str = "end"):
         if ending not in ENDINGS:
             raise ValueError(f"toy world ending: expected one of {', '.join(ENDINGS)}, "
                              f"found {ending!r}")
@@ -322,14 +322,14 @@ def score_explanations(texts: Sequence[str | None], truths: Sequence[Iterable[st
                      nanmean(r for r, _ in slot_pairs), nanmean(p for _, p in slot_pairs))
 
 
-def toy_tokenizer_texts(seed: int = 0, n_docs: int = 400) -> list[str]:
+def toy_tokenizer_texts(seed: int = 0, n_docs: int = 400, ending: str = "end") -> list[str]:
     """Training lines for the toy BPE tokenizer: corpus samples, AV/AR templates (without the
     marker) and every teacher phrasing of every value, so all their words tokenise compactly."""
     from nla_rl.templates import (DEFAULT_AR_TEMPLATE, DEFAULT_AV_TEMPLATE, DEPTH_AV_TEMPLATE,
                                   av_sft_target)
     from nla_rl.testing.tiny import _QWEN_DEFAULT_SYSTEM
 
-    world = ToyWorld(seed)
+    world = ToyWorld(seed, ending=ending)
     lines = [d.text for d in world.documents(n_docs, start=2_000_000_000)]
     phrasings = [p.format(a=_a(v), v=v) for slot, ps in _TEACHER.items() for p in ps
                  for v in SLOTS[slot]]
