@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from nla_rl.errors import NLAError, mismatch
 from nla_rl.injection import inject
+from nla_rl.logprobs import lean_head, next_token_logprobs
 from nla_rl.rewards import normalized_mse
 from nla_rl.roundtrip import InjectionSpec
 from nla_rl.templates import ar_text, av_prompt_ids, av_sft_target, encode_prompt_text
@@ -217,25 +218,33 @@ def build_av_sft_batch(tokenizer, explanations: list[str], vectors, *, marker: M
     return AVBatch(ids, mask, label_tensor, vectors, positions[:, 1].clone())
 
 
-def av_sft_loss(model, batch: AVBatch, injection: InjectionSpec) -> tuple[torch.Tensor, int]:
+def av_sft_loss(model, batch: AVBatch, injection: InjectionSpec, *,
+                lean: bool = True) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL of the target tokens with the activation injected, and their count.
 
     ``L_sum = Σ_{b,t: y_bt ≠ -100} -log softmax(z_b,t-1)[y_bt]`` where ``z = model(ids | inject
     v_b at marker_b)`` (logits in fp32) and ``y = labels``; returns ``(L_sum, N)`` with
     ``N = #{y_bt ≠ -100}``. The learner divides the sum over micro-batches and ranks by the global
     ``N``, which gives the exact token mean ``L = L_sum / N`` of the optimiser batch.
-    Logits are only computed from the first target column on (``logits_to_keep``): the prompt
-    positions are never scored, and the vocabulary projection is the largest cost.
+    Logits are only computed at the target positions, in chunks
+    (:func:`nla_rl.logprobs.next_token_logprobs`): the vocabulary projection is the largest cost.
+    Models the lean path does not cover (or ``lean=False``) score from the first target column on
+    (``logits_to_keep``).
     """
     targets = batch.labels != IGNORE_INDEX
     count = int(targets.sum())
     if count == 0:
         raise SFTError("the batch has no target tokens (all labels are -100)")
-    first = int(targets.float().argmax(dim=1)[targets.any(dim=1)].min())  # earliest target column
-    keep = batch.input_ids.shape[1] - first + 1  # logits of columns first-1 … T-1
     with inject(model, family=injection.family, vectors=batch.vectors,
                 positions=batch.injection_positions(), scale=injection.scale,
                 layer=injection.layer, coeff=injection.coeff):
+        if lean and lean_head(model) is not None:
+            select = targets[:, 1:]
+            logp = next_token_logprobs(model, batch.input_ids, batch.attention_mask, select,
+                                       targets=batch.labels[:, 1:][select])
+            return -logp.sum(), count
+        first = int(targets.float().argmax(dim=1)[targets.any(dim=1)].min())  # earliest target
+        keep = batch.input_ids.shape[1] - first + 1  # logits of columns first-1 … T-1
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     use_cache=False, logits_to_keep=keep)
     logits = out.logits[:, :-1].float()  # position t predicts token t+1
