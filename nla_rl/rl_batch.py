@@ -67,6 +67,26 @@ class PolicyBatch:
         return replace(self, **cut, marker_positions=markers, vectors=self.vectors[start:stop],
                        advantages=self.advantages[start:stop])
 
+    def take(self, rows) -> "PolicyBatch":
+        """Rows ``rows`` (any order: a token-budget micro-batch) trimmed to their longest row;
+        marker rows re-indexed."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= len(self):
+            raise NLAError(f"rows {rows.tolist()} are empty or outside a batch of {len(self)}")
+        width = int(self.attention_mask[rows].sum(1).max())
+        cut = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor) and f.name != "marker_positions":
+                value = value[rows]
+                if f.name not in ("vectors", "advantages"):  # [B, T] or [B, T-1]
+                    per_token = f.name not in ("input_ids", "attention_mask")
+                    value = value[:, :width - 1 if per_token else width]
+                cut[f.name] = value
+        markers = self.marker_positions[rows].clone()
+        markers[:, 0] = torch.arange(len(rows), device=markers.device)
+        return replace(self, **cut, marker_positions=markers)
+
 
 def trim_at_eos(token_ids: Sequence[int], eos_ids: set[int] | frozenset[int]) -> list[int]:
     """``token_ids`` up to and including the first EOS (all of them when there is none)."""

@@ -49,6 +49,20 @@ def _slice_rows(batch, i: int, j: int, seq_fields: tuple[str, ...]):
     return replace(batch, **values)
 
 
+def _take_rows(batch, rows: torch.Tensor, seq_fields: tuple[str, ...]):
+    """Rows ``rows`` (any order) of a dataclass batch, trimmed to their longest row."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= len(batch):
+        raise SFTError(f"rows {rows.tolist()} are empty or outside a batch of {len(batch)} rows")
+    width = int(batch.attention_mask[rows].sum(dim=1).max())
+    values = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        value = value[rows.to(value.device)] if isinstance(value, torch.Tensor) else value
+        values[f.name] = value[:, :width] if f.name in seq_fields else value
+    return replace(batch, **values)
+
+
 @dataclass
 class AVBatch:
     """One AV-SFT batch, right-padded.
@@ -73,6 +87,10 @@ class AVBatch:
     def slice(self, i: int, j: int) -> AVBatch:
         """Rows ``i:j`` (a micro-batch), trimmed to their longest row."""
         return _slice_rows(self, i, j, ("input_ids", "attention_mask", "labels"))
+
+    def take(self, rows) -> AVBatch:
+        """Rows ``rows`` (a token-budget micro-batch), trimmed to their longest row."""
+        return _take_rows(self, rows, ("input_ids", "attention_mask", "labels"))
 
     def num_target_tokens(self) -> int:
         """Tokens the loss is computed on (the denominator of the token-mean loss)."""
@@ -102,11 +120,52 @@ class ARBatch:
         """Rows ``i:j`` (a micro-batch), trimmed to their longest row."""
         return _slice_rows(self, i, j, ("input_ids", "attention_mask"))
 
+    def take(self, rows) -> ARBatch:
+        """Rows ``rows`` (a token-budget micro-batch), trimmed to their longest row."""
+        return _take_rows(self, rows, ("input_ids", "attention_mask"))
 
-def micro_batches(batch, size: int):
-    """Consecutive slices of at most ``size`` rows (each trimmed to its longest row)."""
+
+def token_budget_groups(lengths, max_tokens: int, min_groups: int = 1) -> list[list[int]]:
+    """Row indices in groups whose padded size (rows × longest row) is at most ``max_tokens``.
+
+    Rows are sorted by length (ties in row order) and filled greedily, so rows of similar length
+    share a micro-batch and padding stays small; a row longer than the budget is a group alone.
+    Every row is in exactly one group, so sums over the groups are sums over the batch. While
+    there are fewer than ``min_groups`` groups, the one with the most padded tokens is halved
+    (ranks of a sharded model must run the same number of forwards).
+    """
+    if max_tokens < 1:
+        raise SFTError(f"micro-batch tokens: expected >= 1, found {max_tokens}")
+    lengths = [int(n) for n in lengths]
+    if min_groups > len(lengths):
+        raise SFTError(f"{min_groups} micro-batches asked of {len(lengths)} rows")
+    groups, current = [], []
+    for row in sorted(range(len(lengths)), key=lambda r: (lengths[r], r)):
+        if current and (len(current) + 1) * lengths[row] > max_tokens:  # sorted: row is longest
+            groups.append(current)
+            current = []
+        current.append(row)
+    groups += [current] if current else []
+    while len(groups) < min_groups:
+        i = max((i for i, g in enumerate(groups) if len(g) > 1),
+                key=lambda i: len(groups[i]) * lengths[groups[i][-1]])
+        half = len(groups[i]) // 2
+        groups[i:i + 1] = [groups[i][:half], groups[i][half:]]
+    return groups
+
+
+def micro_batches(batch, size: int, max_tokens: int | None = None, min_count: int = 1):
+    """Consecutive slices of at most ``size`` rows (each trimmed to its longest row); with
+    ``max_tokens``, the :func:`token_budget_groups` of the rows' lengths instead (``size`` unused;
+    at least ``min_count`` of them), so the padded token count, not the longest row, sets a
+    micro-batch's size."""
     if size < 1:
         raise SFTError(f"micro-batch size: expected >= 1, found {size}")
+    if max_tokens is not None:
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        for rows in token_budget_groups(lengths, max_tokens, min_count):
+            yield batch.take(rows)
+        return
     for i in range(0, len(batch), size):
         yield batch.slice(i, min(i + size, len(batch)))
 
