@@ -171,9 +171,11 @@ def sync_engines(world: RLWorld, verify: bool = True) -> dict:
     engines' log-probs of a fixed probe must equal the learner's (a silent no-op sync raises
     here). The learner computes its probe log-probs while the engines load the weights."""
     started = time.perf_counter()
-    state = world.policy.full_state_dict()
-    gathered = time.perf_counter()
     lora = world.policy.spec.model.lora
+    # LoRA: only the adapter is gathered (the frozen base never changes on the engines).
+    state = world.policy.trainable_state_dict() if lora.rank > 0 else \
+        world.policy.full_state_dict()
+    gathered = time.perf_counter()
     requests, completions = world.probe
     with ThreadPoolExecutor(max_workers=1) as pool:
         expected = pool.submit(world.policy.av_logprobs, [list(r.prompt_ids) for r in requests],

@@ -45,6 +45,8 @@ class LearnerSpec:
     backend: str = "fsdp2"
     zero_stage: int = 3
     micro_batch_size: int = 4
+    # A token budget per micro-batch (rows × longest row); None = micro_batch_size rows in order.
+    micro_batch_tokens: int | None = None
     seed: int = 0
     threads_per_rank: int = 1
     ema_decay: float = 0.0  # > 0: keep an EMA of the weights (actors.ema) for reconstruct(ema=True)
@@ -129,12 +131,11 @@ class LearnerRank:
         once; ``compute_s`` is this rank's wall time in forward, backward and optimiser step.
         """
         from actors.losses import add_stats, get_loss, stat_means, stat_vector
-        from nla_rl.sft import micro_batches
 
         loss = get_loss(loss_name, self.spec.model.role)
         model = self.backend.module
         model.train()
-        micros = list(micro_batches(loss.build(self, rows), self.spec.micro_batch_size))
+        micros = self._micro_batches(loss.build(self, rows))
         local_count = sum(loss.count(m) for m in micros)
         local_tokens = sum(int(m.attention_mask.sum()) for m in micros)
         total, = _all_reduce_sum([local_count], self.device)
@@ -165,13 +166,12 @@ class LearnerRank:
     def evaluate(self, rows: dict, loss_name: str) -> dict:
         """The loss's global mean over ``rows`` (no gradients, no step)."""
         from actors.losses import get_loss
-        from nla_rl.sft import micro_batches
 
         loss = get_loss(loss_name, self.spec.model.role)
         model = self.backend.module
         model.eval()
         summed, count = 0.0, 0
-        for micro in micro_batches(loss.build(self, rows), self.spec.micro_batch_size):
+        for micro in self._micro_batches(loss.build(self, rows)):
             out = loss.compute(self, model, micro.to(self.device))
             summed, count = summed + float(out.loss_sum), count + out.count
         summed, count = _all_reduce_sum([summed, count], self.device)
@@ -187,7 +187,7 @@ class LearnerRank:
 
         from actors.losses import completion_logprobs
 
-        spec, size = self.spec.model, self.spec.micro_batch_size
+        spec = self.spec.model
         model, context = self.backend.module, contextlib.nullcontext()
         if reference and self.reference is not None:
             model = self.reference
@@ -199,14 +199,52 @@ class LearnerRank:
         # A copy: Ray hands over read-only arrays, which torch warns about (and must not write).
         vectors = torch.tensor(np.asarray(vectors), dtype=torch.float32)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        out = []
+        out = [None] * len(prompts)
         with context:
-            for i in range(0, len(prompts), size):
-                out += completion_logprobs(model, prompts[i:i + size], completions[i:i + size],
-                                           vectors[i:i + size], marker=spec.marker,
-                                           injection=spec.injection, pad_id=pad,
-                                           device=self.device, temperature=temperature)
+            for rows in self._logprob_groups(prompts, completions):
+                parts = completion_logprobs(model, [prompts[r] for r in rows],
+                                            [completions[r] for r in rows], vectors[rows],
+                                            marker=spec.marker, injection=spec.injection,
+                                            pad_id=pad, device=self.device,
+                                            temperature=temperature)
+                for r, part in zip(rows, parts):
+                    out[r] = part
         return out
+
+    def _micro_batches(self, batch) -> list:
+        """``micro_batch_size`` rows in order, or the token budget's groups
+        (:func:`nla_rl.sft.micro_batches`), as many on every rank."""
+        from nla_rl.sft import micro_batches, token_budget_groups
+
+        tokens, count = self.spec.micro_batch_tokens, 1
+        if tokens is not None:
+            count = self._agreed_count(len(token_budget_groups(
+                batch.attention_mask.sum(dim=1).tolist(), tokens)))
+        return list(micro_batches(batch, self.spec.micro_batch_size, tokens, count))
+
+    def _logprob_groups(self, prompts: list, completions: list) -> list[list[int]]:
+        """Row groups of one forward each: ``micro_batch_size`` rows in order, or the token
+        budget's groups (:func:`nla_rl.sft.token_budget_groups`), as many on every rank."""
+        from nla_rl.sft import token_budget_groups
+
+        tokens = self.spec.micro_batch_tokens
+        if tokens is not None:
+            lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+            count = self._agreed_count(len(token_budget_groups(lengths, tokens)))
+            return token_budget_groups(lengths, tokens, count)
+        size = self.spec.micro_batch_size
+        return [list(range(i, min(i + size, len(prompts)))) for i in range(0, len(prompts), size)]
+
+    def _agreed_count(self, count: int) -> int:
+        """The most micro-batches any rank has: every rank must run as many forwards (a sharded
+        model gathers its weights in each; a rank with one forward fewer deadlocks the others)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return count
+        t = torch.tensor([count], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     @torch.no_grad()
     def reconstruct(self, texts: list[str], ema: bool = False,
@@ -232,8 +270,8 @@ class LearnerRank:
                                      batch_size=self.spec.micro_batch_size)
 
     # ---------------------------------------------------------------------------------- state
-    def full_state_dict(self) -> dict:
-        return self.backend.full_state_dict()
+    def full_state_dict(self, trainable_only: bool = False) -> dict:
+        return self.backend.full_state_dict(trainable_only)
 
     def save_state(self, directory: str) -> None:
         """This rank's share: backend state (model + optimiser + scheduler) and its RNG state."""
@@ -389,6 +427,11 @@ class LearnerGroup:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The full (unsharded) state dict on CPU; every rank takes part, rank 0 returns it."""
         return self._all("full_state_dict")[0]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters that require gradients (a LoRA run: the adapter), unsharded on CPU;
+        nothing else is gathered."""
+        return self._all("full_state_dict", True)[0]
 
     def save_state(self, directory: str | Path) -> None:
         """Every rank writes its share of model, optimiser, scheduler and RNG into ``directory``

@@ -416,6 +416,11 @@ class LearnerConfig(ConfigSection):
     lora_dropout: float = param(0.0, "LoRA dropout.", ge=0, lt=1)
     use_rslora: bool = param(False, "Rank-stabilised LoRA scaling.")
     gradient_checkpointing: bool = param(False, "Recompute activations in backward to save memory.")
+    micro_batch_tokens: int | None = param(
+        None, "Token budget of one micro-batch on one rank (AV and AR: training, eval and "
+        "log-prob passes): rows are sorted by length and grouped so rows x longest row <= this "
+        "(a longer row goes alone), so padding no longer sets memory; null = micro_batch_size "
+        "rows per micro-batch, in order.", gt=0)
     lora_target_modules: tuple[str, ...] = param(
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         "Names of the Linear layers that get a LoRA adapter (lora_rank > 0); each must exist in "

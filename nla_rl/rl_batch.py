@@ -17,6 +17,7 @@ import torch
 from nla_rl.errors import NLAError
 from nla_rl.grpo import PolicyLoss, PolicyLossSettings, loss_normalizer, policy_loss
 from nla_rl.injection import inject
+from nla_rl.logprobs import next_token_logprobs
 from nla_rl.roundtrip import InjectionSpec
 from nla_rl.tokens import MarkerTokens, find_marker_positions
 
@@ -65,6 +66,26 @@ class PolicyBatch:
         markers[:, 0] -= start
         return replace(self, **cut, marker_positions=markers, vectors=self.vectors[start:stop],
                        advantages=self.advantages[start:stop])
+
+    def take(self, rows) -> "PolicyBatch":
+        """Rows ``rows`` (any order: a token-budget micro-batch) trimmed to their longest row;
+        marker rows re-indexed."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= len(self):
+            raise NLAError(f"rows {rows.tolist()} are empty or outside a batch of {len(self)}")
+        width = int(self.attention_mask[rows].sum(1).max())
+        cut = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor) and f.name != "marker_positions":
+                value = value[rows]
+                if f.name not in ("vectors", "advantages"):  # [B, T] or [B, T-1]
+                    per_token = f.name not in ("input_ids", "attention_mask")
+                    value = value[:, :width - 1 if per_token else width]
+                cut[f.name] = value
+        markers = self.marker_positions[rows].clone()
+        markers[:, 0] = torch.arange(len(rows), device=markers.device)
+        return replace(self, **cut, marker_positions=markers)
 
 
 def trim_at_eos(token_ids: Sequence[int], eos_ids: set[int] | frozenset[int]) -> list[int]:
@@ -123,28 +144,33 @@ def build_policy_batch(prompts: Sequence[Sequence[int]], completions: Sequence[S
 
 
 def token_logprobs(model, batch: PolicyBatch, injection: InjectionSpec,
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float = 1.0, *, lean: bool = True) -> torch.Tensor:
     """``log softmax(logits / T)`` of each next token, ``[B, T-1]`` (fp32, with gradients).
 
     Divided by the sampling temperature so that it is the distribution the engine sampled from
-    (engines report post-temperature log-probs); masked columns hold junk and must be masked.
+    (engines report post-temperature log-probs). Only the response columns are scored (0
+    elsewhere): with ``lean`` their logits are computed alone and in chunks
+    (:func:`nla_rl.logprobs.next_token_logprobs`), never as one ``[B, T, V]`` tensor.
     """
     if temperature <= 0:
         raise NLAError(f"temperature: expected > 0 for policy log-probs, found {temperature}")
     with inject(model, family=injection.family, vectors=batch.vectors,
                 positions=batch.marker_positions, scale=injection.scale, layer=injection.layer,
                 coeff=injection.coeff):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       use_cache=False).logits[:, :-1].float()
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    return logp.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        values = next_token_logprobs(model, batch.input_ids, batch.attention_mask,
+                                     batch.response_mask, temperature=temperature, lean=lean)
+    out = values.new_zeros(batch.response_mask.shape)
+    out[batch.response_mask.to(out.device)] = values
+    return out
 
 
 def grpo_micro_loss(model, batch: PolicyBatch, injection: InjectionSpec,
-                    settings: PolicyLossSettings, temperature: float = 1.0) -> PolicyLoss:
+                    settings: PolicyLossSettings, temperature: float = 1.0, *,
+                    lean: bool = True) -> PolicyLoss:
     """The GRPO loss of one micro-batch (:func:`nla_rl.grpo.policy_loss` on the policy's
-    current token log-probs): ``loss_sum`` to be divided by the step's global normaliser."""
-    logp = token_logprobs(model, batch, injection, temperature)
+    current token log-probs): ``loss_sum`` to be divided by the step's global normaliser.
+    ``lean=False``: the full-vocabulary log-prob formula (kept for comparison benchmarks)."""
+    logp = token_logprobs(model, batch, injection, temperature, lean=lean)
     return policy_loss(logp, batch.advantages, batch.response_mask, settings,
                        old_logp=batch.old_logp, engine_logp=batch.engine_logp,
                        ref_logp=batch.ref_logp)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from nla_rl.errors import NLAError, mismatch
 from nla_rl.injection import inject
+from nla_rl.logprobs import lean_head, next_token_logprobs
 from nla_rl.rewards import normalized_mse
 from nla_rl.roundtrip import InjectionSpec
 from nla_rl.templates import ar_text, av_prompt_ids, av_sft_target, encode_prompt_text
@@ -44,6 +45,20 @@ def _slice_rows(batch, i: int, j: int, seq_fields: tuple[str, ...]):
     for f in fields(batch):
         value = getattr(batch, f.name)
         value = value[i:j] if isinstance(value, torch.Tensor) else value
+        values[f.name] = value[:, :width] if f.name in seq_fields else value
+    return replace(batch, **values)
+
+
+def _take_rows(batch, rows: torch.Tensor, seq_fields: tuple[str, ...]):
+    """Rows ``rows`` (any order) of a dataclass batch, trimmed to their longest row."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= len(batch):
+        raise SFTError(f"rows {rows.tolist()} are empty or outside a batch of {len(batch)} rows")
+    width = int(batch.attention_mask[rows].sum(dim=1).max())
+    values = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        value = value[rows.to(value.device)] if isinstance(value, torch.Tensor) else value
         values[f.name] = value[:, :width] if f.name in seq_fields else value
     return replace(batch, **values)
 
@@ -73,6 +88,10 @@ class AVBatch:
         """Rows ``i:j`` (a micro-batch), trimmed to their longest row."""
         return _slice_rows(self, i, j, ("input_ids", "attention_mask", "labels"))
 
+    def take(self, rows) -> AVBatch:
+        """Rows ``rows`` (a token-budget micro-batch), trimmed to their longest row."""
+        return _take_rows(self, rows, ("input_ids", "attention_mask", "labels"))
+
     def num_target_tokens(self) -> int:
         """Tokens the loss is computed on (the denominator of the token-mean loss)."""
         return int((self.labels != IGNORE_INDEX).sum())
@@ -101,11 +120,52 @@ class ARBatch:
         """Rows ``i:j`` (a micro-batch), trimmed to their longest row."""
         return _slice_rows(self, i, j, ("input_ids", "attention_mask"))
 
+    def take(self, rows) -> ARBatch:
+        """Rows ``rows`` (a token-budget micro-batch), trimmed to their longest row."""
+        return _take_rows(self, rows, ("input_ids", "attention_mask"))
 
-def micro_batches(batch, size: int):
-    """Consecutive slices of at most ``size`` rows (each trimmed to its longest row)."""
+
+def token_budget_groups(lengths, max_tokens: int, min_groups: int = 1) -> list[list[int]]:
+    """Row indices in groups whose padded size (rows × longest row) is at most ``max_tokens``.
+
+    Rows are sorted by length (ties in row order) and filled greedily, so rows of similar length
+    share a micro-batch and padding stays small; a row longer than the budget is a group alone.
+    Every row is in exactly one group, so sums over the groups are sums over the batch. While
+    there are fewer than ``min_groups`` groups, the one with the most padded tokens is halved
+    (ranks of a sharded model must run the same number of forwards).
+    """
+    if max_tokens < 1:
+        raise SFTError(f"micro-batch tokens: expected >= 1, found {max_tokens}")
+    lengths = [int(n) for n in lengths]
+    if min_groups > len(lengths):
+        raise SFTError(f"{min_groups} micro-batches asked of {len(lengths)} rows")
+    groups, current = [], []
+    for row in sorted(range(len(lengths)), key=lambda r: (lengths[r], r)):
+        if current and (len(current) + 1) * lengths[row] > max_tokens:  # sorted: row is longest
+            groups.append(current)
+            current = []
+        current.append(row)
+    groups += [current] if current else []
+    while len(groups) < min_groups:
+        i = max((i for i, g in enumerate(groups) if len(g) > 1),
+                key=lambda i: len(groups[i]) * lengths[groups[i][-1]])
+        half = len(groups[i]) // 2
+        groups[i:i + 1] = [groups[i][:half], groups[i][half:]]
+    return groups
+
+
+def micro_batches(batch, size: int, max_tokens: int | None = None, min_count: int = 1):
+    """Consecutive slices of at most ``size`` rows (each trimmed to its longest row); with
+    ``max_tokens``, the :func:`token_budget_groups` of the rows' lengths instead (``size`` unused;
+    at least ``min_count`` of them), so the padded token count, not the longest row, sets a
+    micro-batch's size."""
     if size < 1:
         raise SFTError(f"micro-batch size: expected >= 1, found {size}")
+    if max_tokens is not None:
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        for rows in token_budget_groups(lengths, max_tokens, min_count):
+            yield batch.take(rows)
+        return
     for i in range(0, len(batch), size):
         yield batch.slice(i, min(i + size, len(batch)))
 
@@ -217,25 +277,33 @@ def build_av_sft_batch(tokenizer, explanations: list[str], vectors, *, marker: M
     return AVBatch(ids, mask, label_tensor, vectors, positions[:, 1].clone())
 
 
-def av_sft_loss(model, batch: AVBatch, injection: InjectionSpec) -> tuple[torch.Tensor, int]:
+def av_sft_loss(model, batch: AVBatch, injection: InjectionSpec, *,
+                lean: bool = True) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL of the target tokens with the activation injected, and their count.
 
     ``L_sum = Σ_{b,t: y_bt ≠ -100} -log softmax(z_b,t-1)[y_bt]`` where ``z = model(ids | inject
     v_b at marker_b)`` (logits in fp32) and ``y = labels``; returns ``(L_sum, N)`` with
     ``N = #{y_bt ≠ -100}``. The learner divides the sum over micro-batches and ranks by the global
     ``N``, which gives the exact token mean ``L = L_sum / N`` of the optimiser batch.
-    Logits are only computed from the first target column on (``logits_to_keep``): the prompt
-    positions are never scored, and the vocabulary projection is the largest cost.
+    Logits are only computed at the target positions, in chunks
+    (:func:`nla_rl.logprobs.next_token_logprobs`): the vocabulary projection is the largest cost.
+    Models the lean path does not cover (or ``lean=False``) score from the first target column on
+    (``logits_to_keep``).
     """
     targets = batch.labels != IGNORE_INDEX
     count = int(targets.sum())
     if count == 0:
         raise SFTError("the batch has no target tokens (all labels are -100)")
-    first = int(targets.float().argmax(dim=1)[targets.any(dim=1)].min())  # earliest target column
-    keep = batch.input_ids.shape[1] - first + 1  # logits of columns first-1 … T-1
     with inject(model, family=injection.family, vectors=batch.vectors,
                 positions=batch.injection_positions(), scale=injection.scale,
                 layer=injection.layer, coeff=injection.coeff):
+        if lean and lean_head(model) is not None:
+            select = targets[:, 1:]
+            logp = next_token_logprobs(model, batch.input_ids, batch.attention_mask, select,
+                                       targets=batch.labels[:, 1:][select])
+            return -logp.sum(), count
+        first = int(targets.float().argmax(dim=1)[targets.any(dim=1)].min())  # earliest target
+        keep = batch.input_ids.shape[1] - first + 1  # logits of columns first-1 … T-1
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     use_cache=False, logits_to_keep=keep)
     logits = out.logits[:, :-1].float()  # position t predicts token t+1

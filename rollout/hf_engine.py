@@ -14,6 +14,7 @@ import torch
 
 from nla_rl.errors import NLAError
 from nla_rl.injection import generate_with_injection, inject
+from nla_rl.logprobs import next_token_logprobs
 from nla_rl.roundtrip import InjectionSpec, left_pad
 from nla_rl.tokens import MarkerTokens
 from rollout.base import (RolloutEngine, RolloutRequest, Sample, SamplingSpec, check_injection,
@@ -42,18 +43,15 @@ def teacher_forced_logprobs(model, prompts: Sequence[Sequence[int]], completions
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for row, seq in enumerate(seqs):
+    select = torch.zeros((len(seqs), width - 1), dtype=torch.bool)  # the completions' columns
+    for row, (seq, p, c) in enumerate(zip(seqs, prompts, completions)):
         ids[row, :len(seq)] = torch.tensor(seq)
         mask[row, :len(seq)] = 1
+        select[row, len(p) - 1:len(p) - 1 + len(c)] = True
     positions = torch.tensor([[row, col] for row, col in enumerate(marker_cols)])
     with torch.no_grad(), inject(model, vectors=vectors, positions=positions, **_injection_kwargs(injection)):
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
-    out = []
-    for row, (p, c) in enumerate(zip(prompts, completions)):
-        cols = torch.arange(len(p) - 1, len(p) - 1 + len(c))
-        out.append(logp[row, cols, torch.tensor(list(c), dtype=torch.long)].tolist())
-    return out
+        values = next_token_logprobs(model, ids, mask, select, temperature=temperature or 1.0)
+    return [part.tolist() for part in values.split([len(c) for c in completions])]
 
 
 class HFEngine(RolloutEngine):

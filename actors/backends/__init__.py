@@ -7,7 +7,9 @@ A backend owns the sharded model, the optimiser and the LR schedule of one rank.
 * ``backward(loss, last_micro=...)``: accumulate gradients of one micro-batch (the loss is already
   scaled so that the sum over micro-batches and ranks is the step's exact mean);
 * ``step() -> StepOutcome``: clip, skip when non-finite, optimiser + scheduler step, zero grads;
-* ``full_state_dict()``: every rank calls it; rank 0 gets the full CPU state dict, others ``{}``;
+* ``full_state_dict(trainable_only=False)``: every rank calls it; rank 0 gets the full CPU state
+  dict, others ``{}`` (``trainable_only``: only the parameters that require gradients, e.g. a
+  LoRA adapter, are gathered);
 * ``save(dir)`` / ``load(dir)``: this rank's share of model + optimiser + scheduler state.
 """
 

@@ -76,15 +76,20 @@ class DeepSpeedBackend:
         norm = float("nan") if norm is None else float(norm)
         return StepOutcome(norm, not self.engine.was_step_applied(), lr)
 
-    def full_state_dict(self) -> dict:
-        """Every rank must call this (ZeRO-3 gathers); rank 0 gets the full CPU state dict."""
+    def full_state_dict(self, trainable_only: bool = False) -> dict:
+        """Every rank must call this (ZeRO-3 gathers); rank 0 gets the full CPU state dict;
+        ``trainable_only``: the parameters that require gradients, alone gathered."""
         import deepspeed
 
         module = self.engine.module
-        params = list(module.parameters()) if self.zero_stage == 3 else []
+        named = [(n, p) for n, p in module.named_parameters()
+                 if p.requires_grad or not trainable_only]
+        params = [p for _, p in named] if self.zero_stage == 3 else []
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
             if dist.get_rank() != 0:
                 return {}
+            if trainable_only:
+                return {k: v.detach().to("cpu", copy=True) for k, v in named}
             return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
     def save(self, directory: Path) -> None:

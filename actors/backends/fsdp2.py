@@ -50,8 +50,10 @@ def reshard(module: torch.nn.Module) -> None:
             sub.reshard()
 
 
-def gather_full_state(module: torch.nn.Module) -> dict:
-    """The full state dict on rank 0 (``{}`` elsewhere) with one all-gather per dtype.
+def gather_full_state(module: torch.nn.Module, trainable_only: bool = False) -> dict:
+    """The full state dict on rank 0 (``{}`` elsewhere) with one all-gather per dtype;
+    ``trainable_only``: only the parameters that require gradients (a LoRA adapter), and only
+    they are gathered.
 
     Every sharded tensor is ``Shard(0)`` in ``torch.chunk`` pieces, so each rank knows the size of
     every piece: each rank packs its pieces, padded to the chunk size, into one flat buffer; one
@@ -64,6 +66,9 @@ def gather_full_state(module: torch.nn.Module) -> dict:
     reshard(module)
     world, rank = dist.get_world_size(), dist.get_rank()
     state, sharded, full = {}, {}, module.state_dict()
+    if trainable_only:
+        keep = {name for name, p in module.named_parameters() if p.requires_grad}
+        full = {name: value for name, value in full.items() if name in keep}
     for name, value in full.items():
         if isinstance(value, DTensor):
             if tuple(value.placements) != (Shard(0),):
@@ -121,9 +126,10 @@ class FSDP2Backend:
                               max_norm=self.optim_spec.grad_clip)
         return StepOutcome(float(result.grad_norm), bool(result.skipped), float(result.lr))
 
-    def full_state_dict(self) -> dict:
-        """Every rank must call this; rank 0 gets the full CPU state dict, the others ``{}``."""
-        return gather_full_state(self.module)
+    def full_state_dict(self, trainable_only: bool = False) -> dict:
+        """Every rank must call this; rank 0 gets the full CPU state dict, the others ``{}``;
+        ``trainable_only``: the parameters that require gradients, alone gathered."""
+        return gather_full_state(self.module, trainable_only)
 
     def save(self, directory: Path) -> None:
         """This rank's shards of model + optimiser (DCP), and the scheduler state from rank 0."""

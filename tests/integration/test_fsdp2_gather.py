@@ -36,6 +36,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.manual_seed(0)
     model = Odd()
+    frozen = Odd()
+    frozen.load_state_dict(model.state_dict())
+    for sub in (frozen.embed, frozen.low):  # a LoRA run's frozen base, in miniature
+        sub.requires_grad_(False)
     mesh = init_device_mesh("cpu", (WORLD,))
     for sub in (model.embed, model.proj, model.low):
         fully_shard(sub, mesh=mesh)
@@ -45,10 +49,25 @@ def _worker(rank: int, port: int, out: str) -> None:
     ours = gather_full_state(model)
     theirs = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                    cpu_offload=True))
+    for sub in (frozen.embed, frozen.proj, frozen.low):
+        fully_shard(sub, mesh=mesh)
+    fully_shard(frozen, mesh=mesh)
+    gathered, all_gather = [], dist.all_gather
+
+    def counted(tensors, tensor, *args, **kwargs):  # what one rank sends to the gather
+        gathered.append(tensor.numel())
+        return all_gather(tensors, tensor, *args, **kwargs)
+
+    dist.all_gather = counted
+    try:
+        trainable = gather_full_state(frozen, trainable_only=True)
+    finally:
+        dist.all_gather = all_gather
     if rank == 0:
-        torch.save({"ours": ours, "theirs": theirs}, out)
+        torch.save({"ours": ours, "theirs": theirs, "trainable": trainable,
+                    "gathered": gathered}, out)
     else:
-        assert ours == {}
+        assert ours == {} and trainable == {}
     dist.barrier()
     dist.destroy_process_group()
     # Skip the interpreter's teardown: gloo's threads there abort ("terminate called without an
@@ -65,3 +84,17 @@ def test_gather_equals_get_model_state_dict(tmp_path):
     for name, value in theirs.items():
         assert ours[name].dtype == value.dtype and torch.equal(ours[name], value), name
     assert ours["single"].shape == (1, 4) and ours["embed.weight"].shape == (11, 3)
+
+
+def test_trainable_only_gathers_nothing_else(tmp_path):
+    """A LoRA sync's gather: the trainable parameters alone, and only their pieces are sent."""
+    out = str(tmp_path / "states.pt")
+    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
+    states = torch.load(out, weights_only=True)
+    trainable, full = states["trainable"], states["ours"]
+    assert sorted(trainable) == ["proj.bias", "proj.weight", "single"]
+    for name, value in trainable.items():
+        assert torch.equal(value, full[name]), name
+    # One fp32 gather of the per-rank pieces padded to torch.chunk's size: proj.weight 3 of 5
+    # rows × 3, proj.bias 3, single 1 row × 4 — the frozen embed and bf16 layer never travel.
+    assert states["gathered"] == [3 * 3 + 3 + 4]

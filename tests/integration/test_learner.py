@@ -8,6 +8,7 @@ agree to 1e-5 and the losses to 1e-5 relative, hence the two backends to 2e-5.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import warnings
 from pathlib import Path
@@ -196,6 +197,7 @@ def test_av_lora_logprobs_and_reference(ray_cluster, models):
         stats = group.train_step(step_rows(0), loss="av_sft")
         after = group.av_logprobs([prompt] * 3, completions[:3], vectors)
         ref = group.av_logprobs([prompt] * 3, completions[:3], vectors, reference=True)
+        adapter, full = group.trainable_state_dict(), group.full_state_dict()
     finally:
         group.shutdown()
     base = AutoModelForCausalLM.from_pretrained(root / "av")
@@ -209,6 +211,43 @@ def test_av_lora_logprobs_and_reference(ray_cluster, models):
         torch.testing.assert_close(r, e, atol=1e-5, rtol=1e-5)  # adapter disabled = base
         assert not torch.allclose(a, e, atol=1e-4)  # the adapter trained
     assert stats["count"] > 0 and np.isfinite(stats["loss"])
+    # The LoRA weight sync gathers the adapter alone: exactly the full state's LoRA tensors.
+    assert adapter and sorted(adapter) == sorted(k for k in full if "lora_" in k)
+    for name, value in adapter.items():
+        assert torch.equal(value, full[name]), name
+
+
+def test_token_budget_micro_batches_keep_the_exact_step_mean(ray_cluster, models, reference):
+    """learner.micro_batch_tokens: rows grouped by padded tokens (not MICRO rows in order; in
+    some steps the ranks' budgets give different numbers of micro-batches, which they must
+    agree on or FSDP2's gathers deadlock), and the losses and weights still equal the
+    single-process reference's."""
+    from nla_rl.sft import token_budget_groups
+
+    root, tok = models
+
+    def lengths(step):
+        return [build_ar_sft_batch(tok, share["explanations"], share["vectors"],
+                                   template=DEFAULT_AR_TEMPLATE).attention_mask.sum(1).tolist()
+                for share in split_rows(step_rows(step), RANKS)]
+
+    first = lengths(0)[0]
+    budget = max(first) + min(first)
+    counts = [[len(token_budget_groups(rank, budget)) for rank in lengths(s)] for s in range(STEPS)]
+    assert any(len(set(c)) > 1 for c in counts), counts  # ranks disagree before agreeing
+    assert any(c != [ROWS // RANKS // MICRO] * RANKS for c in counts), counts
+    spec = dataclasses.replace(ar_spec(root, "fsdp2"), micro_batch_tokens=budget)
+    group = LearnerGroup(spec, world_size=RANKS, num_cpus_per_rank=0.5)
+    try:
+        losses = [group.train_step(step_rows(s), loss="ar_sft") for s in range(STEPS)]
+        state = group.full_state_dict()
+    finally:
+        group.shutdown()
+    ref_losses, ref_state = reference
+    np.testing.assert_allclose([s["loss"] for s in losses], ref_losses, rtol=LOSS_RTOL)
+    assert all(s["count"] == ROWS for s in losses)
+    for name, ref in ref_state.items():
+        torch.testing.assert_close(state[name], ref, atol=WEIGHT_ATOL, rtol=0)
 
 
 def test_bad_inputs(ray_cluster, models):
