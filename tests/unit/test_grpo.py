@@ -273,7 +273,7 @@ def _step_inputs(seed: int, rows: int = 7, width: int = 9):
     noise = lambda s: s * torch.randn(rows, width, generator=gen)  # noqa: E731
     logp0 = -torch.nn.functional.softplus(theta.detach())
     old, engine, ref = logp0 + noise(0.2), logp0 + noise(0.02), logp0 + noise(0.3)
-    engine[2] -= 1.0  # one rollout over the mismatch threshold
+    engine[2] -= 3.0  # one rollout over the mismatch threshold, far beyond the noise
     adv = torch.randn(rows, generator=gen)
     return theta, mask, old, engine, ref, adv
 
