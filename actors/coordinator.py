@@ -28,6 +28,7 @@ from nla_rl.data.toyworld import score_explanation
 from nla_rl.grpo import PolicyLossSettings, compute_advantages
 from nla_rl.health import check_step0_health, rollout_health
 from nla_rl.metrics import cosine, fve, hard_negative_gap
+from nla_rl.reward_basis import RewardBasis, apply_basis
 from nla_rl.rewards import normalized_mse
 from nla_rl.rl_batch import trim_at_eos
 from nla_rl.rl_data import RLBatch, RLData
@@ -52,6 +53,7 @@ class RLWorld:
     prefill: str
     eos_ids: frozenset[int]
     mse_scale: float | None
+    basis: RewardBasis | None = None  # the reward's basis (rl.reward_basis; None = raw)
     probe: tuple = ()  # (requests, completions) for the weight-sync verification
     sync_tolerance: float = 2e-3
     save: object = None  # callable(step, skipped) writing both checkpoints
@@ -114,7 +116,7 @@ def score(world: RLWorld, batch: RLBatch, rollouts: Rollouts, preds: torch.Tenso
                         scale=world.mse_scale, eos_token_ids=sorted(world.eos_ids),
                         negatives_cfg=world.cfg.negatives if negatives is not None else None,
                         hard_negatives=negatives, group_ids=torch.from_numpy(rollouts.group_ids),
-                        seed=world.cfg.rl_seed, step=step)
+                        seed=world.cfg.rl_seed, step=step, basis=world.basis)
 
 
 def policy_rows(world: RLWorld, rollouts: Rollouts, advantages, keep, old_logp) -> dict:
@@ -292,8 +294,9 @@ def _pad_mask(rows: list) -> torch.Tensor:
 
 
 def samples_table(batch: RLBatch, rollouts: Rollouts, scored, preds: torch.Tensor, g: int,
-                  mse_scale: float | None, limit: int = 16) -> list:
-    """Rows of the sample table: the first sample of the first ``limit`` activations."""
+                  mse_scale: float | None, limit: int = 16, basis=None) -> list:
+    """Rows of the sample table: the first sample of the first ``limit`` activations (MSE and
+    gap in the reward's basis, as the reward saw them)."""
     out = []
     for i in range(min(limit, len(batch.rows))):
         j = i * g
@@ -305,10 +308,10 @@ def samples_table(batch: RLBatch, rollouts: Rollouts, scored, preds: torch.Tenso
             row.update(truth=" ".join(sorted(batch.attributes[i])), toy_recall=recall,
                        toy_precision=None if math.isnan(precision) else precision)
         if rollouts.explanations[j] is not None:
-            pred = preds[j:j + 1]
+            pred, gold = apply_basis(basis, preds[j:j + 1]), apply_basis(basis, gold)
             row["mse"] = float(normalized_mse(pred, gold, mse_scale)[0])
             if batch.negatives is not None:
-                negs = torch.from_numpy(batch.negatives[i])
+                negs = apply_basis(basis, torch.from_numpy(batch.negatives[i]))
                 row["gap"] = hard_negative_gap(pred, gold, negs.unsqueeze(0))
         out.append(row)
     return out
@@ -353,6 +356,7 @@ def rl_loop(world: RLWorld, start: int) -> None:
         world.tracker.log(step + 1, metrics, stage="rl")
         if (step + 1) % rl.samples_every == 0 or step + 1 == rl.steps:
             world.tracker.log_samples(step + 1, samples_table(
-                batch, rollouts, scored, preds, rl.group_size, world.mse_scale))
+                batch, rollouts, scored, preds, rl.group_size, world.mse_scale,
+                basis=world.basis))
         if (step + 1) % rl.save_every == 0 or step + 1 == rl.steps:
             world.save(step + 1, world.skipped_steps)

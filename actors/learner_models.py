@@ -48,6 +48,7 @@ class ModelSpec:
     # AR only.
     ar_template: str = ""
     mse_scale: float | None = None
+    reward_basis: str = ""  # a reward_basis.safetensors the AR's loss is measured in ("" = raw)
 
     def __post_init__(self):
         if self.role not in ROLES:

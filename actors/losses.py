@@ -14,6 +14,7 @@ step's statistic is the exact weighted mean however the step was split, never a 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -143,8 +144,22 @@ def grpo_stat_sums(stats: dict[str, float], rollouts: int) -> StatSums:
     return sums
 
 
+@functools.lru_cache(maxsize=4)
+def _basis_on(path: str, device: str):
+    """The reward basis at ``path`` on ``device``, read once per rank process."""
+    import dataclasses
+
+    from nla_rl.reward_basis import load_reward_basis
+
+    basis = load_reward_basis(path)
+    return dataclasses.replace(basis, mean=basis.mean.to(device),
+                               transform=basis.transform.to(device))
+
+
 def _ar_compute(rank, model, micro) -> MicroLoss:
-    return MicroLoss(*ar_sft_loss(model, micro, rank.spec.model.mse_scale), {})
+    spec = rank.spec.model
+    basis = _basis_on(spec.reward_basis, str(rank.device)) if spec.reward_basis else None
+    return MicroLoss(*ar_sft_loss(model, micro, spec.mse_scale, basis), {})
 
 
 LOSSES: dict[str, Loss] = {

@@ -32,6 +32,8 @@ VARIANTS: dict[str, list[str]] = {
     "negatives_off": ["negatives.enabled=false"],
     "negatives_max": ["negatives.enabled=true", "negatives.combine=max"],
     "negatives_infonce": ["negatives.enabled=true", "negatives.combine=infonce"],
+    "basis_standardize": ["rl.reward_basis=standardize"],
+    "basis_whiten": ["rl.reward_basis=whiten"],
 }
 SHARED = ("base", "init", "data", "ar_sft", "av_sft")  # what every variant reads, linked
 COLUMNS = (("toy_precision", "attr. precision"), ("toy_recall", "attr. recall"),

@@ -87,6 +87,7 @@ def _score(nla: NLA, gold: torch.Tensor, generation, negatives, attributes) -> t
     metrics = round_trip_metrics(result.predictions, gold, mse_scale=nla.mse_scale,
                                  texts=result.texts, explanations=result.explanations,
                                  negatives=negatives)
+    metrics["reward_mse"] = float(result.mse.mean())  # in the AR's reward basis (raw: = mse)
     if attributes is not None:
         metrics.update(toy_metrics(result.explanations, attributes))
     return metrics, {"mse": result.mse.tolist(), "cosine": result.cosine.tolist()}
@@ -149,6 +150,7 @@ def evaluate(run_dir: str | Path, *, av: str | Path | None = None, ar: str | Pat
         "settings": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
                      "injection_family": nla.injection.family,
                      "injection_scale": generation.injection_scale, "mse_scale": nla.mse_scale,
+                     "reward_basis": nla.reward_basis.kind if nla.reward_basis else "raw",
                      "prefill": nla.prefill, "depth_pct": nla.depth_pct},
         "metrics": metrics, "controls": controls, "baselines": baselines, "prefix_curve": curve,
         "seconds": time.perf_counter() - started,

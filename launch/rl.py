@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +40,11 @@ def check_pair(av: ModelSidecar, ar: ModelSidecar) -> None:
                                 f"vs {getattr(ar, name)!r}); they must come from the same run")
 
 
-def rl_learner_spec(cfg: RecipeConfig, role: str, model_dir: Path, meta, injection):
-    """A learner spec for RL: the SFT spec with the RL learning rate, a constant schedule and
-    (for the AV with β > 0) a frozen reference policy."""
+def rl_learner_spec(cfg: RecipeConfig, role: str, model_dir: Path, meta, injection,
+                    reward_basis: Path | None = None):
+    """A learner spec for RL: the SFT spec with the RL learning rate, a constant schedule,
+    (for the AV with β > 0) a frozen reference policy and (for the AR) the reward basis its
+    online loss is measured in."""
     from actors.backends import OptimSpec
 
     spec, ranks = learner_spec(cfg, f"{role}_sft", model_dir, meta, injection)
@@ -49,7 +52,8 @@ def rl_learner_spec(cfg: RecipeConfig, role: str, model_dir: Path, meta, injecti
     optim = OptimSpec(lr=lr, weight_decay=0.0, warmup_steps=0, total_steps=cfg.rl.steps,
                       schedule="constant", grad_clip=spec.optim.grad_clip)
     model = dataclasses.replace(spec.model, with_reference=(
-        cfg.rl.kl_beta > 0 if role == "av" else cfg.rl.online_ar and cfg.rl.frozen_ar_every > 0))
+        cfg.rl.kl_beta > 0 if role == "av" else cfg.rl.online_ar and cfg.rl.frozen_ar_every > 0),
+        reward_basis=str(reward_basis) if role == "ar" and reward_basis else "")
     ema = cfg.rl.ar_ema_decay if role == "ar" and cfg.rl.online_ar else 0.0
     return dataclasses.replace(spec, model=model, optim=optim, ema_decay=ema), ranks
 
@@ -77,6 +81,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     from nla_rl.base_model import check_context
     from nla_rl.checkpoint import CheckpointManager
     from nla_rl.console import StepConsole
+    from nla_rl.reward_basis import load_reward_basis
     from nla_rl.rl_data import RLData
     from nla_rl.sft import turn_close_ids
     from nla_rl.templates import av_prompt_ids, depth_pct_for
@@ -89,6 +94,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     negatives = cfg.negatives.per_sample if cfg.negatives.enabled else 0
     data = RLData(run_dir / "data", seed=cfg.rl_seed, per_sample=negatives)
     injection = injection_for(av_meta, data.vectors)
+    basis_path = write_reward_basis(cfg, run_dir, data.vectors)
     tokenizer = AutoTokenizer.from_pretrained(av_dir, local_files_only=True)
     av_config = AutoConfig.from_pretrained(av_dir)
     layers = av_config.get_text_config().num_hidden_layers
@@ -116,7 +122,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
         groups = {}
         for role, model_dir, meta in (("av", av_dir, av_meta), ("ar", ar_dir, ar_meta)):
             spec, ranks = rl_learner_spec(cfg, role, model_dir, meta,
-                                          injection if role == "av" else None)
+                                          injection if role == "av" else None, basis_path)
             # The AR is committed before the AV (save_both), so it keeps one more: a crash
             # between the two commits still leaves the AR of the AV's newest step on disk.
             keep = cfg.rl.keep_last + (role == "ar")
@@ -139,10 +145,25 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     world = RLWorld(cfg=cfg, policy=groups["av"], critic=groups["ar"], engines=engines, data=data,
                     tracker=tracker, prompt_ids=prompt,
                     prefill=cfg.templates.av_prefill, eos_ids=frozenset(eos),
-                    mse_scale=av_meta.mse_scale, probe=probe, sync_tolerance=tolerance,
+                    mse_scale=av_meta.mse_scale, probe=probe,
+                    basis=None if basis_path is None else load_reward_basis(basis_path),
+                    sync_tolerance=tolerance,
                     adapter_dir=str(run_dir / "rl" / "adapter"))
     world.save = lambda step, skipped: save_both(world, step, skipped)
     return world, (av_dir, ar_dir, av_meta, ar_meta, injection), started
+
+
+def write_reward_basis(cfg: RecipeConfig, run_dir: Path, vectors: np.ndarray) -> Path | None:
+    """Fit ``rl.reward_basis`` on the RL split's activations and write it to
+    ``<run>/rl/reward_basis.safetensors`` (None for raw). The fit is deterministic, so a resumed
+    run writes the same basis again."""
+    import torch
+
+    from nla_rl.reward_basis import BASIS_FILE, fit_reward_basis
+
+    basis = fit_reward_basis(torch.from_numpy(np.asarray(vectors)), cfg.rl.reward_basis,
+                             cfg.rl.reward_basis_eps)
+    return None if basis is None else basis.save(run_dir / "rl" / BASIS_FILE)
 
 
 def save_both(world, step: int, skipped: float) -> None:
@@ -155,7 +176,9 @@ def save_both(world, step: int, skipped: float) -> None:
         save_data_cursor(world.data.cursor, staging / CURSOR_FILE)
         atomic_write_json(staging / PROGRESS_FILE, {"step": step, "skipped_steps": skipped})
 
-    world.critic.save(step)
+    basis = world.critic.spec.model.reward_basis  # the AR's checkpoint carries its loss's basis
+    world.critic.save(step, extra_files=(lambda staging: shutil.copyfile(
+        basis, staging / Path(basis).name)) if basis else None)
     world.policy.save(step, extra_files=extra)
 
 
@@ -222,4 +245,5 @@ def write_finals(cfg, run_dir, world, av_dir, ar_dir, av_meta, ar_meta, injectio
                  stage="rl", injection=injection, trained_on=data, training=training,
                  lora=world.policy.spec.model.lora)
     save_trained(cfg, world.critic, "ar", ar_dir, ar_meta, run_dir / "rl" / "final" / "ar",
-                 stage="rl", injection=None, trained_on=data, training=training)
+                 stage="rl", injection=None, trained_on=data, training=training,
+                 reward_basis=world.critic.spec.model.reward_basis or None)

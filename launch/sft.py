@@ -14,6 +14,7 @@ batch loss) and ``eval/ar/fve``; the AV adds the real-vs-shuffled control
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,9 +252,10 @@ def write_final(cfg, run_dir: Path, stage: str, group, meta: ModelSidecar,
 
 def save_trained(cfg, group, role: str, source_dir: Path, meta: ModelSidecar, out_dir: Path, *,
                  stage: str, injection: InjectionSpec | None, trained_on: str, training: dict,
-                 lora=None) -> Path:
+                 lora=None, reward_basis: str | Path | None = None) -> Path:
     """The group's trained weights as an HF directory at ``out_dir`` (built on the config of
-    ``source_dir``, LoRA merged) with a validated sidecar for ``stage``; written atomically."""
+    ``source_dir``, LoRA merged) with a validated sidecar for ``stage``; written atomically. An AR
+    trained against a reward basis carries it (the file, named in its sidecar)."""
     import dataclasses
 
     from transformers import AutoTokenizer
@@ -269,10 +271,19 @@ def save_trained(cfg, group, role: str, source_dir: Path, meta: ModelSidecar, ou
         trained_on=(trained_on,), parent_checkpoints=(str(source_dir),), training=training)
     if role == "ar":
         from nla_rl.ar_model import ActivationReconstructor
+        from nla_rl.reward_basis import BASIS_FILE
+
+        if reward_basis:
+            sidecar = dataclasses.replace(sidecar, reward_basis=BASIS_FILE)
+
+        def extra_files(d: Path) -> None:
+            write_model_sidecar(d, sidecar)
+            if reward_basis:
+                shutil.copyfile(reward_basis, d / BASIS_FILE)
 
         model = ActivationReconstructor.from_pretrained(source_dir)
         model.load_state_dict(state)
-        model.save_pretrained(out_dir, tokenizer, extra_files=lambda d: write_model_sidecar(d, sidecar))
+        model.save_pretrained(out_dir, tokenizer, extra_files=extra_files)
     else:
         from launch.stages import _save_av
         from nla_rl.base_model import DTYPES, load_causal_lm

@@ -308,6 +308,15 @@ class RLConfig(ConfigSection):
         "uses 1e-4; NLA rewards (-MSE) can have tight groups (std near 1e-3), where 1e-4 shrinks "
         "the advantages by ~9% and 1e-6 by ~0.1% (reward/group_std logs the mean std).", gt=0)
     reward: Literal["neg_mse", "neg_log_mse"] = param("neg_mse", "-MSE, or -log(max(MSE, 1e-8)).")
+    reward_basis: Literal["raw", "standardize", "whiten"] = param(
+        "raw", "The basis the reward's MSE (and the online AR's loss) is measured in: raw; "
+        "standardize (each dimension z-scored); whiten (ZCA: every direction of the training "
+        "activations counts the same). Fitted on the RL split at the start of RL, stored as "
+        "reward_basis.safetensors beside the AR and used by export, eval and inference. For "
+        "when the variance is not where the meaning is; FVE stays in the raw basis.")
+    reward_basis_eps: float = param(
+        1e-3, "ε of the reward basis, relative to the mean variance (whiten) or standard "
+        "deviation (standardize): directions with almost no variance are not blown up.", gt=0)
     failure_penalty: float | None = param(None, "Reward of a rollout with no extractable "
                                           "explanation or that hits the cap; null = the "
                                           "orthogonal-equivalent of the reward (-2 for neg_mse, "

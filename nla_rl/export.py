@@ -42,6 +42,7 @@ from nla_rl.checkpoint import read_manifest
 from nla_rl.compat import check_bos_contract, make_portable, same_base_problem
 from nla_rl.errors import NLAError
 from nla_rl.injection import d_model_of, inject
+from nla_rl.reward_basis import BASIS_FILE
 from nla_rl.sidecar import ModelSidecar, read_model_sidecar, validate_model_sidecar, write_model_sidecar
 from nla_rl.templates import av_prompt_ids, depth_pct_for
 from nla_rl.tokens import find_marker_positions
@@ -362,6 +363,8 @@ def _export_ar_checkpoint(step_dir: Path, init_dir: Path, out: Path, *, dtype=No
     state, manifest = read_checkpoint_state(step_dir)
     meta, tokenizer = _checked_source(init_dir, "ar")
     sidecar = export_sidecar(meta, source=step_dir, step=int(manifest["step"]), config_from=init_dir)
+    if (step_dir / BASIS_FILE).is_file():  # an RL checkpoint of an AR trained in a reward basis
+        sidecar = dataclasses.replace(sidecar, reward_basis=BASIS_FILE)
     with quiet_transformers():
         ar = ActivationReconstructor.from_pretrained(init_dir, dtype=torch.float32)
     load_state_checked(ar, state, step_dir / MODEL_FILE)
@@ -382,7 +385,7 @@ def _write_verified_ar(ar, tokenizer, sidecar: ModelSidecar, out: Path, dtype, *
                        source: Path) -> Exported:
     ar.eval()
     reference = ar.reconstruct(tokenizer, list(PROBE_EXPLANATIONS), template=sidecar.ar_template)
-    _write_ar(ar, tokenizer, sidecar, out)
+    _write_ar(ar, tokenizer, sidecar, out, source=source)
     with quiet_transformers():
         reloaded = ActivationReconstructor.from_pretrained(out, dtype=dtype).eval()
     reloaded_tok = _tokenizer(out)
@@ -398,11 +401,19 @@ def _write_verified_ar(ar, tokenizer, sidecar: ModelSidecar, out: Path, dtype, *
     return Exported("ar", out, source, step, str(dtype).removeprefix("torch."), diff)
 
 
-def _write_ar(ar, tokenizer, sidecar: ModelSidecar, out: Path) -> None:
-    """The AR layout (:meth:`ActivationReconstructor.save_pretrained`) + sidecar, into ``out``."""
+def _write_ar(ar, tokenizer, sidecar: ModelSidecar, out: Path, *, source: Path) -> None:
+    """The AR layout (:meth:`ActivationReconstructor.save_pretrained`) + sidecar, into ``out``;
+    the reward basis the sidecar names is read back (checked) and copied from ``source``."""
+    from nla_rl.reward_basis import load_reward_basis
+
+    basis = None if sidecar.reward_basis is None else load_reward_basis(
+        source / sidecar.reward_basis, d_model=sidecar.d_model)
+
     def extra_files(d: Path) -> None:
         make_portable(d)
         write_model_sidecar(d, sidecar)
+        if basis is not None:
+            basis.save(d / sidecar.reward_basis)
 
     ar.save_pretrained(out, tokenizer, extra_files=extra_files)
 

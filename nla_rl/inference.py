@@ -38,6 +38,7 @@ from nla_rl.compat import same_base_problem
 from nla_rl.errors import NLAError, mismatch
 from nla_rl.injection import generate_with_injection
 from nla_rl.metrics import cosine, fve
+from nla_rl.reward_basis import RewardBasis, apply_basis, load_reward_basis
 from nla_rl.rewards import normalized_mse
 from nla_rl.roundtrip import InjectionSpec, left_pad
 from nla_rl.sidecar import ModelSidecar, read_model_sidecar, validate_model_sidecar
@@ -91,7 +92,9 @@ class ScoreResult:
     explanations: list[str | None]
     texts: list[str]
     predictions: torch.Tensor  # [n, d] fp32
-    mse: torch.Tensor  # [n]: mean_d (n_s(ĥ) - n_s(h))², s = mse_scale (2 = orthogonal)
+    # [n]: the reward's MSE, mean_d (n_s(B(ĥ)) - n_s(B(h)))², s = mse_scale (2 = orthogonal), B the
+    # AR's reward basis (identity when its sidecar names none: nla_rl.reward_basis)
+    mse: torch.Tensor
     cosine: torch.Tensor  # [n]
     fve: float  # the paper's definition over the batch (NaN for fewer than 2 rows)
     failed: torch.Tensor  # [n] bool: no explanation could be extracted (scored on "" anyway)
@@ -162,8 +165,10 @@ class NLA:
 
     def __init__(self, av_model, av_tokenizer, av_meta: ModelSidecar, ar: ActivationReconstructor,
                  ar_tokenizer, ar_meta: ModelSidecar, *, injection_scale: float | None = None,
-                 prefill: str = "", generate_fn: GenerateFn | None = None):
+                 prefill: str = "", generate_fn: GenerateFn | None = None,
+                 reward_basis: RewardBasis | None = None):
         check_pair(av_meta, ar_meta)
+        self.reward_basis = reward_basis
         self.av_model, self.av_tokenizer, self.av_meta = av_model, av_tokenizer, av_meta
         self.ar, self.ar_tokenizer, self.ar_meta = ar, ar_tokenizer, ar_meta
         self.prefill = prefill
@@ -216,12 +221,14 @@ class NLA:
         ar_tok = AutoTokenizer.from_pretrained(ar_dir, local_files_only=True,
                                                trust_remote_code=trust_remote_code)
         validate_model_sidecar(ar_meta, ar_tok, ar.config, role="ar")
+        basis = None if ar_meta.reward_basis is None else load_reward_basis(
+            ar_dir / ar_meta.reward_basis, d_model=ar_meta.d_model)
         problem = same_base_problem(av_model.config, av_tok, ar.config, ar_tok)
         if problem:
             raise InferenceError(f"the AV and AR do not belong together: {problem}. Load the AV and "
                                  "AR of the same run (e.g. <run>/export/av and <run>/export/ar)")
         nla = cls(av_model.to(device).eval(), av_tok, av_meta, ar.to(device).eval(), ar_tok, ar_meta,
-                  injection_scale=injection_scale, prefill=prefill)
+                  injection_scale=injection_scale, prefill=prefill, reward_basis=basis)
         if engine != "hf":
             if nla.injection.family == "replace" and nla.injection.scale is None:
                 raise InferenceError(f"engine {engine!r} needs a fixed replace scale, and the AV's "
@@ -327,7 +334,9 @@ class NLA:
         preds = self.reconstruct(generation.explanations, batch_size=batch_size)
         return ScoreResult(
             explanations=generation.explanations, texts=generation.texts, predictions=preds,
-            mse=normalized_mse(preds, gold, self.mse_scale), cosine=cosine(preds, gold),
+            mse=normalized_mse(apply_basis(self.reward_basis, preds),
+                               apply_basis(self.reward_basis, gold), self.mse_scale),
+            cosine=cosine(preds, gold),
             fve=fve(preds, gold, self.mse_scale),
             failed=torch.tensor([e is None for e in generation.explanations], dtype=torch.bool),
             injections_applied=generation.injections_applied,
@@ -336,7 +345,8 @@ class NLA:
     def score(self, vectors, *, max_new_tokens: int = 128, temperature: float = 0.0,
               batch_size: int = 16, seed: int = 0) -> ScoreResult:
         """Explain ``vectors``, reconstruct them from the explanations, and score: per-row MSE
-        (normalised to ``mse_scale``) and cosine, FVE over the batch (the paper's definition)."""
+        (normalised to ``mse_scale``, in the AR's reward basis when it has one) and cosine, FVE over
+        the batch (the paper's definition, raw basis)."""
         generation = self.generate(vectors, max_new_tokens=max_new_tokens, temperature=temperature,
                                    batch_size=batch_size, seed=seed)
         return self.score_generation(vectors, generation)

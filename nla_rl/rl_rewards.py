@@ -27,6 +27,7 @@ import torch
 
 from nla_rl.errors import NLAError, mismatch
 from nla_rl.metrics import hard_negative_gap, top1_retrieval
+from nla_rl.reward_basis import apply_basis
 from nla_rl.rewards import (CONTRASTIVE, REWARDS, check_negatives, check_pair, combined_reward,
                             failure_penalty, normalized_mse)
 
@@ -148,20 +149,24 @@ def step_rewards(predictions, gold: torch.Tensor, token_ids, finish_reasons: Seq
                  scale: float | None, eos_token_ids: int | Sequence[int],
                  negatives_cfg=None, hard_negatives: torch.Tensor | None = None,
                  group_ids: torch.Tensor | None = None, pad_token_id: int | None = None,
-                 seed: int = 0, step: int = 0) -> StepRewards:
+                 seed: int = 0, step: int = 0, basis=None) -> StepRewards:
     """Rewards, keep mask and ``reward/*`` metrics of one step (formula: module docstring).
 
     ``predictions``: the AR's ĥ per rollout, as [N, d] or a list with None where no explanation
     could be extracted; ``gold`` [N, d]; ``token_ids``: the rollouts' generated ids (padded [N, T]
     or a list); ``finish_reasons``: stop/length/abort per rollout; ``rl``: RLConfig;
     ``scale``: the sidecar's mse_scale (None = raw vectors); ``negatives_cfg``: NegativesConfig;
-    ``hard_negatives`` [N, m, d] (also used for the gap/top-1 metrics when negatives are off).
+    ``hard_negatives`` [N, m, d] (also used for the gap/top-1 metrics when negatives are off);
+    ``basis``: the reward basis (:mod:`nla_rl.reward_basis`): prediction, gold and negatives are
+    compared as ``B(v)``, so the reward, MSE, gap and top-1 are all in that basis (None = raw).
     """
     gold = torch.as_tensor(gold).float().cpu()
     pred, extracted = _stack_predictions(predictions, gold)
     n = pred.shape[0]
     if hard_negatives is not None:
         hard_negatives = check_negatives(pred, torch.as_tensor(hard_negatives).float().cpu())
+        hard_negatives = apply_basis(basis, hard_negatives)
+    pred, gold = apply_basis(basis, pred), apply_basis(basis, gold)
     capped, aborted = _finish_masks(finish_reasons, n)
     lengths = response_lengths(token_ids, eos_token_ids, pad_token_id)
     if lengths.shape != (n,):

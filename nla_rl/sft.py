@@ -353,13 +353,19 @@ def build_ar_sft_batch(tokenizer, explanations: list[str], vectors, *, template:
     return ARBatch(ids, mask, vectors)
 
 
-def ar_sft_loss(ar_model, batch: ARBatch, mse_scale: float | None) -> tuple[torch.Tensor, int]:
+def ar_sft_loss(ar_model, batch: ARBatch, mse_scale: float | None,
+                basis=None) -> tuple[torch.Tensor, int]:
     """Summed per-row normalised MSE of the AR's predictions, and the row count.
 
-    ``L_sum = Σ_b mean_d (n_s(AR(x_b)) - n_s(h_b))²`` with ``n_s`` normalising to ``s = mse_scale``
-    (``None``: raw vectors); at ``s = √d`` each term is ``2 (1 - cos(ĥ_b, h_b))``. Returns
-    ``(L_sum, B)``; the learner divides by the global row count for the batch mean.
+    ``L_sum = Σ_b mean_d (n_s(B(AR(x_b))) - n_s(B(h_b)))²`` with ``n_s`` normalising to
+    ``s = mse_scale`` (``None``: raw vectors) and ``B`` the reward basis
+    (:mod:`nla_rl.reward_basis`; ``None`` = identity); at ``s = √d`` each term is
+    ``2 (1 - cos(B(ĥ_b), B(h_b)))``. Returns ``(L_sum, B)``; the learner divides by the global
+    row count for the batch mean.
     """
+    from nla_rl.reward_basis import apply_basis
+
     preds = ar_model(batch.input_ids, batch.attention_mask)
-    mse = normalized_mse(preds, batch.targets.to(preds.device), mse_scale)
+    targets = batch.targets.to(preds.device)
+    mse = normalized_mse(apply_basis(basis, preds), apply_basis(basis, targets), mse_scale)
     return mse.sum(), len(batch)

@@ -103,6 +103,9 @@ class ModelSidecar:
     injection_family: str = "replace"
     injection_add_layer: int = 1
     injection_add_coeff: float = 1.0
+    # Our extension, AR only: the file (beside the checkpoint) of the basis its MSE is measured in
+    # (nla_rl.reward_basis); None = the raw basis, as in every published checkpoint.
+    reward_basis: str | None = None
     notes: tuple[str, ...] = field(default=(), compare=False)
     derived: frozenset = field(default=frozenset(), compare=False)
 
@@ -118,6 +121,10 @@ class ModelSidecar:
             value = getattr(self, name)
             object.__setattr__(self, name, None if value is None else float(value))
         object.__setattr__(self, "injection_add_coeff", float(self.injection_add_coeff))
+        if self.reward_basis is not None and (not isinstance(self.reward_basis, str) or
+                                              Path(self.reward_basis).name != self.reward_basis):
+            raise SidecarError(mismatch("extraction.reward_basis", "a file name beside the "
+                                        "checkpoint (no directories)", self.reward_basis))
         object.__setattr__(self, "trained_on", tuple(self.trained_on))
         object.__setattr__(self, "parent_checkpoints", tuple(self.parent_checkpoints))
         object.__setattr__(self, "training", dict(self.training or {}))
@@ -484,6 +491,7 @@ class _ModelReader:
             injection_family=family,
             injection_add_layer=doc.integer(ex + "injection_layer", 1),
             injection_add_coeff=doc.number(ex + "injection_coeff", 1.0),
+            reward_basis=doc.string(ex + "reward_basis", None),
             notes=tuple(self.notes), derived=frozenset(self.derived),
         )
 
@@ -607,6 +615,8 @@ def model_sidecar_dict(sc: ModelSidecar) -> dict:
     if sc.injection_family != "replace":
         extraction.update(injection_family=sc.injection_family,
                           injection_layer=sc.injection_add_layer, injection_coeff=sc.injection_add_coeff)
+    if sc.reward_basis is not None:
+        extraction["reward_basis"] = sc.reward_basis
     out = {
         "kind": MODEL_KIND, "schema_version": MODEL_SCHEMA, "role": sc.role, "stage": sc.stage,
         "base_checkpoint": sc.base_checkpoint, "d_model": sc.d_model, "extraction": extraction,

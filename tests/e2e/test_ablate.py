@@ -23,14 +23,14 @@ def test_two_variants_from_one_sft_pair(new_run):
         ablate(TINY, run_dir, ["recipe", "no_such_variant"], [0], FAST)
     assert not (run_dir / "ablate").exists()  # refused before any run
 
-    summary = ablate(TINY, run_dir, ["recipe", "negatives_off"], [0, 1], FAST, steps=2)
-    assert [s["variant"] for s in summary] == ["recipe", "negatives_off"]
+    summary = ablate(TINY, run_dir, ["recipe", "basis_whiten"], [0, 1], FAST, steps=2)
+    assert [s["variant"] for s in summary] == ["recipe", "basis_whiten"]
     assert all(s["seeds"] == [0, 1] for s in summary)
     table = (run_dir / "ablate" / "table.md").read_text()
-    assert "| recipe | 0,1 |" in table and "| negatives_off | 0,1 |" in table
+    assert "| recipe | 0,1 |" in table and "| basis_whiten | 0,1 |" in table
     rows = json.loads((run_dir / "ablate" / "table.json").read_text())["rows"]
     assert len(rows) == 4 and all(r["rl_s"] > 0 for r in rows)
-    for name in ("recipe-s0", "negatives_off-s1"):
+    for name in ("recipe-s0", "basis_whiten-s1"):
         variant = run_dir / "ablate" / name
         assert (variant / "av_sft").resolve() == (run_dir / "av_sft").resolve()  # same SFT pair
         assert (variant / "eval" / "report.json").is_file()
@@ -43,9 +43,20 @@ def test_two_variants_from_one_sft_pair(new_run):
             assert key in rl[-1], key
         # rl.frozen_ar_every=1: the frozen AR scores whatever the live one scores
         assert ("rollout/fve" in rl[0]) == ("rollout/fve_frozen_ar" in rl[0])
-    recipe = yaml.safe_load((run_dir / "ablate" / "negatives_off-s1" / "recipe.yaml").read_text())
+    whiten = run_dir / "ablate" / "basis_whiten-s1"
+    recipe = yaml.safe_load((whiten / "recipe.yaml").read_text())
     assert recipe["rl"]["seed"] == 1 and recipe["run"]["seed"] == 0
-    assert recipe["negatives"]["enabled"] is False
+    assert recipe["rl"]["reward_basis"] == "whiten"
+    # the basis travels with the AR: RL checkpoint, final, export; eval scores with it
+    for ar in (whiten / "rl" / "ar" / "step_000002", whiten / "rl" / "final" / "ar",
+               whiten / "export" / "ar"):
+        assert (ar / "reward_basis.safetensors").is_file(), ar
+    report = json.loads((whiten / "eval" / "report.json").read_text())
+    assert report["settings"]["reward_basis"] == "whiten"
+    assert report["metrics"]["reward_mse"] != pytest.approx(report["metrics"]["mse"])
+    plain = json.loads((run_dir / "ablate" / "recipe-s0" / "eval" / "report.json").read_text())
+    assert plain["settings"]["reward_basis"] == "raw"
+    assert plain["metrics"]["reward_mse"] == pytest.approx(plain["metrics"]["mse"])
 
 
 def test_ablate_needs_an_sft_pair(tmp_path):

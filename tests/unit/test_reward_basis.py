@@ -1,0 +1,164 @@
+"""The reward basis (nla_rl.reward_basis): what it does to the reward, and that the RL reward, the
+online AR's loss, export and inference all measure the same numbers with it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import nla_rl.export as export
+from nla_rl.config import RLConfig
+from nla_rl.errors import SidecarError
+from nla_rl.inference import NLA, Generation
+from nla_rl.reward_basis import (BASIS_FILE, RewardBasis, RewardBasisError, fit_reward_basis,
+                                 load_reward_basis)
+from nla_rl.rewards import normalized_mse
+from nla_rl.rl_rewards import step_rewards
+from nla_rl.sft import ARBatch, ar_sft_loss
+from nla_rl.sidecar import read_model_sidecar, write_model_sidecar
+from tests.unit.test_inference import make_pair
+
+BIG, SMALL = 4, 4  # dimensions carrying "which slots" (large variance) and "which values" (small)
+
+
+def _presence_and_values(n: int, seed: int = 0) -> torch.Tensor:
+    """Rows whose variance sits in BIG dimensions (std 10), the meaning in SMALL ones (std 0.1)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([10 * torch.randn(n, BIG, generator=gen),
+                      0.1 * torch.randn(n, SMALL, generator=gen)], dim=1) + 3.0
+
+
+def test_whitening_and_standardising_give_unit_variance_on_the_training_rows():
+    x = _presence_and_values(2000) @ torch.linalg.qr(torch.randn(8, 8))[0]  # correlated dims
+    white = fit_reward_basis(x, "whiten", eps=1e-9).apply(x)
+    cov = torch.cov(white.T, correction=0)
+    torch.testing.assert_close(cov, torch.eye(8), atol=1e-3, rtol=0)
+    torch.testing.assert_close(white.mean(0), torch.zeros(8), atol=1e-4, rtol=0)
+    z = fit_reward_basis(x, "standardize", eps=1e-9).apply(x)
+    torch.testing.assert_close(z.var(0, correction=0), torch.ones(8), atol=1e-3, rtol=0)
+    assert fit_reward_basis(x, "raw") is None
+
+
+def test_a_true_value_earns_reward_in_the_whitened_basis_and_almost_none_in_the_raw_one():
+    train = _presence_and_values(2000)
+    gold = _presence_and_values(64, seed=1)
+    noise = torch.randn(64, BIG, generator=torch.Generator().manual_seed(2))
+    true = gold + torch.cat([noise, torch.zeros(64, SMALL)], dim=1)  # presence noisy, values true
+    false = true.clone()
+    false[:, BIG:] = gold.roll(1, dims=0)[:, BIG:]  # the same slots, another row's values
+    scale = 8 ** 0.5
+
+    def value_bonus(basis) -> float:
+        def mse(p):
+            return normalized_mse(basis.apply(p), basis.apply(gold), scale) if basis else \
+                normalized_mse(p, gold, scale)
+        return float((mse(false) - mse(true)).mean() / mse(true).mean())
+
+    raw, white = value_bonus(None), value_bonus(fit_reward_basis(train, "whiten"))
+    std = value_bonus(fit_reward_basis(train, "standardize"))
+    # relative MSE increase for a false value: ~2% raw, over 100× that in either basis
+    assert raw < 0.05 and white > 100 * raw and std > 100 * raw, (raw, white, std)
+
+
+def _rl(group: int = 4) -> RLConfig:
+    return RLConfig(group_size=group, length_penalty_coef=0.0)
+
+
+def test_step_rewards_measure_reward_gap_and_top1_in_the_basis():
+    train = _presence_and_values(500)
+    basis = fit_reward_basis(train, "whiten")
+    gold = _presence_and_values(8, seed=2)
+    pred = gold + 0.5 * torch.randn(8, 8, generator=torch.Generator().manual_seed(3))
+    negatives = _presence_and_values(8 * 3, seed=4).reshape(8, 3, 8)
+    kw = dict(scale=8 ** 0.5, eos_token_ids=[0], hard_negatives=negatives)
+    ids = [[5, 6, 0]] * 8
+    out = step_rewards(pred, gold, ids, ["stop"] * 8, _rl(), basis=basis, **kw)
+    expected = normalized_mse(basis.apply(pred), basis.apply(gold), 8 ** 0.5)
+    torch.testing.assert_close(out.rewards, -expected)
+    raw = step_rewards(pred, gold, ids, ["stop"] * 8, _rl(), **kw)
+    assert not torch.allclose(raw.rewards, out.rewards)
+    assert out.metrics["reward/mse"] == pytest.approx(float(expected.mean()))
+
+
+class _FixedAR(torch.nn.Module):
+    """An AR whose predictions are a parameter (the loss's gradient reaches it)."""
+
+    def __init__(self, preds: torch.Tensor):
+        super().__init__()
+        self.preds = torch.nn.Parameter(preds.clone())
+
+    def forward(self, input_ids, attention_mask):
+        return self.preds
+
+
+def test_the_online_ar_loss_is_the_reward_mse_in_the_same_basis():
+    basis = fit_reward_basis(_presence_and_values(500), "standardize")
+    gold = _presence_and_values(6, seed=5)
+    model = _FixedAR(gold + torch.randn(6, 8, generator=torch.Generator().manual_seed(6)))
+    batch = ARBatch(torch.zeros(6, 3, dtype=torch.long), torch.ones(6, 3, dtype=torch.long), gold)
+    loss, rows = ar_sft_loss(model, batch, 8 ** 0.5, basis)
+    reward = step_rewards(model.preds.detach(), gold, [[1, 0]] * 6, ["stop"] * 6, _rl(2),
+                          scale=8 ** 0.5, eos_token_ids=[0], basis=basis)
+    assert rows == 6 and float(loss.detach()) == pytest.approx(float(-reward.rewards.sum()), rel=1e-5)
+    loss.backward()
+    assert bool(torch.isfinite(model.preds.grad).all())
+
+
+def test_fit_store_export_inference_give_the_reward_of_the_rl_stage(tmp_path, qwen):
+    """fit → store (beside the AR, named in its sidecar) → export → NLA.score = the RL reward."""
+    d = qwen.d_model
+    av_dir, ar_dir = make_pair(tmp_path / "src", qwen)
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randn(256, d, generator=gen) * torch.linspace(0.05, 5.0, d)
+    basis = fit_reward_basis(train, "whiten")
+    basis.save(ar_dir / BASIS_FILE)
+    meta = read_model_sidecar(ar_dir)
+    write_model_sidecar(ar_dir, dataclasses.replace(meta, reward_basis=BASIS_FILE))
+
+    exported_av, exported_ar = export.export_pair(av_dir, ar_dir, tmp_path / "export")
+    assert read_model_sidecar(exported_ar.path).reward_basis == BASIS_FILE
+    stored = load_reward_basis(exported_ar.path / BASIS_FILE, d_model=d)
+    assert stored.kind == "whiten" and torch.equal(stored.transform, basis.transform)
+
+    nla = NLA.from_pretrained(exported_av.path, exported_ar.path)
+    gold = torch.randn(4, d, generator=gen) * torch.linspace(0.05, 5.0, d)
+    texts = ["a red cat", "the old house", "two birds", "night"]
+    result = nla.score_generation(gold, Generation(texts, texts, 4, None))
+    rl_reward = step_rewards(result.predictions, gold, [[1, 0]] * 4, ["stop"] * 4, _rl(2),
+                             scale=meta.mse_scale, eos_token_ids=[0], basis=basis)
+    torch.testing.assert_close(result.mse, -rl_reward.rewards)
+    assert not torch.allclose(result.mse, normalized_mse(result.predictions, gold, meta.mse_scale))
+
+
+def test_bad_bases_are_one_clear_error(tmp_path):
+    basis = fit_reward_basis(_presence_and_values(100), "whiten")
+    path = basis.save(tmp_path / BASIS_FILE)
+    with pytest.raises(RewardBasisError, match="another model"):
+        load_reward_basis(path, d_model=16)
+    with pytest.raises(RewardBasisError, match="vector width"):
+        basis.apply(torch.zeros(2, 16))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(RewardBasisError, match="not a readable safetensors"):
+        load_reward_basis(garbage)
+    with pytest.raises(RewardBasisError, match="missing"):
+        load_reward_basis(tmp_path / "absent.safetensors")
+    with pytest.raises(RewardBasisError, match="rl.reward_basis"):
+        fit_reward_basis(_presence_and_values(10), "pca")
+    with pytest.raises(RewardBasisError, match="≥ 2 finite"):
+        fit_reward_basis(torch.full((4, 8), float("nan")), "whiten")
+    with pytest.raises(RewardBasisError, match="non-finite"):
+        RewardBasis("whiten", torch.zeros(8), torch.full((8, 8), float("inf")))
+    assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temp file
+
+
+def test_a_sidecar_basis_must_be_a_file_beside_the_checkpoint(tmp_path, qwen):
+    _, ar_dir = make_pair(tmp_path, qwen)
+    meta = read_model_sidecar(ar_dir)
+    with pytest.raises(SidecarError, match="extraction.reward_basis"):
+        dataclasses.replace(meta, reward_basis="../elsewhere/basis.safetensors")
+    write_model_sidecar(ar_dir, dataclasses.replace(meta, reward_basis=BASIS_FILE))
+    with pytest.raises(RewardBasisError, match="copy it with the AR"):
+        NLA.from_pretrained(tmp_path / "av", ar_dir)
