@@ -17,7 +17,7 @@ from nla_rl.atomic import check_writable_dir
 from nla_rl.config import dump_recipe, load_recipe
 from nla_rl.errors import ConfigError, NLAError
 from nla_rl.run_logs import add_verbose_flag, driver_logs_to_file, run_logs, with_verbose
-from nla_rl.tracking import check_wandb
+from nla_rl.tracking import Tracker, check_wandb
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,20 +43,17 @@ def run(recipe: str, overrides: list[str]) -> Path:
     run_dir = check_writable_dir(cfg.run.dir, "run.dir")
     check_inputs(cfg)
     check_wandb(cfg)  # not 40 s into the RL stage, after prepare, datagen and SFT
-    if cfg.wandb.enabled and cfg.wandb.mode != "disabled" and "rl" not in cfg.run.stages:
-        print(f"note: wandb.enabled, but only the rl stage logs to W&B; the stages "
-              f"{list(cfg.run.stages)} log to {run_dir / 'logs' / 'metrics.jsonl'} only",
-              file=sys.stderr)
     check_resume(cfg, run_dir)  # a refused resume must leave the run as it was
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(cfg, run_dir / "recipe.yaml")
     logs = run_logs(cfg, run_dir)
-    with driver_logs_to_file(logs), actor_logs(logs):
+    # One tracker (one W&B run) for every stage, finished with the run's exit code on any exit.
+    with driver_logs_to_file(logs), actor_logs(logs), Tracker(cfg, run_dir) as tracker:
         if not logs.verbose:
             print(f"third-party logs: {logs.directory}/*.log (--verbose shows them here)")
         for stage in cfg.run.stages:
             started = time.perf_counter()
-            STAGES[stage](cfg, run_dir)
+            STAGES[stage](cfg, run_dir, tracker)
             print(f"[{stage}] done in {time.perf_counter() - started:.1f}s")
     return run_dir
 
