@@ -275,3 +275,22 @@ def test_inputs_the_recipe_names_are_checked_before_the_first_write(tmp_path, qw
                         f"data.teacher.model={tmp_path / 'no_teacher'}"),
             "data.teacher.model", "no such directory", root=tmp_path)
     assert not run_dir.exists()
+
+
+def test_templates_the_recipe_names_are_checked_before_the_first_write(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run = lambda *o: lambda: train([TINY, f"run.dir={run_dir}", "run.stages=[prepare]", *o])  # noqa: E731
+    refused(capsys, run("templates.av=defualt"), "templates.av", "not a known template name",
+            "did you mean 'default'?", root=tmp_path)
+    refused(capsys, run("templates.av=Describe {vector} <concept>{injection_char}</concept>."),
+            "templates.av", "{vector}", "allowed: {injection_char}, {depth_pct}", root=tmp_path)
+    refused(capsys, run("templates.av=<concept>{injection_char}</concept> {injection_char}"),
+            "{injection_char} exactly once, found it 2 times", root=tmp_path)
+    refused(capsys, run("templates.av=The vector <concept>{injection_char}</concept> as a set }"),
+            "templates.av: is not a valid template", "{{ or }}", root=tmp_path)
+    refused(capsys, run("templates.ar=Summary of the text {explanation}"),
+            "templates.ar: must have text after {explanation}", root=tmp_path)
+    refused(capsys, run('templates.av_prefill="<explanation>\\nThe"'), "templates.av_prefill",
+            "start of '<explanation>\\n'", root=tmp_path)
+    assert not run_dir.exists()
+
