@@ -136,11 +136,11 @@ def _build_teacher(t):
     common = dict(max_tokens=t.max_tokens, temperature=t.temperature, min_features=t.min_features)
     if t.kind == "openai":
         return OpenAIChatTeacher(t.base_url or "https://api.openai.com/v1", t.model,
-                                 api_key_env=t.api_key_env or "OPENAI_API_KEY",
+                                 api_key_env=t.key_env,
                                  max_concurrency=t.max_concurrency, **common)
     if t.kind == "anthropic":
         return AnthropicTeacher(t.model, t.base_url or "https://api.anthropic.com",
-                                api_key_env=t.api_key_env or "ANTHROPIC_API_KEY",
+                                api_key_env=t.key_env,
                                 max_concurrency=t.max_concurrency, **common)
     teacher_cls = LocalTeacher
     if _local_backend(t.backend) == "vllm":

@@ -215,6 +215,12 @@ class TeacherConfig(ConfigSection):
         "generate), auto = vllm when it can be imported, else hf. Both give the same greedy labels "
         "and share the teacher cache.")
 
+    @property
+    def key_env(self) -> str:
+        """The environment variable an API teacher reads its key from ("" for other kinds)."""
+        defaults = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+        return (self.api_key_env or defaults[self.kind]) if self.kind in defaults else ""
+
     def validate(self):
         _require(self.kind not in ("openai", "anthropic", "local") or bool(self.model), "model",
                  f"must name the teacher model for kind {self.kind!r}")
