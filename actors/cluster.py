@@ -34,16 +34,104 @@ def current_actor_logs() -> RunLogs | None:
     return _RUN_LOGS
 
 
+# What a stage reserves at once, per resource: the parts that add up to it, each
+# (amount, how it is computed, the keys that lower it).
+Part = tuple[float, str, str]
+
+
+def _per_rank(counted: str, count: int, resource: str, cfg) -> Part:
+    """``count`` actors (``counted``: the keys that count them) × the CPUs/GPUs of a rank."""
+    key = f"learner.num_{resource.lower()}s_per_rank"
+    amount = getattr(cfg.learner, f"num_{resource.lower()}s_per_rank")
+    return (count * amount, f"{counted} = {count} × {key} {amount:g}", f"{counted} or {key}")
+
+
+def stage_needs(cfg, *, gpu_engines: bool) -> dict[str, dict[str, list[Part]]]:
+    """The CPUs and GPUs each Ray stage of ``cfg`` reserves at once, as the stages ask Ray for
+    them (a stage's actors are shut down before the next starts, so a cluster must hold the
+    largest stage, not the sum). ``gpu_engines``: engines take ``engine.tensor_parallel_size``
+    GPUs each (when the driver sees CUDA, as :func:`actors.rollout.pool_from_recipe` decides)."""
+    d, lc, e = cfg.data, cfg.learner, cfg.engine
+    needs = {}
+    if d.workers:  # 0: extraction in the driver, no Ray
+        needs["datagen"] = {r: [(d.workers * per, f"data.workers {d.workers} × "
+                                 f"data.{r.lower()}s_per_worker {per:g}",
+                                 f"data.workers or data.{r.lower()}s_per_worker")]
+                            for r, per in (("CPU", d.cpus_per_worker), ("GPU", d.gpus_per_worker))}
+    for stage, key, ranks in (("ar_sft", "learner.ranks_ar", lc.ranks_ar),
+                              ("av_sft", "learner.ranks_av", lc.ranks_av)):
+        needs[stage] = {r: [_per_rank(key, ranks, r, cfg)] for r in ("CPU", "GPU")}
+    members = e.num_engines + lc.ranks_av + lc.ranks_ar  # each engine asks a rank's CPUs
+    rl = {"CPU": [_per_rank("engine.num_engines + learner.ranks_av + learner.ranks_ar", members,
+                            "CPU", cfg)]}
+    if lc.placement == "colocated":  # bundle i: engine i, AV rank i, AR rank i share its GPUs
+        bundles = max(lc.ranks_av, lc.ranks_ar, e.num_engines)
+        rl["GPU"] = [_per_rank("max(learner.ranks_av, learner.ranks_ar, engine.num_engines)",
+                               bundles, "GPU", cfg)]
+    else:
+        tp = e.tensor_parallel_size if gpu_engines else 0
+        rl["GPU"] = [_per_rank("learner.ranks_av + learner.ranks_ar", lc.ranks_av + lc.ranks_ar,
+                               "GPU", cfg),
+                     (e.num_engines * tp, f"engine.num_engines {e.num_engines} × "
+                      f"engine.tensor_parallel_size {tp}",
+                      "engine.num_engines or engine.tensor_parallel_size")]
+    needs["rl"] = rl
+    return needs
+
+
 def recipe_cpus(cfg) -> int:
     """Logical CPUs a local cluster needs for every stage of ``cfg`` (the first stage to start
     Ray sizes it for the whole pipeline: extraction workers, or engines plus both learner
     groups, whichever is larger). Logical CPUs may exceed the machine's cores."""
     import math
 
-    extraction = cfg.data.workers * cfg.data.cpus_per_worker
-    per_rank = cfg.learner.num_cpus_per_rank
-    training = cfg.engine.num_engines * per_rank + (cfg.learner.ranks_av + cfg.learner.ranks_ar) * per_rank
-    return max(2, math.ceil(max(extraction, training)))
+    largest = max(sum(n for n, _, _ in need["CPU"])
+                  for need in stage_needs(cfg, gpu_engines=False).values())
+    return max(2, math.ceil(largest))
+
+
+def available_resources() -> tuple[dict[str, float], str]:
+    """What the Ray stages will run on, and its name for messages: the Ray cluster this process
+    is connected to or joins (``RAY_ADDRESS``: joining starts nothing), else this machine's GPUs.
+    A local cluster gets as many logical CPUs as the recipe asks (:func:`recipe_cpus`; actors
+    use one thread each), so CPUs limit only a cluster that already exists."""
+    import sys
+
+    ray = sys.modules.get("ray")  # imported by an earlier stage or test: maybe connected
+    if os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        try:
+            ray = connect_ray()
+        except ConnectionError as err:
+            from nla_rl.errors import ConfigError
+
+            raise ConfigError(f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: no Ray cluster "
+                              f"answers there ({err}); start it (ray start --head) or unset "
+                              "RAY_ADDRESS to run on a local cluster") from None
+        return {k: float(v) for k, v in ray.cluster_resources().items()}, "the Ray cluster"
+    import torch
+
+    return {"GPU": float(torch.cuda.device_count())}, "this machine"
+
+
+def check_cluster_size(cfg, have: dict[str, float], where: str) -> None:
+    """Refuse now a recipe whose Ray stages need more CPUs/GPUs than ``have`` (a resource
+    absent from ``have`` is not limited): Ray would otherwise queue the actors until a
+    placement timeout, after the earlier stages had run. Says what is needed and what there is."""
+    from nla_rl.errors import ConfigError
+
+    needs = stage_needs(cfg, gpu_engines=have.get("GPU", 0.0) > 0)
+    for stage in (s for s in cfg.run.stages if s in needs):
+        for resource, parts in needs[stage].items():
+            need = sum(n for n, _, _ in parts)
+            if resource not in have or need <= have[resource] + 1e-9:
+                continue
+            how = " + ".join(h for n, h, _ in parts if n > 0)
+            fixes = " or ".join(f for n, _, f in parts if n > 0)
+            raise ConfigError(
+                f"{stage}: needs {need:g} {resource} ({how}), {where} has "
+                f"{have[resource]:g}; lower {fixes}, or run on a bigger cluster"
+                + (" (ray start --num-cpus/--num-gpus, or more nodes)" if where != "this machine"
+                   else ""))
 
 
 def connect_ray(num_cpus: float | None = None):

@@ -26,8 +26,9 @@ from nla_rl.templates import depth_pct_for
 TOYWORLD_DEFAULT_DOCS = 2000
 
 
-def datagen(cfg: RecipeConfig, run_dir: Path) -> None:
-    """Run the whole data stage for ``cfg`` into ``run_dir/data``."""
+def datagen(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
+    """Run the whole data stage for ``cfg`` into ``run_dir/data``; its counts go to ``tracker``
+    (``data/*``, ``perf/extract_s``)."""
     from transformers import AutoTokenizer
 
     data_dir = Path(run_dir) / "data"
@@ -68,6 +69,9 @@ def datagen(cfg: RecipeConfig, run_dir: Path) -> None:
                                    exclude_same_doc=cfg.negatives.exclude_same_doc,
                                    method=cfg.negatives.method)
         print(f"[datagen] hard negatives: top_k={params['top_k']} short_rows={params['n_short_rows']}")
+    tracker.log(0, {"data/documents": len(docs), "data/activations": len(vectors),
+                    "data/labelled": table.num_rows, "perf/extract_s": extract_seconds,
+                    **{f"data/rows/{split}": n for split, n in counts.items()}}, stage="datagen")
     print(f"[datagen] {len(docs)} docs → {len(vectors)} activations in {extract_seconds:.1f}s; "
           f"labelled {table.num_rows}; splits {counts}")
 
@@ -132,11 +136,11 @@ def _build_teacher(t):
     common = dict(max_tokens=t.max_tokens, temperature=t.temperature, min_features=t.min_features)
     if t.kind == "openai":
         return OpenAIChatTeacher(t.base_url or "https://api.openai.com/v1", t.model,
-                                 api_key_env=t.api_key_env or "OPENAI_API_KEY",
+                                 api_key_env=t.key_env,
                                  max_concurrency=t.max_concurrency, **common)
     if t.kind == "anthropic":
         return AnthropicTeacher(t.model, t.base_url or "https://api.anthropic.com",
-                                api_key_env=t.api_key_env or "ANTHROPIC_API_KEY",
+                                api_key_env=t.key_env,
                                 max_concurrency=t.max_concurrency, **common)
     teacher_cls = LocalTeacher
     if _local_backend(t.backend) == "vllm":

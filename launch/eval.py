@@ -96,9 +96,10 @@ def _score(nla: NLA, gold: torch.Tensor, generation, negatives, attributes) -> t
 def evaluate(run_dir: str | Path, *, av: str | Path | None = None, ar: str | Path | None = None,
              rows: int | None = None, max_new_tokens: int | None = None,
              batch_size: int | None = None, compare: tuple[str, ...] | None = None,
-             cfg: RecipeConfig | None = None) -> dict:
+             cfg: RecipeConfig | None = None, tracker=None) -> dict:
     """Evaluate a pair on ``<run>/data/eval.parquet``; write the report; return its dict. Unset
-    settings come from the run's recipe (``eval.*``), else the defaults."""
+    settings come from the run's recipe (``eval.*``), else the defaults. The ``eval/*`` metrics
+    go to ``tracker`` (the pipeline's, so W&B too) or, without one, to ``logs/metrics.jsonl``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EvalError(f"{run_dir}: no such run directory" + (" (it is a file)" if run_dir.exists()
@@ -164,7 +165,7 @@ def evaluate(run_dir: str | Path, *, av: str | Path | None = None, ar: str | Pat
     report["plots"], report["training_curves"] = _plots(run_dir, out_dir, curve, controls, metrics,
                                                         {"model": per_row, **control_rows})
     _write_report(out_dir, report)
-    _log(run_dir, metrics, controls, baselines)
+    _log(run_dir, metrics, controls, baselines, tracker)
     return report
 
 
@@ -204,11 +205,14 @@ def _plots(run_dir, out_dir, curve, controls, metrics, per_row) -> tuple[list[st
     return [p.name for p in paths if p is not None], curve_guide(logged)
 
 
-def _log(run_dir: Path, metrics: dict, controls: dict, baselines: dict) -> None:
+def _log(run_dir: Path, metrics: dict, controls: dict, baselines: dict, tracker) -> None:
     flat = {f"eval/{k}": v for k, v in metrics.items()}
     flat.update({f"eval/control/{c}/{k}": v for c, m in controls.items() for k, v in m.items()})
     flat.update({f"eval/baseline/{b}/{k}": v for b, entry in baselines.items()
                  for k, v in entry["metrics"].items()})
+    if tracker is not None:
+        tracker.log(0, flat, stage="eval")
+        return
     check_metric_names(flat)
     MetricsLog(run_dir / "logs" / "metrics.jsonl").log(0, flat, stage="eval")
 
@@ -221,9 +225,9 @@ def _write_report(out_dir: Path, report: dict) -> None:
     atomic_write_text(out_dir / "report.md", render_markdown(report))
 
 
-def eval_stage(cfg: RecipeConfig, run_dir: Path) -> None:
+def eval_stage(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
     """Pipeline stage: evaluate the run's most trained pair (see the module docstring)."""
-    report = evaluate(run_dir, cfg=cfg)
+    report = evaluate(run_dir, cfg=cfg, tracker=tracker)
     m = report["metrics"]
     for label, entry in report["baselines"].items():
         b = entry["metrics"]

@@ -186,7 +186,7 @@ def _expected(run_dir: Path, source: str) -> list[Path]:
     return [run_dir / "init" / r for r in ROLES]
 
 
-def export(cfg: RecipeConfig, run_dir: Path) -> None:
-    """The pipeline stage: export the most trained pair present."""
+def export(cfg: RecipeConfig, run_dir: Path, tracker=None) -> None:
+    """The pipeline stage: export the most trained pair present (it logs no metrics)."""
     export_run(run_dir, cfg=cfg)
 

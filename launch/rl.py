@@ -68,8 +68,9 @@ def learner_placement(cfg: RecipeConfig, colocated, ranks: int) -> dict:
                 placement_group=colocated.group, bundle_indices=colocated.bundles(ranks))
 
 
-def build_world(cfg: RecipeConfig, run_dir: Path):
-    """Everything the loop needs; returns (world, actors to shut down)."""
+def build_world(cfg: RecipeConfig, run_dir: Path, tracker):
+    """Everything the loop needs (``tracker``: the run's, see :class:`nla_rl.tracking.Tracker`);
+    returns (world, actors to shut down)."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
@@ -80,12 +81,10 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     from actors.rollout import pool_from_recipe
     from nla_rl.base_model import check_context
     from nla_rl.checkpoint import CheckpointManager
-    from nla_rl.console import StepConsole
     from nla_rl.reward_basis import load_reward_basis
     from nla_rl.rl_data import RLData
     from nla_rl.sft import turn_close_ids
     from nla_rl.templates import av_prompt_ids, depth_pct_for
-    from nla_rl.tracking import Tracker
     from rollout.base import RolloutRequest
 
     av_dir, ar_dir = trained_or_initial(run_dir, "av"), trained_or_initial(run_dir, "ar")
@@ -105,8 +104,6 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     check_context(av_config, len(prompt), cfg.rl.max_new_tokens, "rl.max_new_tokens")
     eos = {tokenizer.eos_token_id, *turn_close_ids(tokenizer)} - {None}
 
-    # Before Ray: a W&B failure leaves nothing running; after it, a failure finishes W&B.
-    tracker = Tracker(cfg, run_dir, job_type="rl", console=StepConsole("rl", cfg.rl.steps))
     connect_ray(num_cpus=recipe_cpus(cfg))
     started = []  # shut down last first: a shared placement group after the actors in it
     try:
@@ -135,7 +132,6 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     except BaseException:
         for actor in reversed(started):
             actor.shutdown()
-        tracker.finish()
         raise
     probe_completion = tokenizer("<explanation>\nprobe of the weight sync\n</explanation>",
                                  add_special_tokens=False)["input_ids"]
@@ -213,11 +209,18 @@ def resume(world, cfg: RecipeConfig) -> int:
     return int(progress["step"])
 
 
-def rl(cfg: RecipeConfig, run_dir: Path) -> None:
-    """Run (or resume) GRPO and write ``<run>/rl/final/{av,ar}``."""
+def rl(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
+    """Run (or resume) GRPO and write ``<run>/rl/final/{av,ar}``; one console line per step."""
+    from nla_rl.console import StepConsole
+
+    with tracker.showing(StepConsole("rl", cfg.rl.steps)):
+        _rl(cfg, run_dir, tracker)
+
+
+def _rl(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
     from actors.coordinator import rl_loop, sync_engines
 
-    world, (av_dir, ar_dir, av_meta, ar_meta, injection), actors = build_world(cfg, run_dir)
+    world, (av_dir, ar_dir, av_meta, ar_meta, injection), actors = build_world(cfg, run_dir, tracker)
     try:
         start = resume(world, cfg)
         world.tracker.rewind(start, stage="rl")  # steps after `start` are logged again
@@ -228,7 +231,6 @@ def rl(cfg: RecipeConfig, run_dir: Path) -> None:
         if world.sync_seconds:
             print(f"[rl] weight sync: mean {np.mean(world.sync_seconds):.3f}s")
     finally:
-        world.tracker.finish()
         for actor in reversed(actors):  # the shared placement group (if any) last
             actor.shutdown()
 

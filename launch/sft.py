@@ -5,7 +5,8 @@ initial model ``<run>/init/<role>`` written by ``prepare``; checkpoints go to
 ``<run>/<stage>/step_NNNNNN/`` (resumed with ``run.resume=true``) and the trained model to
 ``<run>/<stage>/final/`` (an HF directory + ``nla_meta.yaml``), which RL and export read.
 
-Metrics (``<run>/logs/metrics.jsonl``): ``train/<role>/{loss,grad_norm,lr}``,
+Metrics (``<run>/logs/metrics.jsonl``, and W&B as ``<stage>/…`` against ``<stage>/step`` when
+enabled; :mod:`nla_rl.tracking`): ``train/<role>/{loss,grad_norm,lr}``,
 ``perf/<role>/tokens_per_s``, ``health/skipped_steps``; the AR adds ``train/ar/fve`` (from the
 batch loss) and ``eval/ar/fve``; the AV adds the real-vs-shuffled control
 ``train/av/{shuffled_loss,shuffle_gap}`` and ``eval/av/{loss,shuffled_loss,shuffle_gap}``
@@ -25,7 +26,6 @@ from tqdm import tqdm
 
 from nla_rl.config import RecipeConfig, SFTConfig
 from nla_rl.errors import NLAError
-from nla_rl.metrics_log import MetricsLog
 from nla_rl.roundtrip import InjectionSpec
 from nla_rl.sidecar import ModelSidecar, read_dataset_sidecar, read_model_sidecar
 
@@ -156,8 +156,8 @@ def held_out(group, role: str, held: Split | None, *, rows: int, world: int, mse
 
 # -------------------------------------------------------------------------------- the stage
 
-def run_sft(cfg: RecipeConfig, run_dir: Path, stage: str) -> Path:
-    """Train ``stage``'s role; returns the ``final/`` directory."""
+def run_sft(cfg: RecipeConfig, run_dir: Path, stage: str, tracker) -> Path:
+    """Train ``stage``'s role, logging to the run's ``tracker``; returns the ``final/`` directory."""
     from actors.cluster import connect_ray, recipe_cpus
     from actors.learner import LearnerGroup
     from nla_rl.checkpoint import CheckpointManager
@@ -179,7 +179,7 @@ def run_sft(cfg: RecipeConfig, run_dir: Path, stage: str) -> Path:
                          num_gpus_per_rank=cfg.learner.num_gpus_per_rank, name=stage,
                          checkpoints=manager)
     try:
-        _train(cfg, run_dir, stage, group, train, held, meta)
+        _train(cfg, stage, group, train, held, meta, tracker)
         return write_final(cfg, run_dir, stage, group, meta, injection, spec)
     finally:
         group.shutdown()
@@ -202,14 +202,13 @@ def _resume(cfg, group, train: Split) -> tuple[int, object, float]:
     return int(progress["step"]), cursor, float(progress["skipped_steps"])
 
 
-def _train(cfg, run_dir: Path, stage: str, group, train: Split, held: Split | None,
-           meta: ModelSidecar) -> None:
+def _train(cfg, stage: str, group, train: Split, held: Split | None, meta: ModelSidecar,
+           tracker) -> None:
     from nla_rl.checkpoint import atomic_write_json, save_data_cursor
 
     role, sft = ROLE_OF[stage], getattr(cfg, stage)
-    log = MetricsLog(run_dir / "logs" / "metrics.jsonl")
     start, cursor, skipped = _resume(cfg, group, train)
-    log.rewind(start, stage)  # steps after `start` are logged again: one history
+    tracker.rewind(start, stage)  # steps after `start` are logged again: one history
     bar = tqdm(range(start, sft.steps), initial=start, total=sft.steps, desc=stage, unit="step")
     for step in bar:
         rows = train.rows(cursor.next_indices(sft.batch_size))
@@ -228,7 +227,7 @@ def _train(cfg, run_dir: Path, stage: str, group, train: Split, held: Split | No
                 metrics.update(av_control(group, rows, seed=done, prefix="train"))
             metrics.update(held_out(group, role, held, rows=sft.eval_rows, world=group.world_size,
                                     mse_scale=meta.mse_scale, seed=cfg.run.seed))
-        log.log(done, metrics, stage=stage)
+        tracker.log(done, metrics, stage=stage)
         bar.set_postfix(loss=f"{stats['loss']:.4f}")
         if done == sft.steps or (sft.save_every and done % sft.save_every == 0):
             def extra(staging: Path, cursor=cursor, done=done, skipped=skipped) -> None:
@@ -304,11 +303,11 @@ def save_trained(cfg, group, role: str, source_dir: Path, meta: ModelSidecar, ou
     return out_dir
 
 
-def ar_sft(cfg: RecipeConfig, run_dir: Path) -> None:
+def ar_sft(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
     """AR-SFT: regress the activation from the teacher explanation."""
-    run_sft(cfg, run_dir, "ar_sft")
+    run_sft(cfg, run_dir, "ar_sft", tracker)
 
 
-def av_sft(cfg: RecipeConfig, run_dir: Path) -> None:
+def av_sft(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
     """AV-SFT: next-token loss on the teacher explanation with the activation injected."""
-    run_sft(cfg, run_dir, "av_sft")
+    run_sft(cfg, run_dir, "av_sft", tracker)

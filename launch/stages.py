@@ -20,7 +20,6 @@ from nla_rl.atomic import atomic_dir
 from nla_rl.base_model import DTYPES, check_context, load_causal_lm, resolve_base_model
 from nla_rl.config import RecipeConfig
 from nla_rl.errors import ConfigError
-from nla_rl.metrics_log import MetricsLog
 from nla_rl.rewards import mse_scale_for
 from nla_rl.templates import av_prompt_ids, depth_pct_for
 from nla_rl.data.store import read_activations, read_rows
@@ -41,9 +40,9 @@ def run_paths(run_dir: Path) -> dict[str, Path]:
     }
 
 
-def prepare(cfg: RecipeConfig, run_dir: Path) -> None:
+def prepare(cfg: RecipeConfig, run_dir: Path, tracker=None) -> None:
     """Base model → marker tokens → initial AV (the base) and AR (blocks 0..K + identity head),
-    each an HF directory with a validated ``nla_meta.yaml``."""
+    each an HF directory with a validated ``nla_meta.yaml`` (it logs no metrics)."""
     paths = run_paths(run_dir)
     base_dir = resolve_base_model(cfg.model.base, run_dir, seed=cfg.run.seed, toyworld=cfg.toyworld)
     model, tokenizer = load_causal_lm(base_dir, dtype=cfg.model.dtype,
@@ -84,7 +83,7 @@ def _save_av(model, tokenizer, meta: ModelSidecar, out_dir: Path) -> None:
         write_model_sidecar(tmp, meta)
 
 
-def check(cfg: RecipeConfig, run_dir: Path) -> None:
+def check(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
     """Round trip ``ĥ = AR(AV(h))`` on held-out activations with the initial checkpoints.
 
     Verifies, before any training is paid for, that every vector is injected exactly once and that
@@ -124,7 +123,7 @@ def check(cfg: RecipeConfig, run_dir: Path) -> None:
         toy = score_explanations(result.explanations, rows["attributes"].to_pylist())
         metrics.update({"toy/recall": toy.recall, "toy/precision": toy.precision})
     _assert_healthy(result, len(vectors))
-    MetricsLog(paths["logs"]).log(0, metrics, stage="check")
+    tracker.log(0, metrics, stage="check")
     _write_json(paths["eval"] / "check.json", {
         "metrics": metrics, "injection_scale": scale,
         "samples": [{"doc_id": d, "position": p, "explanation": e, "reward": float(r)}
@@ -157,6 +156,7 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+# Each stage is called as stage(cfg, run_dir, tracker): the run's one nla_rl.tracking.Tracker.
 STAGES = {"prepare": prepare, "datagen": datagen, "check": check, "ar_sft": ar_sft,
           "av_sft": av_sft, "rl": rl, "eval": eval_stage, "export": export}
 PLANNED: dict[str, str] = {}  # stages named in the recipe schema but not built yet

@@ -6,6 +6,7 @@ This is what ``ray job submit -- python -m launch.train …`` and ``make run`` e
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -17,7 +18,7 @@ from nla_rl.atomic import check_writable_dir
 from nla_rl.config import dump_recipe, load_recipe
 from nla_rl.errors import ConfigError, NLAError
 from nla_rl.run_logs import add_verbose_flag, driver_logs_to_file, run_logs, with_verbose
-from nla_rl.tracking import check_wandb
+from nla_rl.tracking import Tracker, check_wandb
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,20 +44,19 @@ def run(recipe: str, overrides: list[str]) -> Path:
     run_dir = check_writable_dir(cfg.run.dir, "run.dir")
     check_inputs(cfg)
     check_wandb(cfg)  # not 40 s into the RL stage, after prepare, datagen and SFT
-    if cfg.wandb.enabled and cfg.wandb.mode != "disabled" and "rl" not in cfg.run.stages:
-        print(f"note: wandb.enabled, but only the rl stage logs to W&B; the stages "
-              f"{list(cfg.run.stages)} log to {run_dir / 'logs' / 'metrics.jsonl'} only",
-              file=sys.stderr)
     check_resume(cfg, run_dir)  # a refused resume must leave the run as it was
+    logs = run_logs(cfg, run_dir)
+    with actor_logs(logs):  # joining a running cluster to ask its size: quietly
+        check_cluster(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(cfg, run_dir / "recipe.yaml")
-    logs = run_logs(cfg, run_dir)
-    with driver_logs_to_file(logs), actor_logs(logs):
+    # One tracker (one W&B run) for every stage, finished with the run's exit code on any exit.
+    with driver_logs_to_file(logs), actor_logs(logs), Tracker(cfg, run_dir) as tracker:
         if not logs.verbose:
             print(f"third-party logs: {logs.directory}/*.log (--verbose shows them here)")
         for stage in cfg.run.stages:
             started = time.perf_counter()
-            STAGES[stage](cfg, run_dir)
+            STAGES[stage](cfg, run_dir, tracker)
             print(f"[{stage}] done in {time.perf_counter() - started:.1f}s")
     return run_dir
 
@@ -64,8 +64,10 @@ def run(recipe: str, overrides: list[str]) -> Path:
 def check_inputs(cfg) -> None:
     """The files a recipe names, checked before anything is written (a missing corpus was found
     only after prepare had written init/): the local base model (config, readable safetensors,
-    model.layer_index within its depth) for prepare/datagen, the corpus path and format and a
-    local teacher's model directory for datagen. Their content is read by the stages."""
+    model.layer_index within its depth) for prepare/datagen, the corpus path and format, a
+    local teacher's model directory and an API teacher's key variable for datagen. Their content
+    is read by the stages. (The templates are checked when the recipe loads, the cluster's size
+    by :func:`check_cluster`.)"""
     import json
 
     from nla_rl.base_model import TINY_PREFIX, TOYWORLD, check_model_dir
@@ -93,6 +95,27 @@ def check_inputs(cfg) -> None:
                               f"{', '.join(FORMATS)}")
     if cfg.data.teacher.kind == "local":
         check_model_dir(cfg.data.teacher.model, "data.teacher.model")
+    check_teacher_key(cfg.data.teacher)
+
+
+def check_teacher_key(teacher) -> None:
+    """An API teacher's key must be in its environment variable before datagen extracts for
+    minutes and then fails at the first request. Only the variable's name is ever shown."""
+    if teacher.key_env and not os.environ.get(teacher.key_env):
+        which = "data.teacher.api_key_env" if teacher.api_key_env else "the default"
+        raise ConfigError(f"data.teacher: the {teacher.kind} teacher reads its API key from the "
+                          f"environment variable {teacher.key_env} ({which}), which is not set "
+                          f"or empty; export {teacher.key_env}=<key> before the run, or set "
+                          f"data.teacher.api_key_env to the variable that holds it")
+
+
+def check_cluster(cfg) -> None:
+    """The CPUs/GPUs the recipe's Ray stages ask for against what they would run on (see
+    :func:`actors.cluster.check_cluster_size`); asked only when a stage uses Ray."""
+    from actors.cluster import available_resources, check_cluster_size, stage_needs
+
+    if set(cfg.run.stages) & set(stage_needs(cfg, gpu_engines=False)):
+        check_cluster_size(cfg, *available_resources())
 
 
 # Where each resumable stage keeps its checkpoints (under the run directory), and the role its

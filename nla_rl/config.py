@@ -27,7 +27,8 @@ import yaml
 
 from nla_rl.atomic import atomic_write_text
 from nla_rl.errors import ConfigError
-from nla_rl.templates import DEFAULT_AR_TEMPLATE, DEFAULT_AV_TEMPLATE, DEPTH_AV_TEMPLATE
+from nla_rl.templates import (AR_FIELDS, AV_FIELDS, DEFAULT_AR_TEMPLATE, DEFAULT_AV_TEMPLATE,
+                              DEPTH_AV_TEMPLATE, av_sft_target, template_problem)
 from nla_rl.testing.tiny import FAMILIES as TINY_FAMILIES
 
 REDACTED = "***REDACTED***"
@@ -168,8 +169,18 @@ class TemplatesConfig(ConfigSection):
         # Named templates keep recipes readable; the resolved text is what the dump records.
         object.__setattr__(self, "av", NAMED_AV_TEMPLATES.get(self.av, self.av))
         object.__setattr__(self, "ar", NAMED_AR_TEMPLATES.get(self.ar, self.ar))
-        _require("{injection_char}" in self.av, "av", "must contain {injection_char}")
-        _require("{explanation}" in self.ar, "ar", "must contain {explanation}")
+        av_problem = template_problem(self.av, AV_FIELDS, NAMED_AV_TEMPLATES)
+        _require(av_problem is None, "av", str(av_problem))
+        ar_problem = template_problem(self.ar, AR_FIELDS, NAMED_AR_TEMPLATES)
+        _require(ar_problem is None, "ar", str(ar_problem))
+        # The AR predicts at the last token: the explanation must be followed by closing text.
+        _require(self.ar.split("{explanation}", 1)[1].strip() != "", "ar",
+                 "must have text after {explanation} (the AR reads its prediction at the last "
+                 "token, e.g. '… </text> <summary>'), found none")
+        # Every AV-SFT target starts '<explanation>\n'; a prefill is a prefix of that.
+        _require(av_sft_target("").startswith(self.av_prefill), "av_prefill",
+                 f"must be the start of '<explanation>\\n' (the beginning of every AV-SFT target), "
+                 f"e.g. '<explanation>' or empty; found {self.av_prefill!r}")
 
 
 @dataclass(frozen=True)
@@ -203,6 +214,12 @@ class TeacherConfig(ConfigSection):
         "auto", "Engine of the local teacher: vllm (batched, in-process vLLM), hf (transformers "
         "generate), auto = vllm when it can be imported, else hf. Both give the same greedy labels "
         "and share the teacher cache.")
+
+    @property
+    def key_env(self) -> str:
+        """The environment variable an API teacher reads its key from ("" for other kinds)."""
+        defaults = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+        return (self.api_key_env or defaults[self.kind]) if self.kind in defaults else ""
 
     def validate(self):
         _require(self.kind not in ("openai", "anthropic", "local") or bool(self.model), "model",

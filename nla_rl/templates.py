@@ -29,6 +29,42 @@ DEPTH_AV_TEMPLATE = (
 )
 DEFAULT_AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
 
+# The placeholders each template may hold: (required, each exactly once; optional).
+AV_FIELDS = (("injection_char",), ("depth_pct",))
+AR_FIELDS = (("explanation",), ())
+
+
+def template_problem(text: str, fields: tuple[tuple[str, ...], tuple[str, ...]],
+                     names: dict[str, str]) -> str | None:
+    """What is wrong with a template (None: nothing), checked when the recipe loads rather than
+    when a stage first formats it: a misspelt template name (``names``: the known ones), braces
+    ``str.format`` cannot read, a placeholder the stages do not fill, or a required one missing
+    or repeated (the marker must occur once per prompt; the AR reads after one explanation)."""
+    import difflib
+    import string
+
+    required, optional = fields
+    if re.fullmatch(r"[\w-]+", text.strip()):  # one word: meant as a name, not as the text
+        hint = difflib.get_close_matches(text.strip(), list(names), n=1)
+        return (f"{text!r} is not a known template name (known: {', '.join(names)})"
+                + (f"; did you mean {hint[0]!r}?" if hint else "; or write the template's text"))
+    try:
+        found = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as err:
+        return (f"is not a valid template ({err}); write a literal brace as {{{{ or }}}}, "
+                f"placeholders as {{{required[0]}}}")
+    allowed = required + optional
+    unknown = sorted({f for f in found if f not in allowed})
+    if unknown:
+        return (f"has the placeholder(s) {', '.join('{' + f + '}' for f in unknown)}, which "
+                f"nothing fills; allowed: {', '.join('{' + f + '}' for f in allowed)} (a "
+                f"literal brace is written {{{{ or }}}})")
+    for name in required:
+        if found.count(name) != 1:
+            return f"must contain {{{name}}} exactly once, found it {found.count(name)} times"
+    return None
+
+
 EXPLANATION_OPEN = "<explanation>"
 EXPLANATION_CLOSE = "</explanation>"
 _EXPLANATION_RE = re.compile(r"<explanation>(.*?)</explanation>", re.DOTALL)

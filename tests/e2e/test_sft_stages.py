@@ -48,7 +48,8 @@ def data_run(tmp_path_factory, toy_base) -> Path:
 def trained(data_run, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("sft") / "trained"
     shutil.copytree(data_run, run_dir)
-    assert run(run_dir, "run.stages=[ar_sft,av_sft]") == 0
+    assert run(run_dir, "run.stages=[ar_sft,av_sft]", "wandb.enabled=true",
+               "wandb.mode=offline") == 0
     return run_dir
 
 
@@ -71,6 +72,20 @@ def test_stages_log_the_metrics(trained):
         av[-1]["train/av/shuffled_loss"] - av[-1]["train/av/loss"])
     assert av[-1]["train/av/loss"] < av[0]["train/av/loss"]  # it learns the explanation format
     assert min(r["train/ar/loss"] for r in ar[3:]) < ar[0]["train/ar/loss"]
+
+
+def test_wandb_holds_the_sft_history(trained):
+    """An SFT-only run with W&B on: one offline run whose history has each SFT step's metrics
+    (as ar_sft/* and av_sft/*, against the stage's own step), equal to metrics.jsonl."""
+    from tests.wandb_history import exit_code, history
+
+    rows = history(trained / "logs")
+    for stage, role in (("ar_sft", "ar"), ("av_sft", "av")):
+        logged = [r for r in rows if f"{stage}/step" in r]
+        assert [r[f"{stage}/step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+        assert [r[f"{stage}/train/{role}/loss"] for r in logged] == pytest.approx(
+            [r[f"train/{role}/loss"] for r in metrics(trained, stage)])
+    assert exit_code(trained / "logs") == 0
 
 
 def test_final_models_load_with_their_sidecars(trained):

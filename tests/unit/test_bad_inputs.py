@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -274,4 +275,76 @@ def test_inputs_the_recipe_names_are_checked_before_the_first_write(tmp_path, qw
     refused(capsys, run("run.stages=[prepare,datagen]", "data.teacher.kind=local",
                         f"data.teacher.model={tmp_path / 'no_teacher'}"),
             "data.teacher.model", "no such directory", root=tmp_path)
+    assert not run_dir.exists()
+
+
+def test_templates_the_recipe_names_are_checked_before_the_first_write(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run = lambda *o: lambda: train([TINY, f"run.dir={run_dir}", "run.stages=[prepare]", *o])  # noqa: E731
+    refused(capsys, run("templates.av=defualt"), "templates.av", "not a known template name",
+            "did you mean 'default'?", root=tmp_path)
+    refused(capsys, run("templates.av=Describe {vector} <concept>{injection_char}</concept>."),
+            "templates.av", "{vector}", "allowed: {injection_char}, {depth_pct}", root=tmp_path)
+    refused(capsys, run("templates.av=<concept>{injection_char}</concept> {injection_char}"),
+            "{injection_char} exactly once, found it 2 times", root=tmp_path)
+    refused(capsys, run("templates.av=The vector <concept>{injection_char}</concept> as a set }"),
+            "templates.av: is not a valid template", "{{ or }}", root=tmp_path)
+    refused(capsys, run("templates.ar=Summary of the text {explanation}"),
+            "templates.ar: must have text after {explanation}", root=tmp_path)
+    refused(capsys, run('templates.av_prefill="<explanation>\\nThe"'), "templates.av_prefill",
+            "start of '<explanation>\\n'", root=tmp_path)
+    assert not run_dir.exists()
+
+
+def test_an_api_teacher_without_its_key_is_refused_naming_only_the_variable(tmp_path, capsys,
+                                                                           monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("NLA_TEST_TEACHER_KEY", "")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a document\n")
+    run_dir = tmp_path / "run"
+    teacher = [TINY, f"run.dir={run_dir}", "run.stages=[prepare,datagen]", "model.base=tiny:qwen2",
+               f"data.corpus={corpus}", "data.teacher.model=gpt-x"]
+    refused(capsys, lambda: train([*teacher, "data.teacher.kind=openai"]),
+            "the openai teacher", "OPENAI_API_KEY (the default)", "not set or empty",
+            "data.teacher.api_key_env", root=tmp_path)
+    refused(capsys, lambda: train([*teacher, "data.teacher.kind=anthropic",
+                                   "data.teacher.api_key_env=NLA_TEST_TEACHER_KEY"]),
+            "NLA_TEST_TEACHER_KEY (data.teacher.api_key_env)", root=tmp_path)
+    assert not run_dir.exists()
+    from launch.train import check_teacher_key
+    from nla_rl.config import TeacherConfig
+
+    monkeypatch.setenv("NLA_TEST_TEACHER_KEY", "sk-secret-value-123")
+    check_teacher_key(TeacherConfig(kind="anthropic", model="m", api_key_env="NLA_TEST_TEACHER_KEY"))
+    check_teacher_key(TeacherConfig(kind="toyworld"))  # no key needed
+
+
+def test_a_recipe_bigger_than_the_cluster_says_need_and_have(tmp_path, capsys, monkeypatch):
+    import actors.cluster
+
+    run_dir = tmp_path / "run"
+    run = lambda *o: lambda: train([TINY, f"run.dir={run_dir}", *o])  # noqa: E731
+    # A machine without GPUs, no Ray cluster to join: only the GPUs limit (a local cluster gets
+    # the logical CPUs the recipe asks for).
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # as if no earlier test connected
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(actors.cluster, "connect_ray", lambda *a, **k: pytest.fail("joined Ray"))
+    refused(capsys, run("run.stages=[ar_sft]", "learner.num_gpus_per_rank=1"),
+            "ar_sft: needs 2 GPU", "learner.ranks_ar = 2 × learner.num_gpus_per_rank 1",
+            "this machine has 0", "lower learner.ranks_ar or learner.num_gpus_per_rank",
+            root=tmp_path)
+    # A running cluster (as under ray job submit): its CPUs and GPUs both limit.
+    cluster = ({"CPU": 4.0, "GPU": 1.0}, "the Ray cluster")
+    monkeypatch.setattr(actors.cluster, "available_resources", lambda: cluster)
+    refused(capsys, run("run.stages=[prepare,datagen]", "data.workers=16"),
+            "datagen: needs 8 CPU", "data.workers 16 × data.cpus_per_worker 0.5",
+            "the Ray cluster has 4", root=tmp_path)
+    refused(capsys, run("run.stages=[rl]", "learner.num_gpus_per_rank=0.5"),
+            "rl: needs 3 GPU", "learner.ranks_av + learner.ranks_ar = 4 × "
+            "learner.num_gpus_per_rank 0.5", "engine.num_engines 1 × engine.tensor_parallel_size 1",
+            "the Ray cluster has 1", root=tmp_path)
+    refused(capsys, run("run.stages=[av_sft]", "learner.num_cpus_per_rank=3"),
+            "av_sft: needs 6 CPU", "the Ray cluster has 4", root=tmp_path)
     assert not run_dir.exists()

@@ -121,3 +121,71 @@ def test_a_console_sees_every_logged_step_and_is_closed_at_the_end(tmp_path):
     assert "rl 1/3  reward -1.5  2.0s" in text and "rl 2/3  reward -1  fve n/a" in text
     with pytest.raises(ValueError):  # names are checked before anything is shown
         tracker.log(3, {"loss": 1.0})
+
+
+def test_every_stage_logs_to_one_wandb_run_against_its_own_step(tmp_path):
+    """SFT rows appear as ar_sft/* against ar_sft/step, RL's keep their names against rl/step
+    (1..N), W&B's own step only grows across the stages, and a resumed step is not logged twice."""
+    from tests.wandb_history import exit_code, history, step_metrics
+
+    cfg = load_recipe(TINY, ["wandb.enabled=true", "wandb.mode=offline", "ar_sft.steps=3", "ar_sft.warmup_steps=0",
+                             "rl.steps=2"])
+    with Tracker(cfg, tmp_path) as tracker:
+        for step in (1, 2, 3):
+            tracker.log(step, {"train/ar/loss": 1.0 / step}, stage="ar_sft")
+        for step in (1, 2):
+            tracker.log(step, {"reward/mean": -float(step), "train/ar/loss": 0.5}, stage="rl")
+        tracker.log(1, {"reward/mean": -9.0}, stage="rl")  # a resumed stage repeats a step
+        tracker.log(0, {"eval/fve": 0.25}, stage="eval")
+    rows = history(tmp_path / "logs")
+    sft = [r for r in rows if "ar_sft/step" in r]
+    assert [(r["ar_sft/step"], r["ar_sft/train/ar/loss"]) for r in sft] == [
+        (1, 1.0), (2, 0.5), (3, 1.0 / 3)]
+    rl = [r for r in rows if "rl/step" in r]
+    assert [(r["rl/step"], r["reward/mean"]) for r in rl] == [(1, -1.0), (2, -2.0)]
+    assert all("train/ar/loss" not in r for r in sft) and all(r["train/ar/loss"] == 0.5 for r in rl)
+    assert [r for r in rows if "eval/step" in r][0]["eval/fve"] == 0.25
+    steps = [r["_step"] for r in rows]
+    assert steps == sorted(set(steps)) and steps[0] > 0  # ar_sft sits after prepare/datagen/check
+    charts = step_metrics(tmp_path / "logs")
+    assert charts["ar_sft/*"] == "ar_sft/step" and charts["eval/*"] == "eval/step"
+    assert charts["train/*"] == charts["reward/*"] == "rl/step"
+    assert exit_code(tmp_path / "logs") == 0
+
+
+def test_stage_offsets_leave_each_stage_room_for_its_steps():
+    from nla_rl.tracking import stage_step_offsets, wandb_name
+
+    cfg = load_recipe(TINY, ["ar_sft.steps=3", "ar_sft.warmup_steps=0", "av_sft.steps=4",
+                             "rl.steps=5"])
+    offsets = stage_step_offsets(cfg)
+    assert list(offsets) == ["prepare", "datagen", "check", "ar_sft", "av_sft", "rl", "export",
+                             "eval"]
+    assert offsets["av_sft"] - offsets["ar_sft"] == 4  # steps 0..3
+    assert offsets["rl"] - offsets["av_sft"] == 5 and offsets["export"] - offsets["rl"] == 6
+    assert wandb_name("ar_sft", "train/ar/loss") == "ar_sft/train/ar/loss"
+    assert wandb_name("rl", "train/ar/loss") == "train/ar/loss"
+    assert wandb_name("eval", "eval/fve") == "eval/fve"
+
+
+def test_a_failed_stage_still_finishes_the_runs_wandb(tmp_path, monkeypatch):
+    """The launcher's tracker is finished (exit code 1) however a stage ends, so no W&B run is
+    left open in the process and the history logged before the failure is kept."""
+    import wandb
+
+    from launch.stages import STAGES
+    from launch.train import run
+    from tests.wandb_history import exit_code, history
+
+    def failing(cfg, run_dir, tracker):
+        tracker.log(0, {"data/documents": 3}, stage="datagen")
+        raise RuntimeError("killed mid-stage")
+
+    monkeypatch.setitem(STAGES, "datagen", failing)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed mid-stage"):
+        run(TINY, [f"run.dir={run_dir}", "run.stages=[datagen]", "wandb.enabled=true",
+                   "wandb.mode=offline"])
+    assert wandb.run is None
+    assert exit_code(run_dir / "logs") == 1
+    assert [r["datagen/data/documents"] for r in history(run_dir / "logs")] == [3]
