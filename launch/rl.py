@@ -71,6 +71,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
 
     from actors.cluster import connect_ray, recipe_cpus
     from actors.coordinator import RLWorld
+    from actors.deadline import CallDeadline
     from actors.learner import LearnerGroup
     from actors.placement import colocated_for_recipe
     from actors.rollout import pool_from_recipe
@@ -103,6 +104,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
     tracker = Tracker(cfg, run_dir, job_type="rl", console=StepConsole("rl", cfg.rl.steps))
     connect_ray(num_cpus=recipe_cpus(cfg))
     started = []  # shut down last first: a shared placement group after the actors in it
+    deadline = CallDeadline.from_run(cfg.run)  # one for every actor: fed the loop's step times
     try:
         colocated = colocated_for_recipe(cfg)  # None: learner.placement=separate
         if colocated is not None:
@@ -111,7 +113,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
                                    injection=injection,
                                    max_model_len=len(prompt) + cfg.rl.max_new_tokens + 16,
                                    num_cpus_per_engine=cfg.learner.num_cpus_per_rank,
-                                   colocated=colocated)
+                                   colocated=colocated, deadline=deadline)
         started.append(engines)
         groups = {}
         for role, model_dir, meta in (("av", av_dir, av_meta), ("ar", ar_dir, ar_meta)):
@@ -123,7 +125,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
             manager = CheckpointManager.for_recipe(run_dir / "rl" / role, cfg, f"rl_{role}",
                                                    keep_last=keep)
             groups[role] = LearnerGroup(spec, world_size=ranks, name=f"rl_{role}",
-                                        checkpoints=manager,
+                                        checkpoints=manager, deadline=deadline,
                                         **learner_placement(cfg, colocated, ranks))
             started.append(groups[role])
     except BaseException:
@@ -140,7 +142,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path):
                     tracker=tracker, prompt_ids=prompt,
                     prefill=cfg.templates.av_prefill, eos_ids=frozenset(eos),
                     mse_scale=av_meta.mse_scale, probe=probe, sync_tolerance=tolerance,
-                    adapter_dir=str(run_dir / "rl" / "adapter"))
+                    adapter_dir=str(run_dir / "rl" / "adapter"), deadline=deadline)
     world.save = lambda step, skipped: save_both(world, step, skipped)
     return world, (av_dir, ar_dir, av_meta, ar_meta, injection), started
 
