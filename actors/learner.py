@@ -425,10 +425,12 @@ class LearnerGroup:
         """The one error of a hang: which rank(s), doing what, where to resume from. The ranks
         are killed first (a hung rank holds its devices and its peers)."""
         self.shutdown()
+        def ranks(which: list[int]) -> str:
+            return f"rank{'s' * (len(which) > 1)} {', '.join(map(str, which))}"
+
         if len(silent) < self.world_size:
-            who = f"rank {', '.join(map(str, silent))} did not answer"
             answered = sorted(set(range(self.world_size)) - set(silent))
-            who += f" (rank {', '.join(map(str, answered))} did)"
+            who = f"{ranks(silent)} did not answer ({ranks(answered)} did)"
         else:  # one stuck rank holds the others in a collective: no rank can be singled out
             who = (f"none of ranks 0-{self.world_size - 1} answered (a rank stuck before a "
                    "collective holds the others in it)" if self.world_size > 1
