@@ -8,10 +8,18 @@ core needs.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from nla_rl.errors import NLAError
 from nla_rl.run_logs import RunLogs
+
+CONNECT_TIMEOUT_S = 10.0  # per host tried: a cluster's head answers at once or not at all
+
+
+class RayConnectError(NLAError):
+    """``RAY_ADDRESS`` names a Ray cluster that does not answer."""
 
 _RUN_LOGS: RunLogs | None = None  # where actors started now send their output (None: console)
 
@@ -154,7 +162,40 @@ def connect_ray(num_cpus: float | None = None):
     options = dict(log_to_driver=not quiet, logging_level=logging.WARNING if quiet else logging.INFO)
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address)  # Ray itself retries an unreachable head forever, silently
         ray.init(address=address, **options)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
     return ray
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise :class:`RayConnectError` unless something accepts a connection at ``address``
+    (``host:port`` or ``ray://host:port``; ``auto`` and ``local`` are Ray's to resolve) within
+    ``timeout_s`` per host tried. A loopback host is also tried at this node's address, where
+    Ray binds the head even when it is asked for 127.0.0.1."""
+    target = address.split("://", 1)[-1]
+    if target in ("auto", "local") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        port_number = int(port)
+    except ValueError:
+        return  # not host:port: Ray's own parser says what is wrong with it
+    hosts = [host.strip("[]")]
+    if hosts[0] in ("127.0.0.1", "localhost", "::1"):
+        from ray.util import get_node_ip_address
+
+        hosts.append(get_node_ip_address())
+    failures = []
+    for h in dict.fromkeys(hosts):
+        try:
+            with socket.create_connection((h, port_number), timeout=timeout_s):
+                return
+        except OSError as err:
+            failures.append(f"{h}:{port_number} ({err.strerror or type(err).__name__})")
+    raise RayConnectError(
+        f"RAY_ADDRESS={address}: no Ray cluster answers there (tried {', '.join(failures)}). "
+        "Start one with `ray start --head` and set RAY_ADDRESS to the address it prints (or "
+        "auto), point RAY_ADDRESS at a running cluster's head (host:6379), or unset RAY_ADDRESS "
+        "to run on a private local cluster")

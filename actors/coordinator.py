@@ -62,6 +62,7 @@ class RLWorld:
     sync_seconds: list = field(default_factory=list)
     alarm: RewardTruthAlarm | None = None  # reward-vs-truth alarm (built from the recipe)
     warn: object = print  # where the alarm's warning goes (the console)
+    deadline: object = None  # the CallDeadline the actors share; the loop feeds it step times
 
     def __post_init__(self):
         if self.alarm is None:
@@ -175,8 +176,8 @@ def sync_engines(world: RLWorld, verify: bool = True) -> dict:
     started = time.perf_counter()
     lora = world.policy.spec.model.lora
     # LoRA: only the adapter is gathered (the frozen base never changes on the engines).
-    state = world.policy.trainable_state_dict() if lora.rank > 0 else \
-        world.policy.full_state_dict()
+    state = world.policy.trainable_state_dict(phase="sync weights") if lora.rank > 0 else \
+        world.policy.full_state_dict(phase="sync weights")
     gathered = time.perf_counter()
     requests, completions = world.probe
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -352,7 +353,10 @@ def rl_loop(world: RLWorld, start: int) -> None:
         if step == start and rl.stop_on_unhealthy:
             check_step0_health(metrics)  # broken injection or >50% failures: stop now
         metrics.update(replacement_metrics(world.engines.drain_replacements(), step + 1))
+        metrics.update(world.engines.heartbeat())  # health/engine_{last_call,deadline}_s
         metrics["perf/step_s"] = time.perf_counter() - started
+        if world.deadline is not None:
+            world.deadline.observe(metrics["perf/step_s"])
         world.tracker.log(step + 1, metrics, stage="rl")
         if (step + 1) % rl.samples_every == 0 or step + 1 == rl.steps:
             world.tracker.log_samples(step + 1, samples_table(

@@ -6,6 +6,8 @@ atomically; a rerun skips shards whose file exists, which is how a killed run re
 reads shards in index order, so the merged file is the same whatever order workers finished in.
 Finished shards are reused only if ``shards.json`` says they came from the same extraction spec,
 sharding and documents; otherwise they are stale and deleted before extracting again.
+A worker that does not finish a shard within its deadline (:mod:`actors.deadline`) stops the
+stage with :class:`ExtractionHungError`; the finished shards stay, so a rerun resumes.
 """
 
 from __future__ import annotations
@@ -25,8 +27,13 @@ from nla_rl.atomic import atomic_write_text
 from nla_rl.data.corpus import Document
 from nla_rl.data.extract import ActivationExtractor, ExtractStats
 from nla_rl.data.store import write_table_atomic
+from nla_rl.errors import NLAError
 
 SHARD_PATTERN = "shard-{:06d}.parquet"
+
+
+class ExtractionHungError(NLAError):
+    """An extraction worker did not finish its shard within the deadline."""
 
 
 @dataclass(frozen=True)
@@ -87,9 +94,11 @@ def shard_documents(docs: Sequence[Document], docs_per_shard: int) -> list[list[
 
 def run_extraction(spec: ExtractionSpec, docs: Sequence[Document], shard_dir: Path, *,
                    docs_per_shard: int, num_workers: int, cpus_per_worker: float = 1.0,
-                   gpus_per_worker: float = 0.0,
-                   progress: bool = True) -> ExtractStats:
+                   gpus_per_worker: float = 0.0, progress: bool = True,
+                   deadline=None) -> ExtractStats:
     """Extract every unfinished shard; ``num_workers=0`` runs in this process (no Ray).
+    ``deadline``: how long a worker may take per shard (:class:`actors.deadline.CallDeadline`,
+    fed the shard times; default from the recipe defaults).
 
     Returns the summed counts of all shards (finished earlier or now).
     """
@@ -107,8 +116,10 @@ def run_extraction(spec: ExtractionSpec, docs: Sequence[Document], shard_dir: Pa
             extract_shard(extractor, shards[i], shard_path(shard_dir, i))
             bar.update(len(shards[i]))
     elif todo:
+        from actors.deadline import CallDeadline
+
         _run_on_ray(spec, shards, todo, shard_dir, num_workers, (cpus_per_worker, gpus_per_worker),
-                    bar)
+                    bar, deadline or CallDeadline.from_run())
     bar.close()
     if todo and progress:
         done = sum(len(shards[i]) for i in todo)
@@ -117,9 +128,10 @@ def run_extraction(spec: ExtractionSpec, docs: Sequence[Document], shard_dir: Pa
     return sum((_read_stats(shard_path(shard_dir, i)) for i in range(len(shards))), ExtractStats())
 
 
-def _run_on_ray(spec, shards, todo, shard_dir, num_workers, resources, bar) -> None:
+def _run_on_ray(spec, shards, todo, shard_dir, num_workers, resources, bar, deadline) -> None:
+    """Each worker takes the next unfinished shard when it is free; a shard's time (from its
+    launch) is a step of the ``deadline``, which bounds every shard still running."""
     import ray
-    from ray.util import ActorPool
 
     from actors.cluster import current_actor_logs
 
@@ -127,10 +139,32 @@ def _run_on_ray(spec, shards, todo, shard_dir, num_workers, resources, bar) -> N
     worker_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(ExtractionWorker)
     workers = [worker_cls.remote(spec, logs=current_actor_logs())
                for _ in range(min(num_workers, len(todo)))]
-    pool = ActorPool(workers)
-    jobs = ((i, shards[i], str(shard_path(shard_dir, i))) for i in todo)
+    jobs, idle = iter(todo), list(range(len(workers)))
+    running: dict = {}  # ref -> (worker, shard, launched)
     try:
-        for _, n_docs, _ in pool.map_unordered(lambda w, job: w.run.remote(*job), jobs):
+        while True:
+            while idle and (i := next(jobs, None)) is not None:
+                w = idle.pop()
+                ref = workers[w].run.remote(i, shards[i], str(shard_path(shard_dir, i)))
+                running[ref] = (w, i, time.perf_counter())
+            if not running:
+                return
+            limit = deadline.seconds()
+            due = min(launched for _, _, launched in running.values()) + limit
+            ready, _ = ray.wait(list(running), num_returns=1,
+                                timeout=max(0.0, due - time.perf_counter()))
+            if not ready:
+                w, i, _ = min(running.values(), key=lambda job: job[2])
+                raise ExtractionHungError(
+                    f"datagen: extraction worker {w} did not finish shard {i} "
+                    f"({shard_path(shard_dir, i).name}) within {limit:.3g}s; the stage is stopped. "
+                    f"The finished shards are kept in {shard_dir}: rerunning the datagen stage "
+                    "resumes at the first unfinished one. See <run>/logs/datagen.log (or "
+                    "--verbose); if extraction is merely slow, raise run.call_timeout_floor_s")
+            w, _, launched = running.pop(ready[0])
+            _, n_docs, _ = ray.get(ready[0])
+            deadline.observe(time.perf_counter() - launched)
+            idle.append(w)
             bar.update(n_docs)
     finally:
         for worker in workers:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from actors.backends import OptimSpec
+from actors.deadline import CallDeadline
 from actors.learner_models import ModelSpec
 from nla_rl.errors import NLAError
 
@@ -34,6 +35,14 @@ MODEL_FILE = "model.safetensors"
 
 class LearnerError(NLAError):
     """A learner group was asked for something it cannot do with these inputs."""
+
+
+class LearnerHungError(NLAError):
+    """A learner rank did not answer within its deadline: the run is stopped (its ranks killed)."""
+
+
+# What a call of the group is doing, in the words of the error a hang raises.
+LOSS_PHASES = {"grpo": "grpo update", "ar_sft": "ar step", "av_sft": "av step"}
 
 
 @dataclass(frozen=True)
@@ -328,14 +337,19 @@ def _pad_to_multiple(items: list, multiple: int) -> tuple[list, int]:
 class LearnerGroup:
     """Driver-side handle of N learner ranks (see the module doc)."""
 
+    rank_body = LearnerRank  # what each Ray actor runs (a test swaps in one that stalls)
+
     def __init__(self, spec: LearnerSpec, *, world_size: int, num_cpus_per_rank: float = 1.0,
                  num_gpus_per_rank: float = 0.0, name: str = "learner", checkpoints=None,
-                 placement_group=None, bundle_indices: Sequence[int] | None = None):
+                 placement_group=None, bundle_indices: Sequence[int] | None = None,
+                 deadline: CallDeadline | None = None):
         """``checkpoints``: a :class:`nla_rl.checkpoint.CheckpointManager` for :meth:`save` /
         :meth:`load` (its root must be reachable by every rank). ``placement_group``: one
         reserved by the caller (e.g. shared with the engines, :mod:`actors.placement`); rank r
         goes into its bundle ``bundle_indices[r]`` (default r) asking ``num_*_per_rank`` of it,
-        and the group stays the caller's to release. Without it the group reserves its own."""
+        and the group stays the caller's to release. Without it the group reserves its own.
+        ``deadline``: how long a call may take (the run's, from ``run.call_timeout_*``); a rank
+        that does not answer in time stops the group with :class:`LearnerHungError`."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -349,6 +363,7 @@ class LearnerGroup:
                                "or learner.zero_stage=2 with DeepSpeed; ZeRO-3 is not supported")
         self.spec, self.world_size, self.name = spec, world_size, name
         self.checkpoints = checkpoints
+        self.deadline = deadline or CallDeadline.from_run()
         if placement_group is None:
             self.placement, self._owns_placement = reserve(
                 world_size, num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank), True
@@ -362,7 +377,7 @@ class LearnerGroup:
         threads = str(spec.threads_per_rank)
         env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                "TOKENIZERS_PARALLELISM": "false"}
-        actor = ray.remote(LearnerRank)
+        actor = ray.remote(self.rank_body)
         try:
             self.ranks = [
                 actor.options(
@@ -380,21 +395,71 @@ class LearnerGroup:
             raise
 
     # ------------------------------------------------------------------------------- fan-out
-    def _all(self, method: str, *args, per_rank: list | None = None, **kwargs) -> list:
-        """Call ``method`` on every rank (``per_rank[r]`` prepended to rank r's args)."""
+    def _all(self, method: str, *args, phase: str, per_rank: list | None = None) -> list:
+        """Call ``method`` on every rank (``per_rank[r]`` prepended to rank r's args), within
+        the deadline of ``phase`` (:meth:`_gather`)."""
+        refs = [getattr(rank, method).remote(*((per_rank[r],) if per_rank else ()), *args)
+                for r, rank in enumerate(self.ranks)]
+        return self._gather(refs, phase)
+
+    def _gather(self, refs: list, phase: str) -> list:
+        """Every rank's answer, in rank order. A rank's own error is raised as soon as it
+        arrives (the others may wait on it in a collective); ranks still silent when ``phase``'s
+        deadline passes stop the group with :class:`LearnerHungError`."""
         import ray
 
-        refs = [getattr(rank, method).remote(*((per_rank[r],) if per_rank else ()), *args, **kwargs)
-                for r, rank in enumerate(self.ranks)]
-        return ray.get(refs)
+        started = time.perf_counter()
+        limit = self.deadline.seconds(phase)
+        index = {ref: r for r, ref in enumerate(refs)}
+        out, pending = [None] * len(refs), list(refs)
+        while pending:
+            left = max(0.0, started + limit - time.perf_counter())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                raise self._hung([index[ref] for ref in pending], phase, limit)
+            out[index[ready[0]]] = ray.get(ready[0])
+        self.deadline.observe(time.perf_counter() - started, phase)
+        return out
+
+    def _hung(self, silent: list[int], phase: str, limit: float) -> LearnerHungError:
+        """The one error of a hang: which rank(s), doing what, where to resume from. The ranks
+        are killed first (a hung rank holds its devices and its peers)."""
+        self.shutdown()
+        def ranks(which: list[int]) -> str:
+            return f"rank{'s' * (len(which) > 1)} {', '.join(map(str, which))}"
+
+        if len(silent) < self.world_size:
+            answered = sorted(set(range(self.world_size)) - set(silent))
+            who = f"{ranks(silent)} did not answer ({ranks(answered)} did)"
+        else:  # one stuck rank holds the others in a collective: no rank can be singled out
+            who = (f"none of ranks 0-{self.world_size - 1} answered (a rank stuck before a "
+                   "collective holds the others in it)" if self.world_size > 1
+                   else "rank 0 did not answer")
+        return LearnerHungError(
+            f"learner {self.name}: {who} within {limit:.3g}s during {phase}; the run is stopped. "
+            f"Last completed checkpoint: {self._last_checkpoint()}. See the rank's log "
+            f"(<run>/logs/learner_{self.spec.model.role}.log, or --verbose) for where it stopped "
+            "(a stuck collective, a lost GPU, a full disk); if the call is merely slow, raise "
+            "run.call_timeout_floor_s or run.call_timeout_factor, then resume with run.resume=true")
+
+    def _last_checkpoint(self) -> str:
+        if self.checkpoints is None:
+            return "none (this group keeps no checkpoints)"
+        try:
+            path = self.checkpoints.latest_valid()
+        except Exception as err:  # a refused checkpoint: say so, the hang is the news here
+            return f"unknown ({err})"
+        return str(path) if path is not None else f"none yet in {self.checkpoints.root}"
 
     def train_step(self, rows: dict, *, loss: str) -> dict:
         """One optimiser step on ``rows`` (split evenly over the ranks); rank 0's global stats."""
-        return self._all("train_step", loss, per_rank=split_rows(rows, self.world_size))[0]
+        return self._all("train_step", loss, phase=LOSS_PHASES.get(loss, f"{loss} step"),
+                         per_rank=split_rows(rows, self.world_size))[0]
 
     def evaluate(self, rows: dict, *, loss: str) -> dict:
         """The global mean of ``loss`` over ``rows``, without gradients."""
-        return self._all("evaluate", loss, per_rank=split_rows(rows, self.world_size))[0]
+        return self._all("evaluate", loss, phase=f"{loss} eval",
+                         per_rank=split_rows(rows, self.world_size))[0]
 
     def av_logprobs(self, prompts: list[list[int]], completions: list[list[int]], vectors, *,
                     reference: bool = False, temperature: float = 1.0) -> list[torch.Tensor]:
@@ -404,11 +469,10 @@ class LearnerGroup:
         triples, n = _pad_to_multiple(list(zip(prompts, completions, vectors)), self.world_size)
         shares = split_rows({"p": [t[0] for t in triples], "c": [t[1] for t in triples],
                              "v": np.stack([t[2] for t in triples])}, self.world_size)
-        import ray
-
         refs = [rank.av_logprobs.remote(s["p"], s["c"], s["v"], reference, temperature)
                 for rank, s in zip(self.ranks, shares)]
-        return [lp for part in ray.get(refs) for lp in part][:n]
+        parts = self._gather(refs, "reference log-probs" if reference else "log-probs")
+        return [lp for part in parts for lp in part][:n]
 
     def reconstruct(self, texts: list[str], *, ema: bool = False,
                     reference: bool = False) -> torch.Tensor:
@@ -417,29 +481,31 @@ class LearnerGroup:
         starting AR (a group built with ``spec.model.with_reference``)."""
         padded, n = _pad_to_multiple(list(texts), self.world_size)
         shares = split_rows({"t": padded}, self.world_size)
-        parts = self._all("reconstruct", ema, reference, per_rank=[s["t"] for s in shares])
+        parts = self._all("reconstruct", ema, reference, phase="reconstruct",
+                          per_rank=[s["t"] for s in shares])
         return torch.cat(parts)[:n]
 
     def placements(self) -> list[dict]:
         """Each rank's node, placement group and assigned resources (rank order)."""
-        return self._all("placement")
+        return self._all("placement", phase="placement")
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full (unsharded) state dict on CPU; every rank takes part, rank 0 returns it."""
-        return self._all("full_state_dict")[0]
+    def full_state_dict(self, *, phase: str = "gather weights") -> dict[str, torch.Tensor]:
+        """The full (unsharded) state dict on CPU; every rank takes part, rank 0 returns it.
+        ``phase``: what the gather is for, as a hang's error names it."""
+        return self._all("full_state_dict", phase=phase)[0]
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+    def trainable_state_dict(self, *, phase: str = "gather weights") -> dict[str, torch.Tensor]:
         """The parameters that require gradients (a LoRA run: the adapter), unsharded on CPU;
         nothing else is gathered."""
-        return self._all("full_state_dict", True)[0]
+        return self._all("full_state_dict", True, phase=phase)[0]
 
     def save_state(self, directory: str | Path) -> None:
         """Every rank writes its share of model, optimiser, scheduler and RNG into ``directory``
         (a directory all ranks can reach: one node, or a shared file system)."""
-        self._all("save_state", str(directory))
+        self._all("save_state", str(directory), phase="save checkpoint")
 
     def load_state(self, directory: str | Path) -> None:
-        self._all("load_state", str(directory))
+        self._all("load_state", str(directory), phase="load checkpoint")
 
     def save(self, step: int, *, extra_files=None) -> Path:
         """Checkpoint ``step`` atomically: every rank's share (model, optimiser, scheduler, RNG),
@@ -449,7 +515,7 @@ class LearnerGroup:
 
         def write(staging: Path) -> None:
             self.save_state(staging)
-            full = self.full_state_dict()  # cloned: tied weights share storage
+            full = self.full_state_dict(phase="save checkpoint")  # cloned: tied weights share storage
             save_file({k: v.contiguous().clone() for k, v in full.items()},
                       str(staging / MODEL_FILE))
             if extra_files is not None:

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import ray
 
 from actors.cluster import current_actor_logs
+from actors.deadline import CallDeadline, DeadlineMissed
 from actors.placement import PlacementError
 from nla_rl.errors import NLAError
 from rollout.base import RolloutRequest, Sample, SamplingSpec
@@ -97,22 +98,30 @@ ACTOR_LOST = (ray.exceptions.RayActorError,)
 @dataclass(frozen=True)
 class EngineReplacement:
     """One lost engine actor that the pool replaced: which, why, during what, and the seconds
-    from noticing the loss to the re-run slice's result (the step's time lost to it)."""
+    from noticing the loss to the re-run slice's result (the step's time lost to it).
+    ``missed_deadline``: it did not die but stopped answering (killed by the pool)."""
 
     engine: int
     cause: str
     method: str
     seconds: float
+    missed_deadline: bool = False
 
 
 def replacement_metrics(events: Sequence[EngineReplacement], step: int) -> dict[str, float]:
-    """A step's ``health/engine_replacements`` (count, 0 on a normal step, so the chart is
-    continuous) and ``perf/engine_replacement_s`` (seconds lost to them); one line per event."""
+    """A step's ``health/engine_replacements`` and ``health/engine_deadline_misses`` (counts, 0
+    on a normal step, so the chart is continuous) and ``perf/engine_replacement_s`` (seconds
+    lost to them); one line per event."""
     for e in events:
         print(f"[rl] step {step}: engine {e.engine} replaced ({e.cause} during {e.method}), "
               f"{e.seconds:.1f}s lost", flush=True)
     return {"health/engine_replacements": float(len(events)),
+            "health/engine_deadline_misses": float(sum(e.missed_deadline for e in events)),
             "perf/engine_replacement_s": float(sum(e.seconds for e in events))}
+
+
+def _why(err: BaseException) -> str:
+    return str(err) if isinstance(err, DeadlineMissed) else type(err).__name__
 
 
 class EngineLostError(NLAError):
@@ -157,8 +166,10 @@ class RolloutPool:
     """Several :class:`RolloutActor` s: a batch is split into contiguous slices (one per actor),
     results come back in request order; weight syncs and verification go to every actor.
 
-    An actor that dies is replaced (same options, latest weights/adapter re-applied) and only its
-    slice re-run with the same seeds, so the results equal those it would have produced; after
+    An actor that dies, or that does not answer a call within ``deadline``
+    (:class:`actors.deadline.CallDeadline`, from the recipe's ``run.call_timeout_*``; it is then
+    killed), is replaced (same options, latest weights/adapter re-applied) and only its slice
+    re-run with the same seeds, so the results equal those it would have produced; after
     ``max_replacements`` failed tries for one call, :class:`EngineLostError`.
 
     ``placement_group``: one reserved by the caller (e.g. shared with the learners, see
@@ -167,22 +178,29 @@ class RolloutPool:
     proved the cluster holds it, so only the bundles are checked; the caller releases the group.
     """
 
+    actor_body = RolloutActor  # what each Ray actor runs (a test swaps in one that stalls)
+
     def __init__(self, kind: str, engine_kwargs: dict, *, num_engines: int = 1,
                  num_cpus_per_engine: float = 1.0, num_gpus_per_engine: float = 0.0,
                  omp_binds: Sequence[str] | None = None, num_threads: int = 1,
                  max_replacements: int = 2, placement_group=None,
-                 bundle_indices: Sequence[int] | None = None):
+                 bundle_indices: Sequence[int] | None = None, deadline: CallDeadline | None = None):
         self._strategies = engine_strategies(num_engines, num_cpus_per_engine, num_gpus_per_engine,
                                              placement_group, bundle_indices)
         self._binds = list(omp_binds) if omp_binds is not None else core_binds(num_engines)
-        self._actor_cls = ray.remote(num_cpus=num_cpus_per_engine, num_gpus=num_gpus_per_engine)(RolloutActor)
+        self._actor_cls = ray.remote(num_cpus=num_cpus_per_engine,
+                                     num_gpus=num_gpus_per_engine)(self.actor_body)
         self._build = (kind, engine_kwargs, num_threads, current_actor_logs())
         self.max_replacements = max_replacements
+        self.deadline = deadline or CallDeadline.from_run()
         self._weights_ref = None  # the last sync_weights payload (kept in the object store)
         self._adapter_dir: str | None = None  # the last adapter synced
         self.replacements: list[EngineReplacement] = []  # since the last drain_replacements()
+        self.call_seconds: list[float] = []  # answered calls' durations, since heartbeat()
+        started = time.perf_counter()
         self.actors = [self._start_actor(i) for i in range(num_engines)]
         ray.get([a.health.remote() for a in self.actors])  # surface start-up errors here
+        self.deadline.observe(time.perf_counter() - started, "engine start")  # bounds replacements
 
     # -- actor lifecycle
     def _start_actor(self, index: int):
@@ -194,46 +212,68 @@ class RolloutPool:
                                 num_threads=num_threads, logs=logs)
 
     def _replace_actor(self, index: int, cause: BaseException) -> None:
-        """A fresh actor at ``index`` serving the latest weights (raises ACTOR_LOST if it dies too)."""
-        try:
-            ray.kill(self.actors[index], no_restart=True)  # an unavailable actor may still hold resources
+        """A fresh actor at ``index`` serving the latest weights (raises ACTOR_LOST if it dies
+        too, :class:`DeadlineMissed` if it does not start in time)."""
+        try:  # an unavailable (or hung) actor may still hold resources
+            ray.kill(self.actors[index], no_restart=True)
         except Exception:  # already gone
             pass
-        print(f"rollout pool: engine actor {index} lost ({type(cause).__name__}); starting a replacement",
+        print(f"rollout pool: engine actor {index} lost ({_why(cause)}); starting a replacement",
               flush=True)
         actor = self._start_actor(index)
         self.actors[index] = actor
-        ray.get(actor.health.remote())
+        self._get(actor.health.remote(), "engine start", time.perf_counter())
         if self._weights_ref is not None:
-            ray.get(actor.sync_weights.remote(self._weights_ref))
+            self._get(actor.sync_weights.remote(self._weights_ref), "sync_weights", time.perf_counter())
         if self._adapter_dir is not None:
-            ray.get(actor.sync_adapter.remote(self._adapter_dir))
+            self._get(actor.sync_adapter.remote(self._adapter_dir), "sync_adapter", time.perf_counter())
+
+    def _get(self, future, phase: str, launched: float):
+        """``ray.get(future)`` within ``phase``'s deadline counted from ``launched``."""
+        limit = self.deadline.seconds(phase)
+        try:
+            result = ray.get(future, timeout=max(0.0, launched + limit - time.perf_counter()))
+        except ray.exceptions.GetTimeoutError:
+            raise DeadlineMissed(phase, limit) from None
+        seconds = time.perf_counter() - launched
+        self.deadline.observe(seconds, phase)
+        self.call_seconds.append(seconds)
+        return result
 
     def _call(self, calls: list[tuple[int, str, tuple]]) -> list:
         """Run ``(actor index, method, args)`` calls in parallel; results in order. A call whose
-        actor died is re-run on a replacement, at most ``max_replacements`` times."""
+        actor died or missed its deadline is re-run on a replacement, at most
+        ``max_replacements`` times."""
+        launched = time.perf_counter()
         futures = [getattr(self.actors[i], method).remote(*args) for i, method, args in calls]
-        return [self._result(i, method, args, future) for (i, method, args), future in zip(calls, futures)]
+        return [self._result(i, method, args, future, launched)
+                for (i, method, args), future in zip(calls, futures)]
 
-    def _result(self, index: int, method: str, args: tuple, future):
+    def _result(self, index: int, method: str, args: tuple, future, launched: float):
         cause, lost_at = None, None
         for attempt in range(self.max_replacements + 1):
             try:
                 if attempt:
                     self._replace_actor(index, cause)
                     future = getattr(self.actors[index], method).remote(*args)
-                result = ray.get(future)
+                    launched = time.perf_counter()
+                result = self._get(future, method, launched)
                 if lost_at is not None:
                     self.replacements.append(EngineReplacement(
-                        index, type(cause).__name__, method, time.perf_counter() - lost_at))
+                        index, _why(cause), method, time.perf_counter() - lost_at,
+                        missed_deadline=isinstance(cause, DeadlineMissed)))
                 return result
-            except ACTOR_LOST as err:
+            except (*ACTOR_LOST, DeadlineMissed) as err:
                 cause = err
                 lost_at = lost_at if lost_at is not None else time.perf_counter()
+        hung = isinstance(cause, DeadlineMissed)
         raise EngineLostError(
-            f"rollout engine actor {index} died during {method} and its {self.max_replacements} "
-            f"replacement(s) died too; last cause: {cause}. Check the engine's log (out of memory, "
-            "model_dir not readable from every node, a crashed node) and the cluster's health") from cause
+            f"rollout engine actor {index} {'stopped answering' if hung else 'died'} during "
+            f"{method} and its {self.max_replacements} replacement(s) failed too; last cause: "
+            f"{cause}. Check the engine's log (out of memory, model_dir not readable from every "
+            "node, a crashed node) and the cluster's health"
+            + ("; if generation is merely slow, raise run.call_timeout_floor_s" if hung else "")
+        ) from cause
 
     def _broadcast(self, method: str, *args) -> list:
         return self._call([(i, method, args) for i in range(len(self.actors))])
@@ -273,6 +313,13 @@ class RolloutPool:
         out, self.replacements = self.replacements, []
         return out
 
+    def heartbeat(self) -> dict[str, float]:
+        """``health/engine_last_call_s``: the longest engine call answered since the last
+        heartbeat (0 when none); ``health/engine_deadline_s``: how long a generate may take now."""
+        seconds, self.call_seconds = self.call_seconds, []
+        return {"health/engine_last_call_s": max(seconds, default=0.0),
+                "health/engine_deadline_s": self.deadline.seconds("generate")}
+
     def health(self) -> list[dict]:
         return self._broadcast("health")
 
@@ -283,10 +330,12 @@ class RolloutPool:
 
 
 def pool_from_recipe(cfg, *, model_dir: str, marker, injection, max_model_len: int = 1024,
-                     num_cpus_per_engine: float = 1.0, colocated=None) -> RolloutPool:
+                     num_cpus_per_engine: float = 1.0, colocated=None,
+                     deadline: CallDeadline | None = None) -> RolloutPool:
     """The rollout pool a recipe asks for (``cfg.engine``), serving ``model_dir`` with the run's
     resolved marker and :class:`nla_rl.roundtrip.InjectionSpec` (read from the sidecar);
-    ``colocated``: the :class:`actors.placement.Colocated` group engine i shares with rank i."""
+    ``colocated``: the :class:`actors.placement.Colocated` group engine i shares with rank i;
+    ``deadline``: the run's (default: from ``cfg.run``)."""
     import torch
 
     engine_kwargs = dict(model_dir=str(model_dir), marker=marker, injection=injection,
@@ -297,11 +346,13 @@ def pool_from_recipe(cfg, *, model_dir: str, marker, injection, max_model_len: i
     tensor_parallel = getattr(cfg.engine, "tensor_parallel_size", 1)
     if tensor_parallel > 1:
         engine_kwargs["tensor_parallel_size"] = tensor_parallel
+    deadline = deadline or CallDeadline.from_run(cfg.run)
     if colocated is not None:
         return RolloutPool(cfg.engine.kind, engine_kwargs, num_engines=cfg.engine.num_engines,
+                           deadline=deadline,
                            num_cpus_per_engine=colocated.num_cpus,
                            num_gpus_per_engine=colocated.num_gpus, placement_group=colocated.group,
                            bundle_indices=colocated.bundles(cfg.engine.num_engines))
     return RolloutPool(cfg.engine.kind, engine_kwargs, num_engines=cfg.engine.num_engines,
-                       num_cpus_per_engine=num_cpus_per_engine,
+                       deadline=deadline, num_cpus_per_engine=num_cpus_per_engine,
                        num_gpus_per_engine=float(tensor_parallel) if torch.cuda.is_available() else 0.0)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from actors.datagen import ExtractionSpec, merge_shards, run_extraction, shard_documents
+from actors.deadline import CallDeadline
 from nla_rl.base_model import TOYWORLD, resolve_base_model
 from nla_rl.config import RecipeConfig
 from nla_rl.data.build import (activation_norm_stats, label_with_teacher, label_with_toy_teacher,
@@ -108,7 +109,8 @@ def _extract(cfg: RecipeConfig, base_dir: Path, docs, data_dir: Path):
         connect_ray(num_cpus=recipe_cpus(cfg))
     return run_extraction(spec, docs, data_dir / "shards", docs_per_shard=cfg.data.docs_per_shard,
                           num_workers=cfg.data.workers, cpus_per_worker=cfg.data.cpus_per_worker,
-                          gpus_per_worker=cfg.data.gpus_per_worker)
+                          gpus_per_worker=cfg.data.gpus_per_worker,
+                          deadline=CallDeadline.from_run(cfg.run))
 
 
 def _label(cfg: RecipeConfig, table, tokenizer, data_dir: Path):

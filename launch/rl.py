@@ -76,6 +76,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path, tracker):
 
     from actors.cluster import connect_ray, recipe_cpus
     from actors.coordinator import RLWorld
+    from actors.deadline import CallDeadline
     from actors.learner import LearnerGroup
     from actors.placement import colocated_for_recipe
     from actors.rollout import pool_from_recipe
@@ -106,6 +107,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path, tracker):
 
     connect_ray(num_cpus=recipe_cpus(cfg))
     started = []  # shut down last first: a shared placement group after the actors in it
+    deadline = CallDeadline.from_run(cfg.run)  # one for every actor: fed the loop's step times
     try:
         colocated = colocated_for_recipe(cfg)  # None: learner.placement=separate
         if colocated is not None:
@@ -114,7 +116,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path, tracker):
                                    injection=injection,
                                    max_model_len=len(prompt) + cfg.rl.max_new_tokens + 16,
                                    num_cpus_per_engine=cfg.learner.num_cpus_per_rank,
-                                   colocated=colocated)
+                                   colocated=colocated, deadline=deadline)
         started.append(engines)
         groups = {}
         for role, model_dir, meta in (("av", av_dir, av_meta), ("ar", ar_dir, ar_meta)):
@@ -126,7 +128,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path, tracker):
             manager = CheckpointManager.for_recipe(run_dir / "rl" / role, cfg, f"rl_{role}",
                                                    keep_last=keep)
             groups[role] = LearnerGroup(spec, world_size=ranks, name=f"rl_{role}",
-                                        checkpoints=manager,
+                                        checkpoints=manager, deadline=deadline,
                                         **learner_placement(cfg, colocated, ranks))
             started.append(groups[role])
     except BaseException:
@@ -143,7 +145,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path, tracker):
                     prefill=cfg.templates.av_prefill, eos_ids=frozenset(eos),
                     mse_scale=av_meta.mse_scale, probe=probe,
                     basis=None if basis_path is None else load_reward_basis(basis_path),
-                    sync_tolerance=tolerance,
+                    sync_tolerance=tolerance, deadline=deadline,
                     adapter_dir=str(run_dir / "rl" / "adapter"))
     world.save = lambda step, skipped: save_both(world, step, skipped)
     return world, (av_dir, ar_dir, av_meta, ar_meta, injection), started

@@ -159,6 +159,7 @@ def held_out(group, role: str, held: Split | None, *, rows: int, world: int, mse
 def run_sft(cfg: RecipeConfig, run_dir: Path, stage: str, tracker) -> Path:
     """Train ``stage``'s role, logging to the run's ``tracker``; returns the ``final/`` directory."""
     from actors.cluster import connect_ray, recipe_cpus
+    from actors.deadline import CallDeadline
     from actors.learner import LearnerGroup
     from nla_rl.checkpoint import CheckpointManager
 
@@ -177,7 +178,7 @@ def run_sft(cfg: RecipeConfig, run_dir: Path, stage: str, tracker) -> Path:
     connect_ray(num_cpus=recipe_cpus(cfg))
     group = LearnerGroup(spec, world_size=ranks, num_cpus_per_rank=cfg.learner.num_cpus_per_rank,
                          num_gpus_per_rank=cfg.learner.num_gpus_per_rank, name=stage,
-                         checkpoints=manager)
+                         checkpoints=manager, deadline=CallDeadline.from_run(cfg.run))
     try:
         _train(cfg, stage, group, train, held, meta, tracker)
         return write_final(cfg, run_dir, stage, group, meta, injection, spec)
@@ -211,6 +212,7 @@ def _train(cfg, stage: str, group, train: Split, held: Split | None, meta: Model
     tracker.rewind(start, stage)  # steps after `start` are logged again: one history
     bar = tqdm(range(start, sft.steps), initial=start, total=sft.steps, desc=stage, unit="step")
     for step in bar:
+        step_started = time.perf_counter()
         rows = train.rows(cursor.next_indices(sft.batch_size))
         started = time.perf_counter()
         stats = group.train_step(rows, loss=f"{role}_sft")
@@ -235,6 +237,7 @@ def _train(cfg, stage: str, group, train: Split, held: Split | None, meta: Model
                 atomic_write_json(staging / "progress.json",
                                   {"step": done, "skipped_steps": skipped})
             group.save(done, extra_files=extra)
+        group.deadline.observe(time.perf_counter() - step_started)  # bounds the next calls
     bar.close()
 
 

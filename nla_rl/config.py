@@ -106,6 +106,15 @@ class RunConfig(ConfigSection):
     verbose: bool = param(False, "Show third-party output (vLLM, Ray actors, transformers, "
                           "torch.distributed) on the console; off: it goes to <dir>/logs/<process "
                           "kind>.log and the console shows one line per RL step (--verbose sets it).")
+    call_timeout_floor_s: float = param(
+        600.0, "Least time a remote call of the RL, SFT or datagen loop (an engine's generate, a "
+        "learner rank's update, a weight sync, a shard) may take before it counts as hung: an "
+        "engine is then killed and replaced, a learner rank stops the run with an error naming "
+        "it. Alone it bounds the first calls; raise it when a first checkpoint of a large model "
+        "takes longer.", gt=0)
+    call_timeout_factor: float = param(
+        5.0, "A call's deadline is max(call_timeout_floor_s, this x the longest of the last 10 "
+        "step times and durations of the same call).", ge=1)
 
     def validate(self):
         _require(bool(self.name) and "/" not in self.name, "name",

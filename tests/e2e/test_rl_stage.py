@@ -68,6 +68,9 @@ def test_every_step_is_logged_healthy(rl_run):
                     "perf/reconstruct_s", "perf/av/compute_s", "train/av/clip_frac",
                     "train/av/is_ratio_mean", "reward/group_std", "health/engine_replacements"):
             assert key in r, key
+        # The engines' heartbeat: every call answered well within its deadline (the floor).
+        assert 0 < r["health/engine_last_call_s"] < r["health/engine_deadline_s"]
+        assert r["health/engine_deadline_s"] >= 600 and r["health/engine_deadline_misses"] == 0
         # The online AR trains on the rollouts' extracted explanations, when there are any.
         assert ("train/ar/loss" in r) == (r["reward/extraction_failure_rate"] < 1.0)
     samples = [json.loads(l) for l in (rl_run / "logs" / "samples.jsonl").read_text().splitlines()]
