@@ -13,7 +13,7 @@ run: $(STAMP)
 	$(PY) -m launch.train $(RECIPE) run.dir=$(RUN)
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests --durations=25
 
 install: $(STAMP)
 

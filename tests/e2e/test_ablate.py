@@ -3,34 +3,34 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
 
 from launch.ablate import ablate
-from launch.train import main
 from nla_rl.errors import ConfigError
 from tests.e2e.conftest import FAST, TINY
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_variants_from_one_sft_pair(new_run):
-    run_dir = new_run("ablate")
-    assert main([TINY, f"run.dir={run_dir}", *FAST,
-                 "run.stages=[prepare,datagen,ar_sft,av_sft]"]) == 0
+def test_two_variants_from_one_sft_pair(tiny_pipeline, tmp_path):
+    run_dir = tmp_path / "ablate"
+    shutil.copytree(tiny_pipeline, run_dir)  # the session's whole tiny run: its SFT pair is reused
     with pytest.raises(ConfigError, match="unknown variant"):
         ablate(TINY, run_dir, ["recipe", "no_such_variant"], [0], FAST)
     assert not (run_dir / "ablate").exists()  # refused before any run
 
-    summary = ablate(TINY, run_dir, ["recipe", "basis_whiten"], [0, 1], FAST, steps=2)
+    # one seed each keeps CI short; seed 1 still shows rl.seed moves apart from run.seed
+    summary = ablate(TINY, run_dir, ["recipe", "basis_whiten"], [1], FAST, steps=2)
     assert [s["variant"] for s in summary] == ["recipe", "basis_whiten"]
-    assert all(s["seeds"] == [0, 1] for s in summary)
+    assert all(s["seeds"] == [1] for s in summary)
     table = (run_dir / "ablate" / "table.md").read_text()
-    assert "| recipe | 0,1 |" in table and "| basis_whiten | 0,1 |" in table
+    assert "| recipe | 1 |" in table and "| basis_whiten | 1 |" in table
     rows = json.loads((run_dir / "ablate" / "table.json").read_text())["rows"]
-    assert len(rows) == 4 and all(r["rl_s"] > 0 for r in rows)
-    for name in ("recipe-s0", "basis_whiten-s1"):
+    assert len(rows) == 2 and all(r["rl_s"] > 0 for r in rows)
+    for name in ("recipe-s1", "basis_whiten-s1"):
         variant = run_dir / "ablate" / name
         assert (variant / "av_sft").resolve() == (run_dir / "av_sft").resolve()  # same SFT pair
         assert (variant / "eval" / "report.json").is_file()
@@ -54,7 +54,7 @@ def test_two_variants_from_one_sft_pair(new_run):
     report = json.loads((whiten / "eval" / "report.json").read_text())
     assert report["settings"]["reward_basis"] == "whiten"
     assert report["metrics"]["reward_mse"] != pytest.approx(report["metrics"]["mse"])
-    plain = json.loads((run_dir / "ablate" / "recipe-s0" / "eval" / "report.json").read_text())
+    plain = json.loads((run_dir / "ablate" / "recipe-s1" / "eval" / "report.json").read_text())
     assert plain["settings"]["reward_basis"] == "raw"
     assert plain["metrics"]["reward_mse"] == pytest.approx(plain["metrics"]["mse"])
 

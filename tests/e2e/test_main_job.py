@@ -11,24 +11,12 @@ import yaml
 
 from launch.train import main
 from nla_rl.sidecar import read_model_sidecar
-from tests.e2e.conftest import FAST, TINY
+from tests.e2e.conftest import FAST, SECRET, TINY
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, monkeypatch_module, toy_base):
-    run_dir = tmp_path_factory.mktemp("run") / "tiny"
-    run_dir.mkdir()
-    shutil.copytree(toy_base, run_dir / "base")
-    monkeypatch_module.setenv("WANDB_API_KEY", "sk-secret-value-never-logged")
-    assert main([TINY, f"run.dir={run_dir}", *FAST]) == 0
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
+def tiny_run(tiny_pipeline):
+    return tiny_pipeline
 
 
 def test_run_writes_the_run_directory(tiny_run):
@@ -86,7 +74,7 @@ def test_resolved_recipe_is_written_and_reloads(tiny_run):
     recipe = yaml.safe_load((tiny_run / "recipe.yaml").read_text())
     assert recipe["run"]["dir"] == str(tiny_run)
     assert recipe["data"]["num_docs"] == 60
-    assert "sk-secret-value-never-logged" not in (tiny_run / "recipe.yaml").read_text()
+    assert SECRET not in (tiny_run / "recipe.yaml").read_text()
 
 
 def test_rerun_reuses_the_base_model(tiny_run):

@@ -266,8 +266,8 @@ def test_a_sidecar_with_another_injection_fails_verification(run_dir, tmp_path, 
 def test_a_wrong_value_head_fails_verification(run_dir, tmp_path, monkeypatch):
     real_write = export._write_ar
 
-    def corrupt(ar, tokenizer, sidecar, directory):
-        real_write(ar, tokenizer, sidecar, directory)
+    def corrupt(ar, tokenizer, sidecar, directory, **kwargs):
+        real_write(ar, tokenizer, sidecar, directory, **kwargs)
         head = load_file(str(directory / VALUE_HEAD_FILE))
         save_file({"weight": head["weight"] * 1.01}, str(directory / VALUE_HEAD_FILE))
 

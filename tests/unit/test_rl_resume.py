@@ -20,6 +20,7 @@ class FakeLearner:
         self.checkpoints = CheckpointManager.for_recipe(root, cfg, f"rl_{role}",
                                                         keep_last=keep_last)
         self.role, self.step, self.loaded = role, 0, None
+        self.spec = SimpleNamespace(model=SimpleNamespace(reward_basis=""))  # raw reward basis
 
     def save(self, step, *, extra_files=None):
         def write(staging):
