@@ -23,6 +23,7 @@ import sys
 
 import yaml
 
+from launch.stop import stop_on_sigterm
 from nla_rl.errors import NLAError
 
 
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with stop_on_sigterm():
+            return args.func(args)
     except NLAError as err:  # bad input: one clear line, exit 2, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from actors.cluster import actor_logs
 from launch.stages import PLANNED, STAGES
+from launch.stop import stop_on_sigterm
 from nla_rl.atomic import check_writable_dir
 from nla_rl.config import dump_recipe, load_recipe
 from nla_rl.errors import ConfigError, NLAError
@@ -152,7 +153,8 @@ def check_resume(cfg, run_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run_dir = run(args.recipe, args.overrides)
+        with stop_on_sigterm():
+            run_dir = run(args.recipe, args.overrides)
     except NLAError as err:  # bad input: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

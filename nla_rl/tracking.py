@@ -161,7 +161,8 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.finish(exit_code=None if exc_type is None else 1)
+        code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1
+        self.finish(exit_code=None if exc_type is None else code)
 
 
 def _define_stage_metrics(run) -> None:
