@@ -7,7 +7,8 @@ Every variant starts from the same run's data and SFT pair (``base``, ``init``, 
 (``RUN/ablate/table.md`` and ``table.json``) reports, per variant, the mean over seeds (± the
 spread when there are several) of: attribute precision and recall and optional-slot recall (toy
 world), top-1 among the hard negatives, FVE, cross-group diversity of the last RL steps'
-rollouts, and the RL wall time.
+rollouts, and the RL wall time. Run again after an interruption, it reuses every variant run
+that finished with the same resolved recipe and redoes the rest.
 """
 
 from __future__ import annotations
@@ -63,15 +64,35 @@ def run_variant(recipe: str, source: Path, name: str, seed: int, overrides: list
     run_dir = source / "ablate" / f"{name}-s{seed}"
     link_shared(source, run_dir)
     extra = [f"rl.steps={steps}"] if steps is not None else []
+    variant = [*overrides, *VARIANTS[name], *extra, f"rl.seed={seed}", f"run.dir={run_dir}",
+               "run.stages=[rl,export,eval]", "run.resume=false"]
     started = time.perf_counter()
-    run(recipe, [*overrides, *VARIANTS[name], *extra, f"rl.seed={seed}", f"run.dir={run_dir}",
-                 "run.stages=[rl,export,eval]", "run.resume=false"])
+    if finished_earlier(recipe, variant, run_dir):
+        print(f"[ablate] {name} seed {seed}: evaluated earlier with the same recipe, reused")
+    else:
+        run(recipe, variant)
     wall = time.perf_counter() - started
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     return {"variant": name, "seed": seed, **{k: report["metrics"].get(k) for k, _ in COLUMNS[:5]},
             "diversity": _tail_mean(run_dir / "logs" / "metrics.jsonl",
                                     "rollout/diversity/cross_group"),
             "rl_s": _stage_seconds(run_dir, wall)}
+
+
+def finished_earlier(recipe: str, overrides: list[str], run_dir: Path) -> bool:
+    """Whether ``run_dir`` already holds this variant's finished run: its stored recipe equals
+    the one these overrides resolve to, and its eval report was written after it. An
+    interrupted ablation, rerun, then redoes only what is missing (or was run differently)."""
+    import yaml
+
+    from nla_rl.config import redact
+
+    stored, report = run_dir / "recipe.yaml", run_dir / "eval" / "report.json"
+    if not (stored.is_file() and report.is_file()
+            and report.stat().st_mtime_ns >= stored.stat().st_mtime_ns):
+        return False
+    wanted = yaml.safe_load(yaml.safe_dump(redact(load_recipe(recipe, overrides)), sort_keys=False))
+    return yaml.safe_load(stored.read_text(encoding="utf-8")) == wanted
 
 
 def _tail_mean(path: Path, key: str) -> float | None:
