@@ -61,6 +61,17 @@ class LearnerSpec:
     ema_decay: float = 0.0  # > 0: keep an EMA of the weights (actors.ema) for reconstruct(ema=True)
 
 
+def raise_bad_input(err: BaseException, before=None) -> None:
+    """A rank's :class:`NLAError` (bad input, a plan that cannot fit) is raised as itself, one
+    clear line, rather than wrapped in Ray's remote traceback; ``before`` runs first (the
+    group's shutdown: the other ranks may wait on the failed one in a collective)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, NLAError):
+        if before is not None:
+            before()
+        raise cause.with_traceback(None) from None
+
+
 def _all_reduce_sum(values: Sequence[float], device) -> list[float]:
     import torch.distributed as dist
 
@@ -101,8 +112,13 @@ class LearnerRank:
                                 init_method=f"tcp://{address}:{port}", rank=self.rank,
                                 world_size=self.world_size)
         spec = self.spec
+        self.memory_plan = self._check_memory_plan()  # before a byte of the model is loaded
         self.tokenizer = load_tokenizer(spec.model)
         model = build_model(spec.model, seed=spec.seed)
+        if spec.model.role == "av":
+            from nla_rl.logprobs import lean_head
+
+            self.memory_plan = self._plan(lean_logprobs=lean_head(model) is not None)
         self.reference = None
         if spec.model.with_reference and spec.model.lora.rank == 0:
             self.reference = self._shard_frozen(frozen_copy(model), decoder_blocks)
@@ -116,6 +132,51 @@ class LearnerRank:
 
             self.ema = WeightEMA(local_weight_tensors(self.backend.module), spec.ema_decay)
         torch.manual_seed(spec.seed + 1 + self.rank)  # each rank its own stream (dropout)
+
+    def _plan(self, lean_logprobs: bool = True):
+        """This rank's :class:`nla_rl.memory_plan.RankPlan`; None when the checkpoint's shape
+        cannot be read (the model loader, next, reports what is wrong with it)."""
+        from nla_rl.memory_plan import MemoryPlanError, plan_rank, read_shape
+
+        spec, model = self.spec, self.spec.model
+        try:
+            shape = read_shape(model.model_dir)
+        except MemoryPlanError:
+            return None
+        return plan_rank(
+            shape, role=model.role, world_size=self.world_size,
+            sharded_weights=spec.backend == "fsdp2" or spec.zero_stage == 3,
+            compute_dtype=model.dtype, lora_rank=model.lora.rank,
+            lora_targets=tuple(model.lora.target_modules), with_reference=model.with_reference,
+            with_ema=spec.ema_decay > 0, gradient_checkpointing=model.gradient_checkpointing,
+            lean_logprobs=lean_logprobs)
+
+    def _what(self) -> str:
+        return f"the {self.spec.model.role.upper()} learner (rank {self.rank} of {self.world_size})"
+
+    def _check_memory_plan(self):
+        """:func:`nla_rl.memory_plan.check_static_fits` against this rank's device and host."""
+        from nla_rl.memory_plan import check_static_fits, device_free_bytes, host_free_bytes
+
+        plan = self._plan()
+        if plan is None:
+            return None
+        check_static_fits(plan, device_free=device_free_bytes(self.device),
+                          host_free=host_free_bytes(), ranks_on_host=1, what=self._what(),
+                          device=str(self.device))
+        return plan
+
+    def _check_micro_batch(self, micro) -> None:
+        """A micro-batch whose activations cannot fit stops with one clear error, not an OOM."""
+        from nla_rl.memory_plan import check_step_fits, device_free_bytes
+
+        if self.memory_plan is None:
+            return
+        rows, length = micro.attention_mask.shape
+        check_step_fits(self.memory_plan, tokens=int(rows * length), rows=int(rows),
+                        device_free=device_free_bytes(self.device), what=self._what(),
+                        device=str(self.device), micro_batch_tokens=self.spec.micro_batch_tokens,
+                        checkpointing=self.spec.model.gradient_checkpointing)
 
     def _shard_frozen(self, model, blocks_of):
         if self.spec.backend != "fsdp2":  # DeepSpeed: the frozen reference stays replicated
@@ -151,6 +212,7 @@ class LearnerRank:
         summed, stats = torch.zeros((), dtype=torch.float64), {}
         started = time.perf_counter()
         for i, micro in enumerate(micros):
+            self._check_micro_batch(micro)
             out = loss.compute(self, model, micro.to(self.device))
             self.backend.backward(out.loss_sum * (self.world_size / total),
                                   last_micro=i == len(micros) - 1)
@@ -390,8 +452,9 @@ class LearnerGroup:
             ]
             address, port = ray.get(self.ranks[0].rendezvous.remote())
             ray.get([r.setup.remote(address, port) for r in self.ranks])
-        except BaseException:
+        except BaseException as err:
             self.shutdown()
+            raise_bad_input(err)
             raise
 
     # ------------------------------------------------------------------------------- fan-out
@@ -417,7 +480,11 @@ class LearnerGroup:
             ready, pending = ray.wait(pending, num_returns=1, timeout=left)
             if not ready:
                 raise self._hung([index[ref] for ref in pending], phase, limit)
-            out[index[ready[0]]] = ray.get(ready[0])
+            try:
+                out[index[ready[0]]] = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as err:
+                raise_bad_input(err, self.shutdown)
+                raise
         self.deadline.observe(time.perf_counter() - started, phase)
         return out
 
