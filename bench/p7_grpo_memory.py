@@ -150,6 +150,16 @@ def lower_bound(layers: int, rows: int) -> dict:
             "padded": batch.input_ids.numel(), "scored": scored}
 
 
+def _plan(bound: dict, layers: int, *, lean: bool):
+    """What the learner's memory plan predicts for this shape and micro-batch (fp32, 1 rank)."""
+    from nla_rl.memory_plan import ModelShape, plan_rank
+
+    shape = ModelShape(params=bound["params"], d_model=D, layers=layers, intermediate=MLP,
+                       vocab=VOCAB, linear_shapes={})
+    return plan_rank(shape, role="av", world_size=1, sharded_weights=True,
+                     compute_dtype="float32", lean_logprobs=lean)
+
+
 def _child(*args: str) -> dict:
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
     if out.returncode != 0:
@@ -183,14 +193,21 @@ def main() -> None:
     print(f"  lower bound {total / gib:.2f} GiB = weights+grads+AdamW {bound['states'] / gib:.2f}"
           f" + saved activations {bound['activations'] / gib:.2f}"
           f" + scored hidden rows {bound['scored_rows'] / gib:.3f}")
+    plans = {variant: _plan(bound, args.layers, lean=variant == "lean")
+             for variant in ("full", "lean")}
+    activations = plans["lean"].parts(bound["padded"])["activations"]
+    print(f"  memory plan (nla_rl.memory_plan): static {plans['lean'].static / gib:.2f} GiB, "
+          f"activations {activations / gib:.2f} GiB = {activations / bound['activations']:.2f}"
+          f" x the measured saved activations")
     ratios, steps = {}, {}
     for variant in ("full", "lean"):
         r = _child("--child", variant, *common)
         ratios[variant], steps[variant] = r["peak"] / total, r["phases"]["step"] / total
         where = "  ".join(f"{k} {v / gib:.2f}" for k, v in r["phases"].items())
+        planned = plans[variant].step(bound["padded"])
         print(f"  {variant:4s}: micro-step peak {r['peak'] / gib:.2f} GiB  peak/bound "
-              f"{ratios[variant]:.2f}  {r['seconds']:.1f} s  loss {r['loss']:.4f}  "
-              f"(peak GiB by phase: {where})")
+              f"{ratios[variant]:.2f}  peak/plan {r['peak'] / planned:.2f}  {r['seconds']:.1f} s"
+              f"  loss {r['loss']:.4f}  (peak GiB by phase: {where})")
     print(f"P7 micro-step (forward + backward) peak/bound: full {ratios['full']:.2f} -> lean "
           f"{ratios['lean']:.2f} (goal <= {GOAL}); the optimiser step after it: full "
           f"{steps['full']:.2f}, lean {steps['lean']:.2f} (AdamW's per-parameter temporaries)")
