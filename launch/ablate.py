@@ -19,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from nla_rl.atomic import atomic_path
+from nla_rl.atomic import atomic_path, atomic_write_json
 from nla_rl.config import load_recipe
 from nla_rl.errors import ConfigError
 
@@ -134,8 +134,7 @@ def ablate(recipe: str, source: Path, variants: list[str], seeds: list[int],
             rows.append(run_variant(recipe, source, name, seed, overrides, steps=steps))
     summary = summarise(rows)
     out = source / "ablate"
-    with atomic_path(out / "table.json") as tmp:
-        tmp.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    atomic_write_json(out / "table.json", {"rows": rows, "summary": summary}, indent=1)
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(render_table(summary))
     return summary

@@ -17,7 +17,6 @@ the report says what the later stages added (``baselines``; ``eval/baseline/<lab
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nla_rl.atomic import atomic_write_text, check_writable_dir
+from nla_rl.atomic import atomic_write_json, atomic_write_text, check_writable_dir
 from nla_rl.config import EvalConfig, RecipeConfig, load_recipe
 from nla_rl.data.store import read_activations, read_rows
 from nla_rl.errors import NLAError
@@ -220,8 +219,7 @@ def _log(run_dir: Path, metrics: dict, controls: dict, baselines: dict, tracker)
 def _write_report(out_dir: Path, report: dict) -> None:
     from launch.eval_report import render_markdown
 
-    atomic_write_text(out_dir / "report.json", json.dumps(_finite_or_none(report), indent=2,
-                                                      ensure_ascii=False))
+    atomic_write_json(out_dir / "report.json", _finite_or_none(report))
     atomic_write_text(out_dir / "report.md", render_markdown(report))
 
 
