@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from actors.datagen import ExtractionSpec, merge_shards, run_extraction, shard_documents
 from actors.deadline import CallDeadline
-from launch.common import choose_data_scale, record_data_scale
+from launch.common import RunPaths, choose_data_scale, record_data_scale
 from nla_rl.base_model import TOYWORLD, resolve_base_model
 from nla_rl.config import RecipeConfig
 from nla_rl.data.build import (activation_norm_stats, label_with_teacher, label_with_toy_teacher,
@@ -34,7 +34,7 @@ def datagen(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
     (``data/*``, ``perf/extract_s``)."""
     from transformers import AutoTokenizer
 
-    data_dir = Path(run_dir) / "data"
+    data_dir = RunPaths(run_dir).data
     base_dir = resolve_base_model(cfg.model.base, run_dir, seed=cfg.run.seed, toyworld=cfg.toyworld)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True,
                                               trust_remote_code=cfg.model.trust_remote_code)
