@@ -18,11 +18,12 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
-from actors.rollout import replacement_metrics
+from actors.rollout import RolloutPool, replacement_metrics
 from nla_rl.config import RecipeConfig
 from nla_rl.data.toyworld import score_explanation
 from nla_rl.grpo import PolicyLossSettings, compute_advantages
@@ -38,15 +39,19 @@ from nla_rl.tracking import Tracker
 from nla_rl.truth import RewardTruthAlarm, diversity_metrics, toy_rollout_metrics
 from rollout.base import RolloutRequest, SamplingSpec
 
+if TYPE_CHECKING:
+    from actors.deadline import CallDeadline
+    from actors.learner import LearnerGroup
+
 
 @dataclass
 class RLWorld:
     """Everything the loop talks to: the actors, the data, the prompt, the tracker."""
 
     cfg: RecipeConfig
-    policy: object  # LearnerGroup, role av
-    critic: object  # LearnerGroup, role ar
-    engines: object  # RolloutPool
+    policy: LearnerGroup  # role av
+    critic: LearnerGroup  # role ar
+    engines: RolloutPool
     data: RLData
     tracker: Tracker
     prompt_ids: list[int]
@@ -56,17 +61,22 @@ class RLWorld:
     basis: RewardBasis | None = None  # the reward's basis (rl.reward_basis; None = raw)
     probe: tuple = ()  # (requests, completions) for the weight-sync verification
     sync_tolerance: float = 2e-3
-    save: object = None  # callable(step, skipped) writing both checkpoints
+    checkpoint: Callable[[RLWorld, int, float], None] | None = None  # (world, step, skipped)
     adapter_dir: str = ""  # LoRA runs: where the synced adapter is written for the engines
     skipped_steps: float = 0.0
     sync_seconds: list = field(default_factory=list)
     alarm: RewardTruthAlarm | None = None  # reward-vs-truth alarm (built from the recipe)
-    warn: object = print  # where the alarm's warning goes (the console)
-    deadline: object = None  # the CallDeadline the actors share; the loop feeds it step times
+    warn: Callable[[str], object] = print  # where the alarm's warning goes (the console)
+    deadline: CallDeadline | None = None  # the actors share it; the loop feeds it step times
 
     def __post_init__(self):
         if self.alarm is None:
             self.alarm = RewardTruthAlarm(window=self.cfg.rl.alarm_window)
+
+    def save(self, step: int, skipped: float) -> None:
+        """Checkpoint both learners at ``step`` (with ``checkpoint``; none: nothing is saved)."""
+        if self.checkpoint is not None:
+            self.checkpoint(self, step, skipped)
 
 
 @dataclass

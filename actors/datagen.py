@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nla_rl.atomic import atomic_write_text
+from nla_rl.atomic import atomic_write_json
 from nla_rl.data.corpus import Document
 from nla_rl.data.extract import ActivationExtractor, ExtractStats
 from nla_rl.data.store import write_table_atomic
@@ -65,7 +65,8 @@ def extract_shard(extractor: ActivationExtractor, docs: Sequence[Document], path
     The counts are written first: a shard's parquet file existing is what marks it finished.
     """
     table, stats = extractor.extract(docs)
-    _write_json_atomic(path.with_suffix(".stats.json"), stats.as_dict())
+    atomic_write_json(path.with_suffix(".stats.json"), stats.as_dict(), indent=None,
+                      sort_keys=True)
     write_table_atomic(table, path)
     return stats.as_dict()
 
@@ -194,7 +195,7 @@ def _discard_stale_shards(shard_dir: Path, key: dict) -> None:
                   f"{', '.join(changed)}; extracting again")
         for path in stale:
             path.unlink()
-        _write_json_atomic(key_path, key)
+        atomic_write_json(key_path, key, indent=None, sort_keys=True)
 
 
 def merge_shards(shard_dir: Path, n_shards: int, out_path: Path) -> int:
@@ -217,7 +218,3 @@ def shard_path(shard_dir: Path, index: int) -> Path:
 
 def _read_stats(path: Path) -> ExtractStats:
     return ExtractStats(**json.loads(path.with_suffix(".stats.json").read_text()))
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, sort_keys=True))

@@ -22,13 +22,13 @@ from actors.cluster import current_actor_logs
 from actors.deadline import CallDeadline, DeadlineMissed
 from actors.placement import PlacementError
 from nla_rl.errors import NLAError
-from rollout.base import RolloutRequest, Sample, SamplingSpec
+from rollout.base import EngineSpec, RolloutRequest, Sample, SamplingSpec
 
 
 class RolloutActor:
     """Ray actor body hosting one :class:`rollout.base.RolloutEngine`."""
 
-    def __init__(self, kind: str, engine_kwargs: dict, *, omp_bind: str | None = None,
+    def __init__(self, spec: EngineSpec, *, omp_bind: str | None = None,
                  num_threads: int = 1, logs=None):
         from nla_rl.run_logs import redirect_process_output
 
@@ -41,9 +41,7 @@ class RolloutActor:
         import torch
 
         torch.set_num_threads(num_threads)
-        from rollout.base import make_engine
-
-        self.engine = make_engine(kind, **engine_kwargs)
+        self.engine = spec.build()
 
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingSpec) -> list[list[Sample]]:
         return self.engine.generate(requests, sampling)
@@ -180,7 +178,7 @@ class RolloutPool:
 
     actor_body = RolloutActor  # what each Ray actor runs (a test swaps in one that stalls)
 
-    def __init__(self, kind: str, engine_kwargs: dict, *, num_engines: int = 1,
+    def __init__(self, spec: EngineSpec, *, num_engines: int = 1,
                  num_cpus_per_engine: float = 1.0, num_gpus_per_engine: float = 0.0,
                  omp_binds: Sequence[str] | None = None, num_threads: int = 1,
                  max_replacements: int = 2, placement_group=None,
@@ -190,7 +188,7 @@ class RolloutPool:
         self._binds = list(omp_binds) if omp_binds is not None else core_binds(num_engines)
         self._actor_cls = ray.remote(num_cpus=num_cpus_per_engine,
                                      num_gpus=num_gpus_per_engine)(self.actor_body)
-        self._build = (kind, engine_kwargs, num_threads, current_actor_logs())
+        self._build = (spec, num_threads, current_actor_logs())
         self.max_replacements = max_replacements
         self.deadline = deadline or CallDeadline.from_run()
         self._weights_ref = None  # the last sync_weights payload (kept in the object store)
@@ -204,11 +202,11 @@ class RolloutPool:
 
     # -- actor lifecycle
     def _start_actor(self, index: int):
-        kind, engine_kwargs, num_threads, logs = self._build
+        spec, num_threads, logs = self._build
         actor_cls = self._actor_cls
         if self._strategies[index] is not None:  # the same bundle as the actor it replaces
             actor_cls = actor_cls.options(scheduling_strategy=self._strategies[index])
-        return actor_cls.remote(kind, engine_kwargs, omp_bind=self._binds[index],
+        return actor_cls.remote(spec, omp_bind=self._binds[index],
                                 num_threads=num_threads, logs=logs)
 
     def _replace_actor(self, index: int, cause: BaseException) -> None:
@@ -338,21 +336,20 @@ def pool_from_recipe(cfg, *, model_dir: str, marker, injection, max_model_len: i
     ``deadline``: the run's (default: from ``cfg.run``)."""
     import torch
 
-    engine_kwargs = dict(model_dir=str(model_dir), marker=marker, injection=injection,
-                         kv_cache_gib=cfg.engine.kv_cache_gib,
-                         gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
-                         lora_rank=cfg.learner.lora_rank, seed=cfg.rl_seed, max_model_len=max_model_len,
-                         dtype=cfg.model.dtype)
     tensor_parallel = getattr(cfg.engine, "tensor_parallel_size", 1)
-    if tensor_parallel > 1:
-        engine_kwargs["tensor_parallel_size"] = tensor_parallel
+    spec = EngineSpec(kind=cfg.engine.kind, model_dir=str(model_dir), marker=marker,
+                      injection=injection, kv_cache_gib=cfg.engine.kv_cache_gib,
+                      gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
+                      lora_rank=cfg.learner.lora_rank, seed=cfg.rl_seed,
+                      max_model_len=max_model_len, dtype=cfg.model.dtype,
+                      tensor_parallel_size=tensor_parallel)
     deadline = deadline or CallDeadline.from_run(cfg.run)
     if colocated is not None:
-        return RolloutPool(cfg.engine.kind, engine_kwargs, num_engines=cfg.engine.num_engines,
+        return RolloutPool(spec, num_engines=cfg.engine.num_engines,
                            deadline=deadline,
                            num_cpus_per_engine=colocated.num_cpus,
                            num_gpus_per_engine=colocated.num_gpus, placement_group=colocated.group,
                            bundle_indices=colocated.bundles(cfg.engine.num_engines))
-    return RolloutPool(cfg.engine.kind, engine_kwargs, num_engines=cfg.engine.num_engines,
+    return RolloutPool(spec, num_engines=cfg.engine.num_engines,
                        deadline=deadline, num_cpus_per_engine=num_cpus_per_engine,
                        num_gpus_per_engine=float(tensor_parallel) if torch.cuda.is_available() else 0.0)

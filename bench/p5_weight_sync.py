@@ -78,6 +78,7 @@ def measure(mode: str, args, model_dir: Path, work: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from actors.rollout import RolloutPool
+    from rollout.base import EngineSpec
     from rollout.base import SamplingSpec
     from rollout.hf_engine import teacher_forced_logprobs
 
@@ -92,8 +93,8 @@ def measure(mode: str, args, model_dir: Path, work: Path) -> dict:
         learner = get_peft_model(learner, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                                                      target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in learner.parameters() if p.requires_grad], lr=1e-4)
-    pool = RolloutPool("vllm", engine_kwargs, num_engines=1, num_cpus_per_engine=1,
-                       omp_binds=[f"0-{args.threads - 1}"])
+    pool = RolloutPool(EngineSpec.from_kwargs("vllm", **engine_kwargs), num_engines=1,
+                       num_cpus_per_engine=1, omp_binds=[f"0-{args.threads - 1}"])
     adapter_dir = work / f"adapter_{mode}"
 
     def sync():

@@ -20,7 +20,8 @@ import os
 import time
 from pathlib import Path
 
-from nla_rl.atomic import atomic_path
+from launch.common import RunPaths
+from nla_rl.atomic import atomic_path, atomic_write_json
 from nla_rl.config import load_recipe
 from nla_rl.errors import ConfigError
 
@@ -72,9 +73,9 @@ def run_variant(recipe: str, source: Path, name: str, seed: int, overrides: list
     else:
         run(recipe, variant)
     wall = time.perf_counter() - started
-    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    report = json.loads((RunPaths(run_dir).eval / "report.json").read_text())
     return {"variant": name, "seed": seed, **{k: report["metrics"].get(k) for k, _ in COLUMNS[:5]},
-            "diversity": _tail_mean(run_dir / "logs" / "metrics.jsonl",
+            "diversity": _tail_mean(RunPaths(run_dir).logs,
                                     "rollout/diversity/cross_group"),
             "rl_s": _stage_seconds(run_dir, wall)}
 
@@ -104,7 +105,7 @@ def _tail_mean(path: Path, key: str) -> float | None:
 
 def _stage_seconds(run_dir: Path, wall: float) -> float:
     """The RL stage's wall time from its logged step times, or the whole variant's."""
-    path = run_dir / "logs" / "metrics.jsonl"
+    path = RunPaths(run_dir).logs
     steps = [row["perf/step_s"] for row in map(json.loads, path.read_text().splitlines())
              if "perf/step_s" in row]
     return sum(steps) if steps else wall
@@ -155,8 +156,7 @@ def ablate(recipe: str, source: Path, variants: list[str], seeds: list[int],
             rows.append(run_variant(recipe, source, name, seed, overrides, steps=steps))
     summary = summarise(rows)
     out = source / "ablate"
-    with atomic_path(out / "table.json") as tmp:
-        tmp.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    atomic_write_json(out / "table.json", {"rows": rows, "summary": summary}, indent=1)
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(render_table(summary))
     return summary

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from actors.datagen import ExtractionSpec, merge_shards, run_extraction, shard_documents
 from actors.deadline import CallDeadline
+from launch.common import RunPaths, choose_data_scale, record_data_scale
 from nla_rl.base_model import TOYWORLD, resolve_base_model
 from nla_rl.config import RecipeConfig
 from nla_rl.data.build import (activation_norm_stats, label_with_teacher, label_with_toy_teacher,
@@ -21,6 +22,7 @@ from nla_rl.data.build import (activation_norm_stats, label_with_teacher, label_
 from nla_rl.data.corpus import read_corpus
 from nla_rl.data.store import read_activations
 from nla_rl.errors import ConfigError
+from nla_rl.injection import InjectionSpec
 from nla_rl.sidecar import DatasetSidecar, make_token_meta, write_dataset_sidecar
 from nla_rl.templates import depth_pct_for
 
@@ -32,7 +34,7 @@ def datagen(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
     (``data/*``, ``perf/extract_s``)."""
     from transformers import AutoTokenizer
 
-    data_dir = Path(run_dir) / "data"
+    data_dir = RunPaths(run_dir).data
     base_dir = resolve_base_model(cfg.model.base, run_dir, seed=cfg.run.seed, toyworld=cfg.toyworld)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True,
                                               trust_remote_code=cfg.model.trust_remote_code)
@@ -65,6 +67,7 @@ def datagen(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
         api_summaries=label_info.get("teacher"), extras=extras)
     write_dataset_sidecar(base_path, sidecar)
     counts = write_splits(table, data_dir, cfg.data.splits.__dict__, cfg.run.seed, sidecar)
+    scale = _record_injection_scale(cfg, data_dir)
     if counts.get("rl", 0) > 1:
         params = mine_rl_negatives(data_dir, top_k=min(cfg.negatives.top_k, counts["rl"] - 1),
                                    exclude_same_doc=cfg.negatives.exclude_same_doc,
@@ -74,7 +77,18 @@ def datagen(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
                     "data/labelled": table.num_rows, "perf/extract_s": extract_seconds,
                     **{f"data/rows/{split}": n for split, n in counts.items()}}, stage="datagen")
     print(f"[datagen] {len(docs)} docs → {len(vectors)} activations in {extract_seconds:.1f}s; "
-          f"labelled {table.num_rows}; splits {counts}")
+          f"labelled {table.num_rows}; splits {counts}; injection scale from data {scale:.6g}")
+
+
+def _record_injection_scale(cfg: RecipeConfig, data_dir: Path) -> float:
+    """Choose the replace scale from the data once (1.1 × the mean norm of the AV-SFT rows) and
+    record it in every data sidecar, where every later stage reads it. A replace recipe that
+    leaves ``injection.scale`` null and gets a scale ≤ 0 is refused here, before any training."""
+    scale, rows = choose_data_scale(data_dir)
+    if cfg.injection.family == "replace" and cfg.injection.scale is None:
+        InjectionSpec("replace", scale)  # raises, naming injection.scale, when not finite and > 0
+    record_data_scale(data_dir, scale, rows)
+    return scale
 
 
 def _depth_pct(cfg: RecipeConfig, base_dir: Path) -> int | None:

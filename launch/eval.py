@@ -17,7 +17,6 @@ the report says what the later stages added (``baselines``; ``eval/baseline/<lab
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -25,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nla_rl.atomic import atomic_write_text, check_writable_dir
+from launch.common import RunPaths
+from nla_rl.atomic import atomic_write_json, atomic_write_text, check_writable_dir
 from nla_rl.config import EvalConfig, RecipeConfig, load_recipe
 from nla_rl.data.store import read_activations, read_rows
 from nla_rl.errors import NLAError
@@ -58,7 +58,7 @@ def pick_models(run_dir: Path) -> tuple[str, Path, Path]:
 
 
 def _run_recipe(run_dir: Path) -> RecipeConfig | None:
-    path = run_dir / "recipe.yaml"
+    path = RunPaths(run_dir).recipe
     return load_recipe(path) if path.is_file() else None
 
 
@@ -116,7 +116,7 @@ def evaluate(run_dir: str | Path, *, av: str | Path | None = None, ar: str | Pat
     if (av is None) != (ar is None):
         raise EvalError("pass both --av and --ar, or neither (the run's most trained pair)")
     label, av_dir, ar_dir = ("given", Path(av), Path(ar)) if av is not None else pick_models(run_dir)
-    eval_path = run_dir / "data" / "eval.parquet"
+    eval_path = RunPaths(run_dir).split("eval")
     if not eval_path.is_file():
         raise EvalError(f"{eval_path} does not exist: the datagen stage writes it")
     if rows < 2:
@@ -161,7 +161,7 @@ def evaluate(run_dir: str | Path, *, av: str | Path | None = None, ar: str | Pat
                      "no_injection_control": control_gens["no_injection"].explanations[i]}
                     for i in range(min(8, len(gold)))],
     }
-    out_dir = run_dir / "eval"
+    out_dir = RunPaths(run_dir).eval
     report["plots"], report["training_curves"] = _plots(run_dir, out_dir, curve, controls, metrics,
                                                         {"model": per_row, **control_rows})
     _write_report(out_dir, report)
@@ -196,7 +196,7 @@ def _plots(run_dir, out_dir, curve, controls, metrics, per_row) -> tuple[list[st
     from launch.eval_plots import (curve_guide, plot_prefix_curve, plot_row_histograms,
                                    plot_training_curves)
 
-    logged = MetricsLog(run_dir / "logs" / "metrics.jsonl").read()
+    logged = MetricsLog(RunPaths(run_dir).logs).read()
     paths = [plot_training_curves(logged, out_dir / "training_curves.png"),
              plot_prefix_curve(curve, {"model": metrics["fve"],
                                        **{f"control: {k}": v["fve"] for k, v in controls.items()}},
@@ -214,14 +214,13 @@ def _log(run_dir: Path, metrics: dict, controls: dict, baselines: dict, tracker)
         tracker.log(0, flat, stage="eval")
         return
     check_metric_names(flat)
-    MetricsLog(run_dir / "logs" / "metrics.jsonl").log(0, flat, stage="eval")
+    MetricsLog(RunPaths(run_dir).logs).log(0, flat, stage="eval")
 
 
 def _write_report(out_dir: Path, report: dict) -> None:
     from launch.eval_report import render_markdown
 
-    atomic_write_text(out_dir / "report.json", json.dumps(_finite_or_none(report), indent=2,
-                                                      ensure_ascii=False))
+    atomic_write_json(out_dir / "report.json", _finite_or_none(report))
     atomic_write_text(out_dir / "report.md", render_markdown(report))
 
 

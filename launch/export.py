@@ -22,13 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch.common import ROLES, RunPaths, has_model, injection_of, trained_or_initial
 from nla_rl.atomic import check_writable_dir
 from nla_rl.config import RecipeConfig
 from nla_rl.export import Exported, ExportError, LoraSettings, export_pair, pair_from_checkpoints
-from nla_rl.sidecar import MODEL_SIDECAR_NAME, read_model_sidecar
+from nla_rl.sidecar import read_model_sidecar
 
 SOURCES = ("rl", "sft", "init", "checkpoint")
-ROLES = ("av", "ar")
 
 
 @dataclass(frozen=True)
@@ -40,22 +40,19 @@ class Checkpoints:
     inits: dict[str, Path]
 
 
-def _has_model(path: Path) -> bool:
-    return (path / MODEL_SIDECAR_NAME).is_file()
-
-
 def final_dirs(run_dir: Path, source: str) -> dict[str, Path] | None:
     """The model directories of ``source`` (rl | sft | init) in ``run_dir``, or None if absent."""
+    run = RunPaths(run_dir)
     if source == "rl":
-        dirs = {role: run_dir / "rl" / "final" / role for role in ROLES}
+        dirs = {role: run.final("rl", role) for role in ROLES}
     elif source == "sft":
-        sft = {role: run_dir / f"{role}_sft" / "final" for role in ROLES}
-        if not any(_has_model(p) for p in sft.values()):
+        sft = {role: run.final(f"{role}_sft") for role in ROLES}
+        if not any(has_model(p) for p in sft.values()):
             return None
-        dirs = {role: p if _has_model(p) else run_dir / "init" / role for role, p in sft.items()}
+        dirs = {role: p if has_model(p) else run.init(role) for role, p in sft.items()}
     else:
-        dirs = {role: run_dir / "init" / role for role in ROLES}
-    return dirs if all(_has_model(p) for p in dirs.values()) else None
+        dirs = {role: run.init(role) for role in ROLES}
+    return dirs if all(has_model(p) for p in dirs.values()) else None
 
 
 def default_source(run_dir: Path) -> str:
@@ -71,21 +68,20 @@ def default_source(run_dir: Path) -> str:
 def _trained_from(run_dir: Path, stage: str, role: str) -> Path:
     """The model directory the checkpoints of ``stage`` were trained from (its config and sidecar)."""
     if stage == "rl":
-        from launch.rl import trained_or_initial
-
         return trained_or_initial(run_dir, role)
-    return run_dir / "init" / role
+    return RunPaths(run_dir).init(role)
 
 
 def find_checkpoints(run_dir: Path, cfg: RecipeConfig, step: int | None = None) -> Checkpoints:
     """The checkpoint of each role to export: RL's if it has any, else the SFT stages'."""
     from nla_rl.checkpoint import CheckpointManager
 
+    run = RunPaths(run_dir)
+
     def managers(stage: str) -> dict:
-        roots = ({r: (run_dir / "rl" / r, f"rl_{r}") for r in ROLES} if stage == "rl"
-                 else {r: (run_dir / f"{r}_sft", f"{r}_sft") for r in ROLES})
-        return {r: CheckpointManager.for_recipe(root, cfg, name, keep_last=None)
-                for r, (root, name) in roots.items()}
+        names = {r: f"rl_{r}" if stage == "rl" else f"{r}_sft" for r in ROLES}
+        return {r: CheckpointManager.for_recipe(run.stage(name), cfg, name, keep_last=None)
+                for r, name in names.items()}
 
     rl = managers("rl")
     stage = "rl" if any(m.steps() for m in rl.values()) else "sft"
@@ -109,28 +105,21 @@ def find_checkpoints(run_dir: Path, cfg: RecipeConfig, step: int | None = None) 
 
 def resolved_scale(run_dir: Path, ckpts: Checkpoints) -> float | None:
     """The replace scale the AV was trained with when its start sidecar left it null: the stage's
-    final model records it; else it is recomputed from the data as that stage did."""
-    from launch.sft import injection_for, load_split
-
+    final model records it; else the one datagen recorded (as that stage read it)."""
     meta = read_model_sidecar(ckpts.inits["av"])
     if meta.injection_family != "replace" or meta.injection_scale is not None:
         return None
-    final = run_dir / ("rl/final/av" if ckpts.stage == "rl" else "av_sft/final")
-    if _has_model(final):
+    run = RunPaths(run_dir)
+    final = run.final("rl", "av") if ckpts.stage == "rl" else run.final("av_sft")
+    if has_model(final):
         return read_model_sidecar(final).injection_scale
-    if ckpts.stage == "rl":
-        from nla_rl.data.store import read_activations
-
-        vectors = read_activations(run_dir / "data" / "rl.parquet")
-    else:
-        vectors = load_split(run_dir / "data" / "av_sft.parquet", init=meta, stage="av_sft").vectors
-    return injection_for(meta, vectors).scale
+    return injection_of(meta, run_dir).scale
 
 
 def _load_run_recipe(run_dir: Path) -> RecipeConfig:
     from nla_rl.config import load_recipe
 
-    path = run_dir / "recipe.yaml"
+    path = RunPaths(run_dir).recipe
     if not path.is_file():
         raise ExportError(f"{path} not found: exporting checkpoints needs the run's recipe (LoRA "
                           "settings, checkpoint fingerprints); is this a run directory?")
@@ -146,12 +135,12 @@ def export_run(run_dir, *, source: str | None = None, step: int | None = None,
         raise ExportError(f"export: {run_dir} " + ("is a file; give a run directory (the run.dir "
                           "of a recipe)" if run_dir.exists() else "does not exist; give a run "
                           "directory (the run.dir of a recipe)"))
-    check_writable_dir(run_dir / "export", "export directory")
+    check_writable_dir(RunPaths(run_dir).export, "export directory")
     if source is not None and source not in SOURCES:
         raise ExportError(f"export source: expected one of {SOURCES}, found {source!r}")
     if step is not None and source != "checkpoint":
         raise ExportError("--step selects a training checkpoint: use it with --from checkpoint")
-    out_root = run_dir / "export"
+    out_root = RunPaths(run_dir).export
     if source == "checkpoint":
         cfg = cfg or _load_run_recipe(run_dir)
         ckpts = find_checkpoints(run_dir, cfg, step)
@@ -179,11 +168,12 @@ def export_run(run_dir, *, source: str | None = None, step: int | None = None,
 
 
 def _expected(run_dir: Path, source: str) -> list[Path]:
+    run = RunPaths(run_dir)
     if source == "rl":
-        return [run_dir / "rl" / "final" / r for r in ROLES]
+        return [run.final("rl", r) for r in ROLES]
     if source == "sft":
-        return [run_dir / f"{r}_sft" / "final" for r in ROLES]
-    return [run_dir / "init" / r for r in ROLES]
+        return [run.final(f"{r}_sft") for r in ROLES]
+    return [run.init(r) for r in ROLES]
 
 
 def export(cfg: RecipeConfig, run_dir: Path, tracker=None) -> None:

@@ -10,26 +10,45 @@ engine pool and two learner groups; runs :func:`actors.coordinator.rl_loop`; che
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from launch.sft import CURSOR_FILE, SFTStageError, injection_for, learner_spec
+from launch.common import (RunPaths, SFTStageError, injection_of, learner_spec, load_progress,
+                           save_progress, save_trained, trained_or_initial)
 from nla_rl.config import RecipeConfig
-from nla_rl.sidecar import MODEL_SIDECAR_NAME, ModelSidecar, read_model_sidecar
+from nla_rl.injection import InjectionSpec
+from nla_rl.sidecar import ModelSidecar, read_model_sidecar
 
-PROGRESS_FILE = "progress.json"
+if TYPE_CHECKING:
+    from actors.coordinator import RLWorld
+
+__all__ = ["RLSetup", "RLStart", "build_world", "check_pair", "resume", "rl", "save_both",
+           "trained_or_initial", "write_finals"]
 
 
-def trained_or_initial(run_dir: Path, role: str) -> Path:
-    """The SFT model of ``role`` when the SFT stage ran, else the initial one."""
-    for path in (run_dir / f"{role}_sft" / "final", run_dir / "init" / role):
-        if (path / MODEL_SIDECAR_NAME).is_file():
-            return path
-    raise SFTStageError(f"rl: no {role.upper()} to start from in {run_dir} (neither "
-                        f"{role}_sft/final nor init/{role}); run.stages must include prepare")
+@dataclass(frozen=True)
+class RLStart:
+    """The pair RL starts from: its directories, sidecars and the AV's injection."""
+
+    av_dir: Path
+    ar_dir: Path
+    av_meta: ModelSidecar
+    ar_meta: ModelSidecar
+    injection: InjectionSpec
+
+
+@dataclass
+class RLSetup:
+    """What :func:`build_world` starts: the loop's world, the pair it starts from, and the actors
+    to shut down (last first: a shared placement group after the actors in it)."""
+
+    world: RLWorld
+    start: RLStart
+    actors: list
 
 
 def check_pair(av: ModelSidecar, ar: ModelSidecar) -> None:
@@ -68,9 +87,8 @@ def learner_placement(cfg: RecipeConfig, colocated, ranks: int) -> dict:
                 placement_group=colocated.group, bundle_indices=colocated.bundles(ranks))
 
 
-def build_world(cfg: RecipeConfig, run_dir: Path, tracker):
-    """Everything the loop needs (``tracker``: the run's, see :class:`nla_rl.tracking.Tracker`);
-    returns (world, actors to shut down)."""
+def build_world(cfg: RecipeConfig, run_dir: Path, tracker) -> RLSetup:
+    """Everything the loop needs (``tracker``: the run's, see :class:`nla_rl.tracking.Tracker`)."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
@@ -88,12 +106,13 @@ def build_world(cfg: RecipeConfig, run_dir: Path, tracker):
     from nla_rl.templates import av_prompt_ids, depth_pct_for
     from rollout.base import RolloutRequest
 
+    run = RunPaths(run_dir)
     av_dir, ar_dir = trained_or_initial(run_dir, "av"), trained_or_initial(run_dir, "ar")
     av_meta, ar_meta = read_model_sidecar(av_dir), read_model_sidecar(ar_dir)
     check_pair(av_meta, ar_meta)
     negatives = cfg.negatives.per_sample if cfg.negatives.enabled else 0
-    data = RLData(run_dir / "data", seed=cfg.rl_seed, per_sample=negatives)
-    injection = injection_for(av_meta, data.vectors)
+    data = RLData(run.data, seed=cfg.rl_seed, per_sample=negatives)
+    injection = injection_of(av_meta, run_dir)
     basis_path = write_reward_basis(cfg, run_dir, data.vectors)
     tokenizer = AutoTokenizer.from_pretrained(av_dir, local_files_only=True)
     av_config = AutoConfig.from_pretrained(av_dir)
@@ -125,7 +144,7 @@ def build_world(cfg: RecipeConfig, run_dir: Path, tracker):
             # The AR is committed before the AV (save_both), so it keeps one more: a crash
             # between the two commits still leaves the AR of the AV's newest step on disk.
             keep = cfg.rl.keep_last + (role == "ar")
-            manager = CheckpointManager.for_recipe(run_dir / "rl" / role, cfg, f"rl_{role}",
+            manager = CheckpointManager.for_recipe(run.stage(f"rl_{role}"), cfg, f"rl_{role}",
                                                    keep_last=keep)
             groups[role] = LearnerGroup(spec, world_size=ranks, name=f"rl_{role}",
                                         checkpoints=manager, deadline=deadline,
@@ -145,10 +164,9 @@ def build_world(cfg: RecipeConfig, run_dir: Path, tracker):
                     prefill=cfg.templates.av_prefill, eos_ids=frozenset(eos),
                     mse_scale=av_meta.mse_scale, probe=probe,
                     basis=None if basis_path is None else load_reward_basis(basis_path),
-                    sync_tolerance=tolerance, deadline=deadline,
-                    adapter_dir=str(run_dir / "rl" / "adapter"))
-    world.save = lambda step, skipped: save_both(world, step, skipped)
-    return world, (av_dir, ar_dir, av_meta, ar_meta, injection), started
+                    sync_tolerance=tolerance, deadline=deadline, checkpoint=save_both,
+                    adapter_dir=str(run.rl / "adapter"))
+    return RLSetup(world, RLStart(av_dir, ar_dir, av_meta, ar_meta, injection), started)
 
 
 def write_reward_basis(cfg: RecipeConfig, run_dir: Path, vectors: np.ndarray) -> Path | None:
@@ -161,18 +179,15 @@ def write_reward_basis(cfg: RecipeConfig, run_dir: Path, vectors: np.ndarray) ->
 
     basis = fit_reward_basis(torch.from_numpy(np.asarray(vectors)), cfg.rl.reward_basis,
                              cfg.rl.reward_basis_eps)
-    return None if basis is None else basis.save(run_dir / "rl" / BASIS_FILE)
+    return None if basis is None else basis.save(RunPaths(run_dir).rl / BASIS_FILE)
 
 
 def save_both(world, step: int, skipped: float) -> None:
     """Checkpoint both learners; the policy's checkpoint carries the data cursor and progress.
     The AR first: :func:`resume` takes the newest step both reached, so a crash in between costs
     one save interval, never the run."""
-    from nla_rl.checkpoint import atomic_write_json, save_data_cursor
-
     def extra(staging: Path) -> None:
-        save_data_cursor(world.data.cursor, staging / CURSOR_FILE)
-        atomic_write_json(staging / PROGRESS_FILE, {"step": step, "skipped_steps": skipped})
+        save_progress(staging, world.data.cursor, step, skipped)
 
     basis = world.critic.spec.model.reward_basis  # the AR's checkpoint carries its loss's basis
     world.critic.save(step, extra_files=(lambda staging: shutil.copyfile(
@@ -184,7 +199,7 @@ def resume(world, cfg: RecipeConfig) -> int:
     """Restore both learners and the data cursor from the newest step both have a checkpoint of
     (a crash between the AR's and the AV's commit leaves the AR one step ahead: that orphan is
     ignored, and replaced when the run saves that step again); returns the first step to run."""
-    from nla_rl.checkpoint import CheckpointError, load_data_cursor, newest_complete_set
+    from nla_rl.checkpoint import CheckpointError, newest_complete_set
 
     if not cfg.run.resume:
         return 0
@@ -203,12 +218,11 @@ def resume(world, cfg: RecipeConfig) -> int:
                   f"AV/AR pair (a crash between the two commits)")
     world.policy.load_state(paths["AV"])
     world.critic.load_state(paths["AR"])
-    progress = json.loads((paths["AV"] / PROGRESS_FILE).read_text())
-    world.data.cursor = load_data_cursor(paths["AV"] / CURSOR_FILE,
-                                         num_items=len(world.data.vectors), seed=cfg.rl_seed)
-    world.skipped_steps = float(progress["skipped_steps"])
-    print(f"[rl] resumed from {paths['AV']} and {paths['AR']} (step {progress['step']})")
-    return int(progress["step"])
+    progress = load_progress(paths["AV"], num_items=len(world.data.vectors), seed=cfg.rl_seed)
+    world.data.cursor = progress.cursor
+    world.skipped_steps = progress.skipped_steps
+    print(f"[rl] resumed from {paths['AV']} and {paths['AR']} (step {progress.step})")
+    return progress.step
 
 
 def rl(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
@@ -222,32 +236,32 @@ def rl(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
 def _rl(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
     from actors.coordinator import rl_loop, sync_engines
 
-    world, (av_dir, ar_dir, av_meta, ar_meta, injection), actors = build_world(cfg, run_dir, tracker)
+    setup = build_world(cfg, run_dir, tracker)
+    world = setup.world
     try:
         start = resume(world, cfg)
         world.tracker.rewind(start, stage="rl")  # steps after `start` are logged again
         if start:
             sync_engines(world)  # the engines still hold the SFT weights
         rl_loop(world, start)
-        write_finals(cfg, run_dir, world, av_dir, ar_dir, av_meta, ar_meta, injection)
+        write_finals(cfg, run_dir, world, setup.start)
         if world.sync_seconds:
             print(f"[rl] weight sync: mean {np.mean(world.sync_seconds):.3f}s")
     finally:
-        for actor in reversed(actors):  # the shared placement group (if any) last
+        for actor in reversed(setup.actors):  # the shared placement group (if any) last
             actor.shutdown()
 
 
-def write_finals(cfg, run_dir, world, av_dir, ar_dir, av_meta, ar_meta, injection) -> None:
+def write_finals(cfg: RecipeConfig, run_dir: Path, world: RLWorld, start: RLStart) -> None:
     """``<run>/rl/final/{av,ar}``: the trained pair as HF directories with their sidecars."""
-    from launch.sft import save_trained
-
+    run = RunPaths(run_dir)
     training = {"steps": cfg.rl.steps, "av_lr": cfg.rl.av_lr, "ar_lr": cfg.rl.ar_lr,
                 "group_size": cfg.rl.group_size, "prompts_per_step": cfg.rl.prompts_per_step,
                 "negatives": cfg.negatives.enabled, "backend": cfg.learner.backend}
-    data = str(run_dir / "data" / "rl.parquet")
-    save_trained(cfg, world.policy, "av", av_dir, av_meta, run_dir / "rl" / "final" / "av",
-                 stage="rl", injection=injection, trained_on=data, training=training,
+    data = str(run.split("rl"))
+    save_trained(cfg, world.policy, "av", start.av_dir, start.av_meta, run.final("rl", "av"),
+                 stage="rl", injection=start.injection, trained_on=data, training=training,
                  lora=world.policy.spec.model.lora)
-    save_trained(cfg, world.critic, "ar", ar_dir, ar_meta, run_dir / "rl" / "final" / "ar",
+    save_trained(cfg, world.critic, "ar", start.ar_dir, start.ar_meta, run.final("rl", "ar"),
                  stage="rl", injection=None, trained_on=data, training=training,
                  reward_basis=world.critic.spec.model.reward_basis or None)

@@ -3,20 +3,20 @@ can be rerun alone."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
 import torch
 
+from launch.common import RunPaths, injection_of, save_av
 from launch.datagen import datagen
 from launch.eval import eval_stage
 from launch.export import export
 from launch.rl import rl
 from launch.sft import ar_sft, av_sft
 from nla_rl.ar_model import ActivationReconstructor
-from nla_rl.atomic import atomic_dir
+from nla_rl.atomic import atomic_write_json
 from nla_rl.base_model import DTYPES, check_context, load_causal_lm, resolve_base_model
 from nla_rl.config import RecipeConfig
 from nla_rl.errors import ConfigError
@@ -24,7 +24,7 @@ from nla_rl.rewards import mse_scale_for
 from nla_rl.templates import av_prompt_ids, depth_pct_for
 from nla_rl.data.store import read_activations, read_rows
 from nla_rl.data.toyworld import score_explanations
-from nla_rl.roundtrip import InjectionSpec, round_trip
+from nla_rl.roundtrip import round_trip
 from nla_rl.sidecar import (ModelSidecar, make_token_meta, read_model_sidecar, validate_model_sidecar,
                             write_model_sidecar)
 
@@ -32,18 +32,10 @@ from nla_rl.sidecar import (ModelSidecar, make_token_meta, read_model_sidecar, v
 CHECK_ROWS = 32  # held-out activations the check stage round-trips
 
 
-def run_paths(run_dir: Path) -> dict[str, Path]:
-    """Where each stage writes inside the run directory."""
-    return {
-        "base": run_dir / "base", "init_av": run_dir / "init" / "av", "init_ar": run_dir / "init" / "ar",
-        "logs": run_dir / "logs" / "metrics.jsonl", "eval": run_dir / "eval",
-    }
-
-
 def prepare(cfg: RecipeConfig, run_dir: Path, tracker=None) -> None:
     """Base model → marker tokens → initial AV (the base) and AR (blocks 0..K + identity head),
     each an HF directory with a validated ``nla_meta.yaml`` (it logs no metrics)."""
-    paths = run_paths(run_dir)
+    run = RunPaths(run_dir)
     base_dir = resolve_base_model(cfg.model.base, run_dir, seed=cfg.run.seed, toyworld=cfg.toyworld)
     model, tokenizer = load_causal_lm(base_dir, dtype=cfg.model.dtype,
                                       trust_remote_code=cfg.model.trust_remote_code)
@@ -63,24 +55,16 @@ def prepare(cfg: RecipeConfig, run_dir: Path, tracker=None) -> None:
     av_meta = ModelSidecar(role="av", injection_scale=cfg.injection.scale, **common)
     ar_meta = ModelSidecar(role="ar", injection_scale=None, **common)
 
-    _save_av(model, tokenizer, av_meta, paths["init_av"])
+    save_av(model, tokenizer, av_meta, run.init("av"))
     ar = ActivationReconstructor.from_base(base_dir, cfg.model.layer_index, dtype=DTYPES[cfg.model.dtype],
                                            trust_remote_code=cfg.model.trust_remote_code)
-    ar.save_pretrained(paths["init_ar"], tokenizer,
+    ar.save_pretrained(run.init("ar"), tokenizer,
                        extra_files=lambda d: write_model_sidecar(d, ar_meta))
     # Read back what was written: a checkpoint is only done once it validates like a user's would.
-    validate_model_sidecar(read_model_sidecar(paths["init_av"]), tokenizer, model.config, role="av")
-    validate_model_sidecar(read_model_sidecar(paths["init_ar"]), tokenizer, ar.config, role="ar")
+    validate_model_sidecar(read_model_sidecar(run.init("av")), tokenizer, model.config, role="av")
+    validate_model_sidecar(read_model_sidecar(run.init("ar")), tokenizer, ar.config, role="ar")
     print(f"[prepare] base={base_dir} K={cfg.model.layer_index} d={model.config.hidden_size} "
           f"marker={tokens.char!r} id={tokens.token_id} neighbours=({tokens.left_id}, {tokens.right_id})")
-
-
-def _save_av(model, tokenizer, meta: ModelSidecar, out_dir: Path) -> None:
-    """The AV checkpoint: an ordinary HF causal-LM dir + tokenizer + sidecar, written atomically."""
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_model_sidecar(tmp, meta)
 
 
 def check(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
@@ -90,23 +74,21 @@ def check(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
     rewards and metrics are finite; records the untrained baseline (and, in the toy world, the
     attribute recall/precision of the explanations).
     """
-    paths = run_paths(run_dir)
-    av_meta = read_model_sidecar(paths["init_av"])
-    av, av_tok = load_causal_lm(paths["init_av"], dtype=cfg.model.dtype,
+    run = RunPaths(run_dir)
+    av_meta = read_model_sidecar(run.init("av"))
+    av, av_tok = load_causal_lm(run.init("av"), dtype=cfg.model.dtype,
                                 trust_remote_code=cfg.model.trust_remote_code)
-    ar = ActivationReconstructor.from_pretrained(paths["init_ar"], dtype=DTYPES[cfg.model.dtype],
+    ar = ActivationReconstructor.from_pretrained(run.init("ar"), dtype=DTYPES[cfg.model.dtype],
                                                  trust_remote_code=cfg.model.trust_remote_code)
-    ar_tok = _ar_tokenizer(paths["init_ar"], cfg)
-    eval_path = run_dir / "data" / "eval.parquet"
+    ar_tok = _ar_tokenizer(run.init("ar"), cfg)
+    eval_path = run.split("eval")
     if not eval_path.exists():
         raise ConfigError(f"the check stage reads {eval_path}, which the datagen stage writes; "
                           "add datagen to run.stages (before check)")
     rows = read_rows(eval_path).slice(0, CHECK_ROWS)
     vectors = torch.from_numpy(read_activations(eval_path)[:rows.num_rows].copy())
-    # Replace-family scale "from data": a little above the mean raw norm, as the releases chose it.
-    scale = av_meta.injection_scale or 1.1 * float(vectors.norm(dim=-1).mean())
-    injection = InjectionSpec(av_meta.injection_family, scale, av_meta.injection_add_layer,
-                              av_meta.injection_add_coeff)
+    # A replace scale left null is the one datagen recorded: the scale training will use.
+    injection = injection_of(av_meta, run_dir)
     depth = depth_pct_for(av_meta.av_template, av_meta.extraction_layer_index,
                           av.config.num_hidden_layers)
     prompt = av_prompt_ids(av_tok, av_meta.av_template, av_meta.tokens.char, depth_pct=depth,
@@ -124,8 +106,8 @@ def check(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
         metrics.update({"toy/recall": toy.recall, "toy/precision": toy.precision})
     _assert_healthy(result, len(vectors))
     tracker.log(0, metrics, stage="check")
-    _write_json(paths["eval"] / "check.json", {
-        "metrics": metrics, "injection_scale": scale,
+    atomic_write_json(run.eval / "check.json", {
+        "metrics": metrics, "injection_scale": injection.scale,
         "samples": [{"doc_id": d, "position": p, "explanation": e, "reward": float(r)}
                     for d, p, e, r in zip(rows["doc_id"].to_pylist()[:8], rows["position"].to_pylist()[:8],
                                           result.texts[:8], result.rewards[:8])],
@@ -147,13 +129,6 @@ def _ar_tokenizer(ar_dir: Path, cfg: RecipeConfig):
 
     return AutoTokenizer.from_pretrained(ar_dir, local_files_only=True,
                                          trust_remote_code=cfg.model.trust_remote_code)
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
 
 
 # Each stage is called as stage(cfg, run_dir, tracker): the run's one nla_rl.tracking.Tracker.

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from actors.cluster import actor_logs
+from launch.common import RunPaths
 from launch.stages import PLANNED, STAGES
 from launch.stop import stop_on_sigterm
 from nla_rl.atomic import check_writable_dir
@@ -50,7 +51,7 @@ def run(recipe: str, overrides: list[str]) -> Path:
     with actor_logs(logs):  # joining a running cluster to ask its size: quietly
         check_cluster(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_recipe(cfg, run_dir / "recipe.yaml")
+    dump_recipe(cfg, RunPaths(run_dir).recipe)
     # One tracker (one W&B run) for every stage, finished with the run's exit code on any exit.
     with driver_logs_to_file(logs), actor_logs(logs), Tracker(cfg, run_dir) as tracker:
         if not logs.verbose:

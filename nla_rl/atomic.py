@@ -7,6 +7,7 @@ succeeded and is deleted otherwise. Model directories go through :func:`atomic_d
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -80,6 +81,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data, *, indent: int | None = 2,
+                      sort_keys: bool = False) -> Path:
+    """Write ``data`` as JSON (UTF-8, non-ASCII kept, a final newline) to ``path`` atomically,
+    creating its parent directories: the one JSON writer of the project."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False,
+                                                 sort_keys=sort_keys) + "\n")
 
 
 def check_writable_dir(path: str | os.PathLike, what: str) -> Path:

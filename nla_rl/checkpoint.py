@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nla_rl.atomic import atomic_write_bytes
+from nla_rl.atomic import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported)
 from nla_rl.config import recipe_to_dict
 from nla_rl.errors import NLAError
 
@@ -111,10 +111,6 @@ def _differences(expected: dict, found: dict) -> list[str]:
 
 def step_dir_name(step: int) -> str:
     return f"step_{int(step):06d}"
-
-
-def atomic_write_json(path: Path, data) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 def _sha256(path: Path) -> str:

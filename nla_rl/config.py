@@ -152,7 +152,8 @@ class InjectionConfig(ConfigSection):
         "replace", "replace: the marker's input embedding becomes n_s(h); add: h1 + c·|h1|·v/|v| "
         "at the output of block add_layer. A checkpoint only works with the family it learnt.")
     scale: float | None = param(None, "replace only: target norm s of the injected vector; null = "
-                                "chosen from the data (a little above the mean raw norm).", gt=0)
+                                "chosen from the data at datagen (1.1 × the mean raw norm of the AV-SFT "
+                                "rows), recorded in the data sidecars and used by every stage.", gt=0)
     add_layer: int = param(1, "add only: decoder block whose output receives the vector.", ge=0)
     add_coeff: float = param(1.0, "add only: c, the injected norm relative to the residual norm.",
                              gt=0)

@@ -65,19 +65,34 @@ class GroupAdvantages(NamedTuple):
     group_std_mean: float = 0.0  # mean over groups of the within-group reward std_g
 
 
+def dense_groups(n: int, group_ids=None, group_size: int | None = None, *,
+                 hint: str | None = None) -> torch.Tensor:
+    """A dense group index [N] (0..groups-1) of ``n`` rollouts: ``group_ids`` (any labels, one per
+    rollout) renumbered in sorted order, or, without ids, contiguous groups of ``group_size``."""
+    if group_ids is None:
+        if group_size is None or group_size <= 0 or n % group_size:
+            raise NLAError(mismatch("rollouts per step", f"a multiple of group_size {group_size}",
+                                    n, "pass group_ids when groups are not contiguous and full"))
+        return torch.arange(n) // group_size
+    group_ids = torch.as_tensor(group_ids)
+    if group_ids.shape != (n,):
+        raise NLAError(mismatch("group_ids shape", [n], list(group_ids.shape), hint or ""))
+    return torch.unique(group_ids.cpu(), return_inverse=True)[1]
+
+
 def _group_index(rewards: torch.Tensor, group_ids) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat rewards [N] and a dense group index [N] from [P, G] rewards or flat rewards + ids."""
     if group_ids is None:
         if rewards.dim() != 2:
             raise NLAError(mismatch("rewards shape", "[prompts, group_size] (or flat rewards with "
                                     "group_ids)", list(rewards.shape)))
-        num_prompts, size = rewards.shape
-        return rewards.reshape(-1), torch.arange(num_prompts).repeat_interleave(size)
-    group_ids = torch.as_tensor(group_ids)
-    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
+        return rewards.reshape(-1), dense_groups(rewards.numel(), group_size=rewards.shape[1])
+    if rewards.dim() != 1:
+        group_ids = torch.as_tensor(group_ids)
         raise NLAError(mismatch("group_ids shape", list(rewards.shape), list(group_ids.shape),
                                 "pass flat rewards [N] with one group id per reward"))
-    return rewards, torch.unique(group_ids.cpu(), return_inverse=True)[1]
+    return rewards, dense_groups(rewards.shape[0], group_ids,
+                                 hint="pass flat rewards [N] with one group id per reward")
 
 
 def compute_advantages(rewards: torch.Tensor, kind: str = "grpo",

@@ -36,18 +36,16 @@ from nla_rl.ar_model import ActivationReconstructor, quiet_transformers
 from nla_rl.base_model import DTYPES, check_context, check_model_dir, load_causal_lm
 from nla_rl.compat import same_base_problem
 from nla_rl.errors import NLAError, mismatch
-from nla_rl.injection import generate_with_injection
+from nla_rl.injection import DATA_SCALE_FACTOR, InjectionSpec, generate_with_injection
 from nla_rl.metrics import cosine, fve
 from nla_rl.reward_basis import RewardBasis, apply_basis, load_reward_basis
 from nla_rl.rewards import normalized_mse
-from nla_rl.roundtrip import InjectionSpec, left_pad
+from nla_rl.roundtrip import left_pad
 from nla_rl.sidecar import ModelSidecar, read_model_sidecar, validate_model_sidecar
 from nla_rl.templates import av_prompt_ids, depth_pct_for, extract_explanation
 from nla_rl.tokens import find_marker_positions
 from nla_rl.vectors import check_norms
 
-# The releases' rule for a replace scale the sidecar leaves null: a little above the mean raw norm.
-DATA_SCALE_FACTOR = 1.1
 # Fields the AV and AR sidecars of one pair must agree on (the base model is compared on the
 # loaded configs and tokenizers instead of the recorded path).
 _PAIR_FIELDS = ("d_model", "extraction_layer_index", "mse_scale")
@@ -177,8 +175,6 @@ class NLA:
         self.prompt_ids = av_prompt_ids(av_tokenizer, av_meta.av_template, av_meta.tokens.char,
                                         depth_pct=self.depth_pct, prefill=prefill)
         scale = injection_scale if injection_scale is not None else av_meta.injection_scale
-        if av_meta.injection_family == "replace" and scale is not None and not scale > 0:
-            raise InferenceError(mismatch("injection_scale", "> 0", scale))
         self.injection = InjectionSpec(av_meta.injection_family,
                                        scale if av_meta.injection_family == "replace" else None,
                                        av_meta.injection_add_layer, av_meta.injection_add_coeff)

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +43,45 @@ SCALED_EMBEDDING_MODEL_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_t
 _LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers",
                 "language_model.layers", "layers", "model.decoder.layers", "transformer.h",
                 "gpt_neox.layers")
+# A replace scale left null ("choose from data") is this factor times the mean raw norm of the
+# AV-SFT rows (the releases' rule); datagen records it once in the data sidecars.
+DATA_SCALE_FACTOR = 1.1
+
+
+def scale_from_data(vectors: np.ndarray) -> float:
+    """The replace scale chosen from data: ``1.1 × mean ‖h‖`` over the rows ``[n, d]`` (float32
+    norms, as the SFT stage always computed it, so recorded and recomputed values agree)."""
+    return DATA_SCALE_FACTOR * float(np.linalg.norm(vectors, axis=1).mean())
+
+
+@dataclass(frozen=True)
+class InjectionSpec:
+    """How vectors enter the AV (read from the sidecar or the recipe). The one place that says
+    what a valid spec is: a known family; ``replace`` with a scale (when known) finite and > 0;
+    ``add`` with no scale."""
+
+    family: str  # "replace" | "add"
+    scale: float | None = None  # replace: the injected row's norm (None: not resolved yet)
+    layer: int = 1  # add: the block whose output receives the vector
+    coeff: float = 1.0  # add: c in h + c·‖h‖·v/‖v‖
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise InjectionError(f"injection family: expected one of {FAMILIES}, found {self.family!r}")
+        if self.scale is not None:
+            if self.family != "replace":
+                raise InjectionError(f"injection family {self.family!r} takes no scale, found "
+                                     f"scale={self.scale!r}")
+            if not math.isfinite(float(self.scale)) or float(self.scale) <= 0:
+                raise InjectionError(
+                    f"injection.scale: family 'replace' needs a finite scale > 0, found "
+                    f"{self.scale!r}; set injection.scale in the recipe (null chooses 1.1 × the "
+                    "mean activation norm, which is 0 only for all-zero activations)")
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the spec can inject: ``add``, or ``replace`` with its scale."""
+        return self.family != "replace" or self.scale is not None
 
 
 # --------------------------------------------------------------------------- model structure

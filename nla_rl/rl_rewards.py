@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from nla_rl.errors import NLAError, mismatch
+from nla_rl.grpo import dense_groups
 from nla_rl.metrics import hard_negative_gap, top1_retrieval
 from nla_rl.reward_basis import apply_basis
 from nla_rl.rewards import (CONTRASTIVE, REWARDS, check_negatives, check_pair, combined_reward,
@@ -69,18 +70,6 @@ def response_lengths(token_ids, eos_token_ids: int | Sequence[int],
         else:
             lengths.append(int((row != pad_token_id).sum()) if pad_token_id is not None else len(row))
     return torch.tensor(lengths, dtype=torch.long)
-
-
-def _dense_groups(n: int, group_ids, group_size: int) -> torch.Tensor:
-    if group_ids is None:
-        if n % group_size:
-            raise NLAError(mismatch("rollouts per step", f"a multiple of group_size {group_size}",
-                                    n, "pass group_ids when groups are not contiguous and full"))
-        return torch.arange(n) // group_size
-    group_ids = torch.as_tensor(group_ids)
-    if group_ids.shape != (n,):
-        raise NLAError(mismatch("group_ids shape", [n], list(group_ids.shape)))
-    return torch.unique(group_ids.cpu(), return_inverse=True)[1]
 
 
 def length_thresholds(groups: torch.Tensor, rl, seed: int = 0, step: int = 0) -> torch.Tensor:
@@ -171,7 +160,7 @@ def step_rewards(predictions, gold: torch.Tensor, token_ids, finish_reasons: Seq
     lengths = response_lengths(token_ids, eos_token_ids, pad_token_id)
     if lengths.shape != (n,):
         raise NLAError(mismatch("number of token id rows", n, lengths.shape[0]))
-    groups = _dense_groups(n, group_ids, rl.group_size)
+    groups = dense_groups(n, group_ids, rl.group_size)
     reward, mse = _base_and_contrastive(pred, gold, hard_negatives, rl, negatives_cfg, scale)
     length_pen = hinge_length_penalty(lengths, length_thresholds(groups, rl, seed, step),
                                       rl.length_penalty_coef)

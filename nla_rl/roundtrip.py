@@ -11,21 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from nla_rl.injection import inject
+from nla_rl.injection import InjectionSpec, inject  # noqa: F401  (InjectionSpec re-exported)
 from nla_rl.metrics import cosine, fve
 from nla_rl.rewards import apply_failures, normalized_mse, REWARDS
 from nla_rl.templates import av_prompt_ids, extract_explanation
 from nla_rl.tokens import MarkerTokens, find_marker_positions
-
-
-@dataclass(frozen=True)
-class InjectionSpec:
-    """How vectors enter the AV (read from the sidecar or the recipe)."""
-
-    family: str  # "replace" | "add"
-    scale: float | None = None  # replace: the injected row's norm
-    layer: int = 1  # add: the block whose output receives the vector
-    coeff: float = 1.0  # add: c in h + c·‖h‖·v/‖v‖
 
 
 @dataclass

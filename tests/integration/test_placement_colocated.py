@@ -23,7 +23,7 @@ from nla_rl.ar_model import ActivationReconstructor
 from nla_rl.roundtrip import InjectionSpec
 from nla_rl.sidecar import make_token_meta
 from nla_rl.templates import DEFAULT_AR_TEMPLATE, DEFAULT_AV_TEMPLATE
-from rollout.base import SamplingSpec
+from rollout.base import EngineSpec, SamplingSpec
 from tests.integration._engine_setup import INJECTIONS, build_model, make_requests, marker_of
 
 RANKS, CPUS = 2, 0.5  # 2 bundles of 3 members × 0.5 CPU
@@ -77,7 +77,8 @@ def test_engine_av_and_ar_rank_share_each_bundle(ray_cluster, models, capfd):
     started = []
     try:
         kwargs = dict(model_dir=str(root / "av"), marker=marker_of(tok), injection=INJECTIONS["replace"])
-        pool = RolloutPool("hf", kwargs, num_engines=RANKS, num_cpus_per_engine=colocated.num_cpus,
+        pool = RolloutPool(EngineSpec.from_kwargs("hf", **kwargs),
+                           num_engines=RANKS, num_cpus_per_engine=colocated.num_cpus,
                            placement_group=group, bundle_indices=colocated.bundles(RANKS))
         started.append(pool)
         assert bundle_free_cpus(ray_cluster, group, [2 * CPUS] * RANKS) == [2 * CPUS] * RANKS
@@ -127,13 +128,15 @@ def test_actors_that_do_not_fit_their_bundle_fail_at_once(ray_cluster, models):
         assert colocated.group.bundle_specs == [{"CPU": 3 * CPUS}, {"CPU": 2 * CPUS}]
         kwargs = dict(model_dir=str(root / "av"), marker=marker_of(tok), injection=INJECTIONS["replace"])
         with pytest.raises(PlacementError, match=r"asks for 2 CPU, bundle 0 holds only"):
-            RolloutPool("hf", kwargs, num_engines=1, num_cpus_per_engine=2.0,
+            RolloutPool(EngineSpec.from_kwargs("hf", **kwargs),
+                        num_engines=1, num_cpus_per_engine=2.0,
                         placement_group=colocated.group)
         with pytest.raises(PlacementError, match=r"bundle 2 does not exist.*has 2 bundles"):
             LearnerGroup(specs(root, tok)["ar"], world_size=2, num_cpus_per_rank=CPUS,
                          placement_group=colocated.group, bundle_indices=[1, 2])
         with pytest.raises(PlacementError, match=r"2 actors need 2 bundle indices"):
-            RolloutPool("hf", kwargs, num_engines=2, num_cpus_per_engine=CPUS,
+            RolloutPool(EngineSpec.from_kwargs("hf", **kwargs),
+                        num_engines=2, num_cpus_per_engine=CPUS,
                         placement_group=colocated.group, bundle_indices=[0])
     finally:
         colocated.shutdown()

@@ -74,3 +74,20 @@ def test_nothing_to_resume_starts_at_step_0(tmp_path):
     assert resume(world, cfg) == 0
     world.critic.save(10)  # killed inside the very first save
     assert resume(world_for(tmp_path, cfg), cfg) == 0
+
+
+def test_the_world_saves_through_its_checkpoint_function(tmp_path):
+    """RLWorld is built with its checkpoint function (no lambda set afterwards); world.save
+    writes both learners with the cursor and progress, which resume restores."""
+    from actors.coordinator import RLWorld
+
+    cfg = recipe_from_dict({}, ["run.resume=true"])
+    parts = world_for(tmp_path, cfg)
+    world = RLWorld(cfg=cfg, policy=parts.policy, critic=parts.critic, engines=None,
+                    data=parts.data, tracker=None, prompt_ids=[], prefill="", eos_ids=frozenset(),
+                    mse_scale=None, checkpoint=save_both)
+    world.data.cursor.next_indices(3)
+    world.save(10, 1.5)
+    fresh = world_for(tmp_path, cfg)
+    assert resume(fresh, cfg) == 10 and fresh.skipped_steps == 1.5
+    assert fresh.data.cursor.state_dict() == world.data.cursor.state_dict()
