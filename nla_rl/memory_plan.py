@@ -7,7 +7,9 @@ A rank of W ranks holds (the backends keep fp32 master weights and compute in ``
                                     AR's truth check); none with LoRA
     ema          4·P / S            an EMA of the weights (the AR's scorer, rl.ar_ema_decay > 0)
     gradients    4·T / W            T trainable parameters (all, or the LoRA adapters')
-    optimizer    8·T / W            AdamW's two fp32 moments
+    optimizer    16·T / W           AdamW's two fp32 moments (8·T/W) and the temporaries of its
+                                    step (torch's foreach AdamW: bench/p7 measures 9·T/W at the
+                                    Qwen2.5-0.5B shape; 8·T/W is counted)
     activations  n · c · L · (8·d + 4·i)     kept for the backward of a micro-batch of n tokens
                                     (c bytes per compute element, L blocks, width d, MLP width i);
                  n · c · (L·d + 8·d + 4·i)   with gradient checkpointing (block inputs + one block)
@@ -33,6 +35,7 @@ from nla_rl.errors import NLAError
 GIB = 2**30
 FP32 = 4
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZER_BYTES = 16  # per trainable parameter: AdamW's moments + its step's temporaries
 LOGIT_CHUNK_COPIES = 3  # logits, their log-softmax and the backward's recompute of one chunk
 
 
@@ -143,7 +146,7 @@ def plan_rank(shape: ModelShape, *, role: str, world_size: int, sharded_weights:
         reference=FP32 * shape.params // shards if with_reference and lora_rank == 0 else 0,
         ema=FP32 * shape.params // shards if with_ema else 0,
         gradients=FP32 * trainable // world_size,
-        optimizer=2 * FP32 * trainable // world_size,
+        optimizer=OPTIMIZER_BYTES * trainable // world_size,
         activations_per_token=per_token, activations_fixed=fixed,
         logits_per_token=0 if not av or lean_logprobs else LOGIT_CHUNK_COPIES * FP32 * shape.vocab,
         logits_fixed=LOGIT_CHUNK_COPIES * CHUNK_BYTES if av and lean_logprobs else 0,
