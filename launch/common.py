@@ -123,9 +123,14 @@ class Split:
 
 
 def labelled(path: Path) -> Split:
-    """The rows of ``path`` that have an explanation (possibly none)."""
+    """The rows of ``path`` that have an explanation (possibly none: a run without a teacher,
+    ``data.teacher.kind=none``, writes no explanation column)."""
+    import pyarrow.parquet as pq
+
     from nla_rl.data.store import read_activations, read_rows
 
+    if "explanation" not in pq.read_schema(path).names:
+        return Split([], np.empty((0, 0), dtype=np.float32))
     texts = read_rows(path, columns=["explanation"])["explanation"].to_pylist()
     keep = [i for i, t in enumerate(texts) if t and t.strip()]
     vectors = read_activations(path)[np.asarray(keep, dtype=np.int64)]
