@@ -115,10 +115,11 @@ class LearnerRank:
         self.memory_plan = self._check_memory_plan()  # before a byte of the model is loaded
         self.tokenizer = load_tokenizer(spec.model)
         model = build_model(spec.model, seed=spec.seed)
-        if spec.model.role == "av":
+        if spec.model.role == "av" and self.memory_plan is not None:
             from nla_rl.logprobs import lean_head
 
-            self.memory_plan = self._plan(lean_logprobs=lean_head(model) is not None)
+            if lean_head(model) is None:  # the plan assumed lean log-probs: count full logits
+                self.memory_plan = self._plan(lean_logprobs=False)
         self.reference = None
         if spec.model.with_reference and spec.model.lora.rank == 0:
             self.reference = self._shard_frozen(frozen_copy(model), decoder_blocks)

@@ -88,7 +88,8 @@ def finished_earlier(recipe: str, overrides: list[str], run_dir: Path) -> bool:
 
     from nla_rl.config import redact
 
-    stored, report = run_dir / "recipe.yaml", run_dir / "eval" / "report.json"
+    paths = RunPaths(run_dir)
+    stored, report = paths.recipe, paths.eval / "report.json"
     if not (stored.is_file() and report.is_file()
             and report.stat().st_mtime_ns >= stored.stat().st_mtime_ns):
         return False
