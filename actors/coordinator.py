@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from actors.rollout import RolloutPool, replacement_metrics
+from actors.rollouts_ahead import RolloutsAhead, Taken
 from nla_rl.config import RecipeConfig
 from nla_rl.data.toyworld import score_explanation
 from nla_rl.grpo import PolicyLossSettings, compute_advantages
@@ -37,7 +38,7 @@ from nla_rl.rl_rewards import step_rewards
 from nla_rl.templates import extract_explanation
 from nla_rl.tracking import Tracker
 from nla_rl.truth import RewardTruthAlarm, diversity_metrics, toy_rollout_metrics
-from rollout.base import RolloutRequest, SamplingSpec
+from rollout.base import RolloutRequest, Sample, SamplingSpec
 
 if TYPE_CHECKING:
     from actors.deadline import CallDeadline
@@ -68,6 +69,8 @@ class RLWorld:
     alarm: RewardTruthAlarm | None = None  # reward-vs-truth alarm (built from the recipe)
     warn: Callable[[str], object] = print  # where the alarm's warning goes (the console)
     deadline: CallDeadline | None = None  # the actors share it; the loop feeds it step times
+    ahead: RolloutsAhead | None = None  # set by rl_loop: the batches generated ahead
+    restored_rollouts: dict | None = None  # finished rollouts a resumed checkpoint saved
 
     def __post_init__(self):
         if self.alarm is None:
@@ -91,28 +94,32 @@ class Rollouts:
     group_ids: np.ndarray
     golds: np.ndarray  # [N, d] float32: each rollout's gold activation
     injection_applied: int
-    seconds: float
+    seconds: float  # the generation's wall time
+    version: int = 0  # the policy version that generated them (see actors.rollouts_ahead)
 
 
-def generate(world: RLWorld, batch: RLBatch, step: int) -> Rollouts:
-    """G samples per activation from the engine pool, trimmed at the first EOS."""
+def engine_samples(world: RLWorld, batch: RLBatch, step: int) -> list[list[Sample]]:
+    """G samples per activation of ``batch`` from the engine pool, seeded by ``step``."""
     rl = world.cfg.rl
     requests = [RolloutRequest(world.prompt_ids, torch.from_numpy(v), f"{step}:{r}")
                 for v, r in zip(batch.vectors, batch.rows)]
     sampling = SamplingSpec(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
                             max_new_tokens=rl.max_new_tokens,
                             seed=world.cfg.rl_seed * 1_000_003 + step * len(requests))
-    started = time.perf_counter()
-    groups = world.engines.generate(requests, sampling)
-    samples = [s for group in groups for s in group]
+    return world.engines.generate(requests, sampling)
+
+
+def as_rollouts(world: RLWorld, taken: Taken) -> Rollouts:
+    """A step's engine samples as :class:`Rollouts`, trimmed at the first EOS."""
+    samples = [s for group in taken.samples for s in group]
     completions = [trim_at_eos(s.token_ids, world.eos_ids) for s in samples]
     texts = [world.prefill + s.text for s in samples]
+    g = world.cfg.rl.group_size
     return Rollouts(
         completions, [list(s.logprobs[:len(c)]) for s, c in zip(samples, completions)], texts,
         [extract_explanation(t) for t in texts], [s.finish_reason for s in samples],
-        np.repeat(np.arange(len(groups)), rl.group_size),
-        np.repeat(batch.vectors, rl.group_size, axis=0),
-        sum(bool(s.injection_applied) for s in samples), time.perf_counter() - started)
+        np.repeat(np.arange(len(taken.samples)), g), np.repeat(taken.batch.vectors, g, axis=0),
+        sum(bool(s.injection_applied) for s in samples), taken.generate_s, taken.version)
 
 
 def score(world: RLWorld, batch: RLBatch, rollouts: Rollouts, preds: torch.Tensor, step: int):
@@ -163,13 +170,18 @@ def _trim_to_ranks(rows: dict, ranks: int) -> dict:
     return {k: (v[:keep] if isinstance(v, (list, np.ndarray)) else v) for k, v in rows.items()}
 
 
-def train_both(world: RLWorld, p_rows: dict, c_rows: dict | None,
-               verify_sync: bool = True) -> tuple[dict, dict, dict]:
+def train_both(world: RLWorld, p_rows: dict, c_rows: dict | None, verify_sync: bool = True,
+               ahead: RolloutsAhead | None = None, step: int = 0) -> tuple[dict, dict, dict]:
     """The policy's GRPO step and the critic's online step, at the same time; the engines are
-    synced as soon as the policy's step is done, while the critic may still be training."""
+    synced as soon as the policy's step is done, while the critic may still be training. With
+    ``ahead``, the push waits for the rollouts in flight and the next batch starts after it."""
     def policy_then_sync():
         stats = world.policy.train_step(p_rows, loss="grpo") if p_rows["completions"] else {}
-        return stats, sync_engines(world, verify=verify_sync)
+        synced = sync_engines(world, verify=verify_sync,
+                              before_push=ahead.wait_inflight if ahead else None)
+        if ahead is not None:
+            ahead.submit_after_sync(step)
+        return stats, synced
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         policy = pool.submit(policy_then_sync)
@@ -179,16 +191,22 @@ def train_both(world: RLWorld, p_rows: dict, c_rows: dict | None,
         return av_stats, (critic.result() if critic else {}), synced
 
 
-def sync_engines(world: RLWorld, verify: bool = True) -> dict:
+def sync_engines(world: RLWorld, verify: bool = True,
+                 before_push: Callable[[], object] | None = None) -> dict:
     """Push the policy's weights to every engine and, with ``verify``, prove they arrived: the
     engines' log-probs of a fixed probe must equal the learner's (a silent no-op sync raises
-    here). The learner computes its probe log-probs while the engines load the weights."""
+    here). The learner computes its probe log-probs while the engines load the weights.
+    ``before_push``: called between the gather and the push (rollouts generated ahead finish on
+    the old weights while the new ones are gathered); ``perf/sync_wait_s`` is its wait."""
     started = time.perf_counter()
     lora = world.policy.spec.model.lora
     # LoRA: only the adapter is gathered (the frozen base never changes on the engines).
     state = world.policy.trainable_state_dict(phase="sync weights") if lora.rank > 0 else \
         world.policy.full_state_dict(phase="sync weights")
     gathered = time.perf_counter()
+    if before_push is not None:
+        before_push()
+    waited = time.perf_counter() - gathered
     requests, completions = world.probe
     with ThreadPoolExecutor(max_workers=1) as pool:
         expected = pool.submit(world.policy.av_logprobs, [list(r.prompt_ids) for r in requests],
@@ -202,9 +220,10 @@ def sync_engines(world: RLWorld, verify: bool = True) -> dict:
         if expected is not None:
             metrics["health/sync_logp_delta"] = world.engines.verify_sync(
                 [e.tolist() for e in expected.result()], world.probe, world.sync_tolerance)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - waited
     world.sync_seconds.append(seconds)
-    return {"perf/sync_s": seconds, "perf/sync_gather_s": gathered - started, **metrics}
+    return {"perf/sync_s": seconds, "perf/sync_gather_s": gathered - started,
+            "perf/sync_wait_s": waited, **metrics}
 
 
 def save_adapter(state: dict, lora, out_dir) -> str:
@@ -313,7 +332,8 @@ def samples_table(batch: RLBatch, rollouts: Rollouts, scored, preds: torch.Tenso
         j = i * g
         gold = torch.from_numpy(batch.vectors[i:i + 1])
         row = {"activation_id": int(batch.rows[i]), "explanation": rollouts.texts[j],
-               "reward": float(scored.rewards[j]), "mse": None, "gap": None}
+               "reward": float(scored.rewards[j]), "mse": None, "gap": None,
+               "policy_version": rollouts.version}
         if batch.attributes is not None:  # toy world: is what it says true?
             recall, precision = score_explanation(rollouts.explanations[j], batch.attributes[i])
             row.update(truth=" ".join(sorted(batch.attributes[i])), toy_recall=recall,
@@ -328,49 +348,72 @@ def samples_table(batch: RLBatch, rollouts: Rollouts, scored, preds: torch.Tenso
     return out
 
 
-def rl_loop(world: RLWorld, start: int) -> None:
-    """Steps ``start .. rl.steps - 1``; each one as in the module docstring."""
+def rollouts_ahead(world: RLWorld, start: int) -> RolloutsAhead:
+    """The queue of batches generated ahead at ``rl.async_level`` (level 0: none), continuing
+    any finished rollouts the resumed checkpoint saved (``world.restored_rollouts``)."""
     rl = world.cfg.rl
-    for step in range(start, rl.steps):
-        started = time.perf_counter()
-        batch = world.data.next_batch(rl.prompts_per_step, step)
-        rollouts = generate(world, batch, step)
-        seconds = {}  # perf/*_s of the phases (bench/p2_rl_step_overhead.py attributes them)
-        preds = _timed(seconds, "perf/reconstruct_s", lambda: world.critic.reconstruct(
-            [e or "" for e in rollouts.explanations], ema=world.critic.spec.ema_decay > 0))
-        frozen = _timed(seconds, "perf/frozen_ar_s", lambda: frozen_predictions(
-            world, rollouts, step))
-        scored = score(world, batch, rollouts, preds, step)
-        adv = compute_advantages(scored.rewards, rl.advantage,
-                                 torch.from_numpy(rollouts.group_ids), eps=rl.advantage_eps)
-        old_logp = _timed(seconds, "perf/old_logp_s", lambda: [lp.tolist() for lp in (
-            world.policy.av_logprobs([world.prompt_ids] * len(rollouts.completions),
-                                     rollouts.completions, rollouts.golds,
-                                     temperature=rl.temperature))])
-        p_rows = _timed(seconds, "perf/ref_logp_s", lambda: policy_rows(  # kl_beta > 0: ref fwd
-            world, rollouts, adv.advantages, scored.keep, old_logp))
-        verify = step == start or (step + 1) % rl.verify_sync_every == 0
-        av_stats, ar_stats, synced = _timed(seconds, "perf/train_s", lambda: train_both(
-            world, p_rows, critic_rows(world, rollouts), verify_sync=verify))
-        world.skipped_steps += av_stats.get("skipped", 0.0) + ar_stats.get("skipped", 0.0)
-        metrics = {**step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats,
-                                  old_logp), **truth_metrics(world, batch, rollouts, preds, frozen),
-                   **seconds, **synced}
-        alarm, warning = world.alarm.check(metrics)
-        metrics.update(alarm)
-        if warning:
-            world.warn(f"WARNING step {step + 1}: {warning}")
-        if step == start and rl.stop_on_unhealthy:
-            check_step0_health(metrics)  # broken injection or >50% failures: stop now
-        metrics.update(replacement_metrics(world.engines.drain_replacements(), step + 1))
-        metrics.update(world.engines.heartbeat())  # health/engine_{last_call,deadline}_s
-        metrics["perf/step_s"] = time.perf_counter() - started
-        if world.deadline is not None:
-            world.deadline.observe(metrics["perf/step_s"])
-        world.tracker.log(step + 1, metrics, stage="rl")
-        if (step + 1) % rl.samples_every == 0 or step + 1 == rl.steps:
-            world.tracker.log_samples(step + 1, samples_table(
-                batch, rollouts, scored, preds, rl.group_size, world.mse_scale,
-                basis=world.basis))
-        if (step + 1) % rl.save_every == 0 or step + 1 == rl.steps:
-            world.save(step + 1, world.skipped_steps)
+    return RolloutsAhead(
+        rl.async_level, steps=rl.steps, start=start,
+        draw=lambda step: world.data.next_batch(rl.prompts_per_step, step),
+        generate=lambda batch, step: engine_samples(world, batch, step),
+        cursor=lambda: world.data.cursor, restored=world.restored_rollouts, warn=world.warn)
+
+
+def rl_loop(world: RLWorld, start: int) -> None:
+    """Steps ``start .. rl.steps - 1``; each one as in the module docstring (at
+    ``rl.async_level`` ≥ 1 the next batches are generated during the update: see
+    :mod:`actors.rollouts_ahead`)."""
+    world.ahead = rollouts_ahead(world, start)
+    try:
+        for step in range(start, world.cfg.rl.steps):
+            rl_step(world, world.ahead, step, first=step == start)
+    finally:
+        world.ahead.close()
+
+
+def rl_step(world: RLWorld, ahead: RolloutsAhead, step: int, first: bool) -> None:
+    """One RL step (``first``: the first of this process, where the sync is always verified
+    and the step-0 health check runs)."""
+    rl = world.cfg.rl
+    started = time.perf_counter()
+    taken = ahead.take(step)
+    batch, rollouts = taken.batch, as_rollouts(world, taken)
+    seconds = {"perf/generate_wait_s": taken.wait_s}  # perf/*_s of the phases (bench/p2, p8)
+    preds = _timed(seconds, "perf/reconstruct_s", lambda: world.critic.reconstruct(
+        [e or "" for e in rollouts.explanations], ema=world.critic.spec.ema_decay > 0))
+    frozen = _timed(seconds, "perf/frozen_ar_s", lambda: frozen_predictions(
+        world, rollouts, step))
+    scored = score(world, batch, rollouts, preds, step)
+    adv = compute_advantages(scored.rewards, rl.advantage,
+                             torch.from_numpy(rollouts.group_ids), eps=rl.advantage_eps)
+    old_logp = _timed(seconds, "perf/old_logp_s", lambda: [lp.tolist() for lp in (
+        world.policy.av_logprobs([world.prompt_ids] * len(rollouts.completions),
+                                 rollouts.completions, rollouts.golds,
+                                 temperature=rl.temperature))])
+    p_rows = _timed(seconds, "perf/ref_logp_s", lambda: policy_rows(  # kl_beta > 0: ref fwd
+        world, rollouts, adv.advantages, scored.keep, old_logp))
+    verify = first or (step + 1) % rl.verify_sync_every == 0
+    av_stats, ar_stats, synced = _timed(seconds, "perf/train_s", lambda: train_both(
+        world, p_rows, critic_rows(world, rollouts), verify_sync=verify, ahead=ahead, step=step))
+    world.skipped_steps += av_stats.get("skipped", 0.0) + ar_stats.get("skipped", 0.0)
+    metrics = {**step_metrics(world, rollouts, scored, adv, preds, av_stats, ar_stats,
+                              old_logp), **truth_metrics(world, batch, rollouts, preds, frozen),
+               **seconds, **synced, "rollout/policy_version": float(rollouts.version),
+               "rollout/staleness": float(step - rollouts.version)}
+    alarm, warning = world.alarm.check(metrics)
+    metrics.update(alarm)
+    if warning:
+        world.warn(f"WARNING step {step + 1}: {warning}")
+    if first and rl.stop_on_unhealthy:
+        check_step0_health(metrics)  # broken injection or >50% failures: stop now
+    metrics.update(replacement_metrics(world.engines.drain_replacements(), step + 1))
+    metrics.update(world.engines.heartbeat())  # health/engine_{last_call,deadline}_s
+    metrics["perf/step_s"] = time.perf_counter() - started
+    if world.deadline is not None:
+        world.deadline.observe(metrics["perf/step_s"])
+    world.tracker.log(step + 1, metrics, stage="rl")
+    if (step + 1) % rl.samples_every == 0 or step + 1 == rl.steps:
+        world.tracker.log_samples(step + 1, samples_table(
+            batch, rollouts, scored, preds, rl.group_size, world.mse_scale, basis=world.basis))
+    if (step + 1) % rl.save_every == 0 or step + 1 == rl.steps:
+        world.save(step + 1, world.skipped_steps)

@@ -10,6 +10,7 @@ engine pool and two learner groups; runs :func:`actors.coordinator.rl_loop`; che
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,8 +187,16 @@ def save_both(world, step: int, skipped: float) -> None:
     """Checkpoint both learners; the policy's checkpoint carries the data cursor and progress.
     The AR first: :func:`resume` takes the newest step both reached, so a crash in between costs
     one save interval, never the run."""
+    from actors.rollouts_ahead import INFLIGHT_FILE, saved_rollouts
+    from nla_rl.atomic import atomic_write_json
+
+    ahead = getattr(world, "ahead", None)  # rl.async_level ≥ 1: rollouts generated ahead
+
     def extra(staging: Path) -> None:
-        save_progress(staging, world.data.cursor, step, skipped)
+        cursor, inflight = ahead.checkpoint_state(step) if ahead else (world.data.cursor, [])
+        save_progress(staging, cursor, step, skipped)
+        if inflight:  # finished by policy versions the checkpoint no longer has
+            atomic_write_json(staging / INFLIGHT_FILE, saved_rollouts(ahead.level, inflight))
 
     basis = world.critic.spec.model.reward_basis  # the AR's checkpoint carries its loss's basis
     world.critic.save(step, extra_files=(lambda staging: shutil.copyfile(
@@ -199,6 +208,7 @@ def resume(world, cfg: RecipeConfig) -> int:
     """Restore both learners and the data cursor from the newest step both have a checkpoint of
     (a crash between the AR's and the AV's commit leaves the AR one step ahead: that orphan is
     ignored, and replaced when the run saves that step again); returns the first step to run."""
+    from actors.rollouts_ahead import INFLIGHT_FILE
     from nla_rl.checkpoint import CheckpointError, newest_complete_set
 
     if not cfg.run.resume:
@@ -221,6 +231,8 @@ def resume(world, cfg: RecipeConfig) -> int:
     progress = load_progress(paths["AV"], num_items=len(world.data.vectors), seed=cfg.rl_seed)
     world.data.cursor = progress.cursor
     world.skipped_steps = progress.skipped_steps
+    inflight = paths["AV"] / INFLIGHT_FILE
+    world.restored_rollouts = json.loads(inflight.read_text()) if inflight.is_file() else None
     print(f"[rl] resumed from {paths['AV']} and {paths['AR']} (step {progress.step})")
     return progress.step
 

@@ -351,6 +351,13 @@ class RLConfig(ConfigSection):
     is_cap: float = param(2.0, "Cap of the truncated importance weight "
                           "exp(logp_learner - logp_engine).", gt=0)
     online_ar: bool = param(True, "Train the AR on the AV's own explanations during RL.")
+    async_level: int = param(
+        0, "Rollouts generated ahead of the update: step t's rollouts come from the policy "
+        "after max(0, t - async_level) updates, so generating the next batch overlaps the "
+        "current update (the truncated importance weights correct for the stale policy; "
+        "rollout/staleness logs the lag). 0 = synchronous (on-policy); 1 = one step off; 2 = "
+        "two (one engine pool gives no more overlap than 1). Resume is exact at every level.",
+        ge=0, le=2)
     ar_ema_decay: float = param(
         0.0, "Score rollouts with an exponential moving average of the online AR's weights "
         "(ema <- d*ema + (1-d)*weights after each AR step); 0 = score with the live AR. The "
@@ -400,6 +407,10 @@ class RLConfig(ConfigSection):
     length_budget_min: int = param(8, "Smallest random per-group length budget.", gt=0)
 
     def validate(self):
+        _require(self.async_level < self.steps, "async_level",
+                 f"must be < rl.steps ({self.steps}), found {self.async_level}: every rollout "
+                 "would come from the starting policy and none from a trained one; lower "
+                 "rl.async_level or raise rl.steps")
         _require(self.length_penalty_coef == 0 or self.length_penalty_margin < self.max_new_tokens,
                  "length_penalty_margin", f"must be < max_new_tokens ({self.max_new_tokens}) "
                  f"while length_penalty_coef > 0, found {self.length_penalty_margin}")

@@ -36,8 +36,10 @@ METRIC_GROUPS = ("train/av", "train/ar", "rollout", "reward", "eval", "perf", "h
 # The top-level groups RL logs under; in W&B they chart against rl/step.
 RL_GROUPS = ("train", "rollout", "reward", "perf", "health")
 _METRIC_NAME = re.compile(r"^(" + "|".join(map(re.escape, METRIC_GROUPS)) + r")/[A-Za-z0-9_./@-]+$")
-SAMPLE_COLUMNS = ("step", "activation_id", "explanation", "reward", "mse", "gap", "truth", "toy_recall",
-                  "toy_precision")  # the last three: toy-world ground truth (None elsewhere)
+SAMPLE_COLUMNS = ("step", "policy_version", "activation_id", "explanation", "reward", "mse", "gap",
+                  "truth", "toy_recall", "toy_precision")
+# policy_version: the AV version that wrote the rollout (step - rl.async_level at most);
+# truth/toy_*: toy-world ground truth (None elsewhere).
 WANDB_ID_FILE = "wandb_run_id"  # the same W&B run continues when the run directory resumes
 
 
