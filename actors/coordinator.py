@@ -2,13 +2,15 @@
 
     batch    = data.next_batch()                     activations + drawn hard negatives
     rollouts = generate(batch)                       G samples each, injection at the marker
+                                                     (ahead, by an older policy, at
+                                                     rl.async_level ≥ 1: actors.rollouts_ahead)
     preds    = critic.reconstruct(explanations)      the live AR
     scored   = step_rewards(preds, gold, negatives)  −MSE (or −log MSE), penalties, contrast
     adv      = compute_advantages(scored.rewards)    GRPO / Dr.GRPO within each group
     train policy (GRPO) and critic (online AR) concurrently; sync the engines (verified) as soon
     as the policy is done; log, checkpoint
 
-The helpers below are each one named piece of that list; the loop in :func:`rl_loop` fits on
+The helpers below are each one named piece of that list; one step (:func:`rl_step`) fits on
 one screen. Everything that touches a model lives in an actor; this process holds only numbers.
 """
 

@@ -37,6 +37,9 @@ class LearnerError(NLAError):
     """A learner group was asked for something it cannot do with these inputs."""
 
 
+START_PHASE = "start-up (placement, model load, rendezvous)"
+
+
 class LearnerHungError(NLAError):
     """A learner rank did not answer within its deadline: the run is stopped (its ranks killed)."""
 
@@ -451,8 +454,10 @@ class LearnerGroup:
                 ).remote(spec, r, world_size, current_actor_logs())
                 for r in range(world_size)
             ]
-            address, port = ray.get(self.ranks[0].rendezvous.remote())
-            ray.get([r.setup.remote(address, port) for r in self.ranks])
+            # Start-up is bounded like every call (the floor alone: nothing is timed yet), so
+            # a rank that never gets its resources or hangs loading its model is named.
+            [(address, port)] = self._gather([self.ranks[0].rendezvous.remote()], START_PHASE)
+            self._all("setup", address, port, phase=START_PHASE)
         except BaseException as err:
             self.shutdown()
             raise_bad_input(err)

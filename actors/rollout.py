@@ -197,10 +197,25 @@ class RolloutPool:
         self.call_seconds: list[float] = []  # answered calls' durations, since heartbeat()
         started = time.perf_counter()
         self.actors = [self._start_actor(i) for i in range(num_engines)]
-        ray.get([a.health.remote() for a in self.actors])  # surface start-up errors here
+        self._wait_started(started)
         self.deadline.observe(time.perf_counter() - started, "engine start")  # bounds replacements
 
     # -- actor lifecycle
+    def _wait_started(self, launched: float) -> None:
+        """Every engine answers its first call (start-up errors surface here) within the
+        deadline: an engine that never starts (no resources, a hung model load) is named."""
+        futures = [a.health.remote() for a in self.actors]
+        for index, future in enumerate(futures):
+            try:
+                self._get(future, "engine start", launched)
+            except DeadlineMissed as err:
+                self.shutdown()
+                raise EngineLostError(
+                    f"rollout engine actor {index} did not start: {err}. Check the engine's log "
+                    "(<run>/logs/engine.log, or --verbose) for where it stopped (waiting for "
+                    "resources, loading the model); if loading is merely slow, raise "
+                    "run.call_timeout_floor_s") from None
+
     def _start_actor(self, index: int):
         spec, num_threads, logs = self._build
         actor_cls = self._actor_cls

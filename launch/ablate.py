@@ -36,6 +36,7 @@ VARIANTS: dict[str, list[str]] = {
     "negatives_infonce": ["negatives.enabled=true", "negatives.combine=infonce"],
     "basis_standardize": ["rl.reward_basis=standardize"],
     "basis_whiten": ["rl.reward_basis=whiten"],
+    "async_1": ["rl.async_level=1"],  # rollouts one policy version old, generated ahead
 }
 SHARED = ("base", "init", "data", "ar_sft", "av_sft")  # what every variant reads, linked
 COLUMNS = (("toy_precision", "attr. precision"), ("toy_recall", "attr. recall"),

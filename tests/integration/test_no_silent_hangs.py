@@ -19,7 +19,7 @@ from actors.datagen import ExtractionHungError, ExtractionSpec, run_extraction
 from actors.deadline import CallDeadline
 from actors.learner import LearnerGroup, LearnerHungError, LearnerRank, LearnerSpec
 from actors.learner_models import ModelSpec
-from actors.rollout import RolloutActor, RolloutPool, replacement_metrics
+from actors.rollout import EngineLostError, RolloutActor, RolloutPool, replacement_metrics
 from nla_rl.ar_model import ActivationReconstructor
 from nla_rl.checkpoint import CheckpointManager
 from nla_rl.data.corpus import Document
@@ -61,6 +61,28 @@ class StallingRank(LearnerRank):
 
 class StallingGroup(LearnerGroup):
     rank_body = StallingRank
+
+
+class NeverStartingActor(RolloutActor):
+    """An engine whose start-up (the model load) never ends."""
+
+    def __init__(self, spec, **kwargs):
+        time.sleep(STALL_S)
+
+
+class NeverStartingPool(RolloutPool):
+    actor_body = NeverStartingActor
+
+
+class NeverSetUpRank(LearnerRank):
+    """A rank whose setup (model load, process group) never ends."""
+
+    def setup(self, address, port):
+        time.sleep(STALL_S)
+
+
+class NeverSetUpGroup(LearnerGroup):
+    rank_body = NeverSetUpRank
 
 
 class StallingWorker:
@@ -143,6 +165,29 @@ def test_a_stalled_learner_rank_stops_the_group_naming_it(ray_cluster, tiny, tmp
     assert "during ar step; the run is stopped" in message
     assert f"Last completed checkpoint: {saved}." in message
     assert group.ranks == []
+
+
+def test_an_engine_that_never_starts_is_named_within_the_deadline(ray_cluster, tiny):
+    started = time.perf_counter()
+    with pytest.raises(EngineLostError, match=r"rollout engine actor 0 did not start: no answer "
+                                              r"within 3s during engine start.*engine.log"):
+        NeverStartingPool(EngineSpec.from_kwargs("hf", **tiny["kwargs"]), num_engines=1,
+                          num_cpus_per_engine=1, deadline=CallDeadline(floor_s=3.0, factor=1.0))
+    assert time.perf_counter() - started < 20
+
+
+def test_a_learner_group_that_never_starts_is_named_within_the_deadline(ray_cluster, tiny):
+    spec = LearnerSpec(model=ModelSpec(role="ar", model_dir=str(tiny["root"] / "ar"),
+                                       ar_template=DEFAULT_AR_TEMPLATE, mse_scale=8.0),
+                       micro_batch_size=2, optim=_optim())
+    started = time.perf_counter()
+    with pytest.raises(LearnerHungError) as err:
+        NeverSetUpGroup(spec, world_size=2, num_cpus_per_rank=0.5, name="rl_ar",
+                        deadline=CallDeadline(floor_s=8.0, factor=1.0))
+    assert time.perf_counter() - started < 40
+    message = str(err.value)
+    assert message.startswith("learner rl_ar: ") and "within 8s during start-up" in message
+    assert "Last completed checkpoint: none (this group keeps no checkpoints)" in message
 
 
 def test_a_stalled_datagen_worker_stops_the_stage(ray_cluster, monkeypatch, tmp_path):
