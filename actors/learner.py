@@ -44,6 +44,11 @@ class LearnerHungError(NLAError):
     """A learner rank did not answer within its deadline: the run is stopped (its ranks killed)."""
 
 
+class LearnerLostError(NLAError):
+    """A learner rank's process or node was lost: the run is stopped (a rank holds its shard of
+    the weights and optimiser state, so it cannot be replaced inside a step like an engine)."""
+
+
 # What a call of the group is doing, in the words of the error a hang raises.
 LOSS_PHASES = {"grpo": "grpo update", "ar_sft": "ar step", "av_sft": "av step"}
 
@@ -488,6 +493,8 @@ class LearnerGroup:
                 raise self._hung([index[ref] for ref in pending], phase, limit)
             try:
                 out[index[ready[0]]] = ray.get(ready[0])
+            except ray.exceptions.RayActorError as err:  # its process died, or its node
+                raise self._lost(index[ready[0]], phase, err) from None
             except ray.exceptions.RayTaskError as err:
                 raise_bad_input(err, self.shutdown)
                 raise
@@ -514,6 +521,22 @@ class LearnerGroup:
             f"(<run>/logs/learner_{self.spec.model.role}.log, or --verbose) for where it stopped "
             "(a stuck collective, a lost GPU, a full disk); if the call is merely slow, raise "
             "run.call_timeout_floor_s or run.call_timeout_factor, then resume with run.resume=true")
+
+    def _lost(self, rank: int, phase: str, err: BaseException) -> LearnerLostError:
+        """The one error of a lost rank: which, doing what, why (Ray's cause in a few words),
+        where to resume from. The surviving ranks are killed first (they would wait on the
+        lost one in their next collective)."""
+        self.shutdown()
+        text = str(err)
+        why = ("its node died" if "node has died" in text or "node was terminated" in text
+               else f"its process died ({type(err).__name__})")
+        return LearnerLostError(
+            f"learner {self.name}: rank {rank} of {self.world_size} was lost during {phase}: "
+            f"{why}; the run is stopped. Last completed checkpoint: {self._last_checkpoint()}. "
+            "A rank cannot be replaced mid-run (its shard of the weights and optimiser state "
+            "went with it): check the cluster (ray status) and the rank's log "
+            f"(<run>/logs/learner_{self.spec.model.role}.log), then resume with "
+            "run.resume=true")
 
     def _last_checkpoint(self) -> str:
         if self.checkpoints is None:

@@ -7,7 +7,9 @@ engines are plain actors. ``colocated`` — one placement group for the whole RL
 bundle i hosts engine i, AV rank i and AR rank i (:func:`reserve_colocated`): each member keeps
 its CPUs and takes a third of the bundle's GPU, so the three share one device. ``PACK`` keeps
 the bundles on as few nodes as possible, which is what NCCL/gloo want; rank 0 picks a free port
-on its own node for the rendezvous. Multi-node is the same code on a bigger Ray cluster.
+on its own node for the rendezvous. Multi-node is the same code on a bigger Ray cluster; a
+bundle (or an engine) that no single node can hold is refused before Ray is asked
+(:func:`check_nodes_hold`), since a bundle never spans nodes.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def _reserve(bundles: list[dict], timeout_s: float, what: str, fix: str):
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
+    check_nodes_hold(bundles, what=what, fix=fix)  # Ray would wait the whole timeout first
     group = placement_group(bundles, strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
@@ -78,6 +81,58 @@ def _reserve(bundles: list[dict], timeout_s: float, what: str, fix: str):
             f"the cluster could not place {what} within {timeout_s:.0f}s (available: "
             f"{ray.available_resources()}); lower {fix}, or start a bigger cluster")
     return group
+
+
+# A node as the checks below see it: a name for messages and its total resources.
+Node = tuple[str, dict]
+
+
+def alive_nodes() -> list[Node]:
+    """Every alive node of the connected Ray cluster: ``("<id prefix> (<address>)", total
+    resources)``. Totals, not what is free now: the checks ask what a node could ever hold."""
+    import ray
+
+    return [(f"{n['NodeID'][:8]} ({n['NodeManagerAddress']})", dict(n["Resources"]))
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def _amounts(resources: dict, keys) -> str:
+    return " + ".join(f"{resources.get(k, 0.0):g} {k}" for k in keys)
+
+
+def _node_holds(bundle: dict, have: dict) -> bool:
+    return all(need <= have.get(key, 0.0) + 1e-9 for key, need in bundle.items())
+
+
+def check_nodes_hold(bundles: Sequence[dict], *, what: str, fix: str,
+                     nodes: Sequence[Node] | None = None) -> None:
+    """Raise :class:`PlacementError` at once when a bundle fits on no single node, or the
+    bundles need more than all nodes together: a bundle never spans nodes, so Ray would keep
+    it pending (until a placement timeout, or forever for a plain actor) though the cluster's
+    total looks big enough. Names what one bundle needs and what each node has.
+
+    Both are necessary conditions only (packing several bundles per node is Ray's problem), so
+    a placement that could fit is never refused. ``nodes``: default :func:`alive_nodes`; an
+    autoscaling cluster is judged by the nodes it has now."""
+    nodes = alive_nodes() if nodes is None else list(nodes)
+    for bundle in {tuple(sorted(b.items())): b for b in bundles}.values():
+        if any(_node_holds(bundle, have) for _, have in nodes):
+            continue
+        keys = sorted(bundle)
+        per_node = "; ".join(f"node {name}: {_amounts(have, keys)}" for name, have in nodes)
+        raise PlacementError(
+            f"{what}: one bundle needs {_amounts(bundle, keys)} on a single node, and no node of "
+            f"the Ray cluster has that much (a bundle never spans nodes). Per node: {per_node}. "
+            f"Lower {fix}, or add a node with at least {_amounts(bundle, keys)}")
+    keys = {k for b in bundles for k in b}
+    total_need = {k: sum(b.get(k, 0.0) for b in bundles) for k in keys}
+    total_have = {k: sum(have.get(k, 0.0) for _, have in nodes) for k in total_need}
+    short = [k for k in sorted(total_need) if total_need[k] > total_have[k] + 1e-9]
+    if short:
+        raise PlacementError(
+            f"{what}: {len(bundles)} bundles need {_amounts(total_need, short)} in all, the "
+            f"Ray cluster's {len(nodes)} node(s) have {_amounts(total_have, short)}. Lower "
+            f"{fix}, or add nodes")
 
 
 # Ray counts resources in units of 1e-4; a share rounded up could overfill its bundle.

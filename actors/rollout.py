@@ -141,12 +141,25 @@ def check_cluster_fits(num_engines: int, num_cpus_per_engine: float, num_gpus_pe
                 f"(ray start --num-cpus/--num-gpus, or more nodes)")
 
 
+def check_engine_fits_a_node(num_cpus_per_engine: float, num_gpus_per_engine: float) -> None:
+    """Raise :class:`PlacementError` when no single node can hold one engine actor (an actor
+    never spans nodes: Ray would queue it forever though the cluster's total suffices)."""
+    from actors.placement import check_nodes_hold
+
+    engine = {k: v for k, v in (("CPU", num_cpus_per_engine), ("GPU", num_gpus_per_engine)) if v > 0}
+    if engine:
+        check_nodes_hold([engine], what="rollout engines (one actor each)",
+                         fix="learner.num_cpus_per_rank (the CPUs of each engine) or "
+                             "engine.tensor_parallel_size (the GPUs of each engine)")
+
+
 def engine_strategies(num_engines: int, num_cpus_per_engine: float, num_gpus_per_engine: float,
                       placement_group=None, bundle_indices: Sequence[int] | None = None) -> list:
     """Each engine's Ray scheduling strategy: None (anywhere the cluster fits, which is checked
     here) or its bundle of ``placement_group`` (checked to exist and to hold one engine)."""
     if placement_group is None:
         check_cluster_fits(num_engines, num_cpus_per_engine, num_gpus_per_engine)
+        check_engine_fits_a_node(num_cpus_per_engine, num_gpus_per_engine)
         return [None] * num_engines
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

@@ -11,7 +11,7 @@ import ray
 
 from actors.cluster import RayConnectError, connect_ray
 from actors.deadline import CallDeadline
-from actors.learner import LearnerGroup, LearnerHungError
+from actors.learner import LearnerGroup, LearnerHungError, LearnerLostError
 from nla_rl.config import load_recipe
 from tests.unit.test_config import TINY_RECIPE
 
@@ -58,6 +58,12 @@ def _group(monkeypatch, states: list[str], tmp_path) -> LearnerGroup:
     def get(ref):
         if ref.state == "error":
             raise RuntimeError(f"rank {ref.rank} failed")
+        if ref.state == "lost":  # what Ray raises for an actor whose node was removed
+            raise ray.exceptions.RayActorError(
+                error_msg="The actor died unexpectedly before finishing this task. The actor "
+                          "died because its node has died. Node Id: 0e73927d")
+        if ref.state == "died":
+            raise ray.exceptions.ActorDiedError()
         return ref.rank
 
     monkeypatch.setattr(ray, "wait", wait)
@@ -97,6 +103,23 @@ def test_all_ranks_silent_and_a_rank_error_first(monkeypatch, tmp_path):
     group = _group(monkeypatch, ["ok", "ok"], tmp_path)
     assert group._gather(group.refs, "ar step") == [0, 1]
     assert group.deadline.seconds("ar step") >= 0.01  # the answered call was timed
+
+
+def test_a_lost_rank_stops_the_group_naming_rank_phase_cause_and_checkpoint(monkeypatch,
+                                                                          tmp_path):
+    group = _group(monkeypatch, ["hung", "lost"], tmp_path)  # rank 0 waits on rank 1 forever
+    ranks = group.ranks
+    with pytest.raises(LearnerLostError) as err:
+        group._gather(group.refs, "sync weights")
+    assert str(err.value).startswith(
+        "learner rl_av: rank 1 of 2 was lost during sync weights: its node died; the run is "
+        f"stopped. Last completed checkpoint: none yet in {tmp_path / 'rl' / 'av'}.")
+    assert "learner_av.log" in str(err.value) and "run.resume=true" in str(err.value)
+    assert group.ranks == [] and [r.state for r in ranks] == ["killed", "killed"]
+    group = _group(monkeypatch, ["died", "ok"], tmp_path)
+    with pytest.raises(LearnerLostError, match=r"rank 0 of 2 was lost during ar step: its "
+                       r"process died \(ActorDiedError\)"):
+        group._gather(group.refs, "ar step")
 
 
 def test_an_unreachable_ray_address_fails_at_once_naming_it(monkeypatch):

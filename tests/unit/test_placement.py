@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from actors.placement import COLOCATED_MEMBERS, colocated_bundles, rank_bundles, share_of
+from actors.placement import (COLOCATED_MEMBERS, PlacementError, check_nodes_hold,
+                              colocated_bundles, rank_bundles, share_of)
 from nla_rl.config import load_recipe
 from nla_rl.errors import ConfigError
 
@@ -45,3 +46,29 @@ def test_colocated_bundles_hold_their_members():
         {"CPU": 1.5, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
     assert colocated_bundles([3], num_cpus=0.5, num_gpus=0.0) == [{"CPU": 1.5}]  # CPU only
     assert colocated_bundles([3], num_cpus=0.0, num_gpus=0.0) == rank_bundles(1, num_cpus=0, num_gpus=0)
+
+
+# Two nodes as Ray lists them (total resources), for the per-node checks below.
+NODES = [("aaaa1111 (10.0.0.1)", {"CPU": 2.0, "GPU": 8.0, "memory": 1e9}),
+         ("bbbb2222 (10.0.0.2)", {"CPU": 2.0, "GPU": 8.0})]
+
+
+def test_a_bundle_no_single_node_holds_is_refused_naming_each_node():
+    with pytest.raises(PlacementError) as err:
+        check_nodes_hold([{"CPU": 3.0, "GPU": 1.0}] * 2, what="2 learner ranks", fix="the keys",
+                         nodes=NODES)
+    assert str(err.value) == (
+        "2 learner ranks: one bundle needs 3 CPU + 1 GPU on a single node, and no node of the "
+        "Ray cluster has that much (a bundle never spans nodes). Per node: node aaaa1111 "
+        "(10.0.0.1): 2 CPU + 8 GPU; node bbbb2222 (10.0.0.2): 2 CPU + 8 GPU. Lower the keys, or "
+        "add a node with at least 3 CPU + 1 GPU")
+
+
+def test_bundles_beyond_the_nodes_total_are_refused_and_a_fitting_set_passes():
+    with pytest.raises(PlacementError, match=r"^16 ranks: 17 bundles need 17 GPU in all, the Ray "
+                       r"cluster's 2 node\(s\) have 16 GPU\. Lower the keys, or add nodes$"):
+        check_nodes_hold([{"GPU": 1.0}] * 17, what="16 ranks", fix="the keys", nodes=NODES)
+    # 2 × 8 GPUs: sixteen one-GPU bundles (colocated, the reference's layout) fit; so do
+    # bundles of a whole node each; nothing is asked of Ray here.
+    check_nodes_hold([{"CPU": 0.1, "GPU": 1.0}] * 16, what="x", fix="y", nodes=NODES)
+    check_nodes_hold([{"CPU": 2.0, "GPU": 8.0}] * 2, what="x", fix="y", nodes=NODES)
