@@ -528,8 +528,12 @@ class LearnerGroup:
         lost one in their next collective)."""
         self.shutdown()
         text = str(err)
-        why = ("its node died" if "node has died" in text or "node was terminated" in text
-               else f"its process died ({type(err).__name__})")
+        if "node has died" in text or "node was terminated" in text:
+            why = "its node died"
+        elif "creation task" in text:  # its constructor raised: Ray's text says what
+            why = f"it failed to start ({text.strip().splitlines()[-1][:300]})"
+        else:
+            why = f"its process died ({type(err).__name__})"
         return LearnerLostError(
             f"learner {self.name}: rank {rank} of {self.world_size} was lost during {phase}: "
             f"{why}; the run is stopped. Last completed checkpoint: {self._last_checkpoint()}. "
