@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from nla_rl.errors import NLAError
 from nla_rl.run_logs import RunLogs
 
+EXISTING_CLUSTER = "the Ray cluster"  # available_resources(): joined, not started here
 CONNECT_TIMEOUT_S = 10.0  # per host tried: a cluster's head answers at once or not at all
 
 
@@ -98,6 +99,48 @@ def recipe_cpus(cfg) -> int:
     return max(2, math.ceil(largest))
 
 
+def stage_bundles(cfg, *, gpu_engines: bool) -> dict[str, tuple[list[dict], str]]:
+    """Each Ray stage's bundles (one per actor, or per colocated slot), as the stages will ask
+    Ray for them, and the keys that shrink them: what a node must hold, since a bundle never
+    spans nodes (:func:`actors.placement.check_nodes_hold`)."""
+    from actors.placement import colocated_bundles, rank_bundles
+
+    d, lc, e = cfg.data, cfg.learner, cfg.engine
+    per_rank = "learner.num_cpus_per_rank / num_gpus_per_rank"
+    out = {}
+    if d.workers:
+        worker = {k: v for k, v in (("CPU", d.cpus_per_worker), ("GPU", d.gpus_per_worker)) if v}
+        out["datagen"] = ([worker or {"CPU": 0.01}] * d.workers,
+                          "data.cpus_per_worker / gpus_per_worker")
+    for stage, ranks in (("ar_sft", lc.ranks_ar), ("av_sft", lc.ranks_av)):
+        out[stage] = (rank_bundles(ranks, num_cpus=lc.num_cpus_per_rank,
+                                   num_gpus=lc.num_gpus_per_rank), per_rank)
+    if lc.placement == "colocated":
+        count = max(lc.ranks_av, lc.ranks_ar, e.num_engines)
+        slots = [(i < e.num_engines) + (i < lc.ranks_av) + (i < lc.ranks_ar) for i in range(count)]
+        out["rl"] = (colocated_bundles(slots, num_cpus=lc.num_cpus_per_rank,
+                                       num_gpus=lc.num_gpus_per_rank), per_rank)
+    else:
+        tp = e.tensor_parallel_size if gpu_engines else 0
+        engine = {k: v for k, v in (("CPU", lc.num_cpus_per_rank), ("GPU", tp)) if v}
+        out["rl"] = (rank_bundles(lc.ranks_av + lc.ranks_ar, num_cpus=lc.num_cpus_per_rank,
+                                  num_gpus=lc.num_gpus_per_rank)
+                     + [engine or {"CPU": 0.01}] * e.num_engines,
+                     f"{per_rank} or engine.tensor_parallel_size")
+    return out
+
+
+def check_nodes_fit(cfg, nodes, *, gpu_engines: bool) -> None:
+    """Refuse now, before any stage runs, a stage whose bundle no node of an existing cluster
+    can hold (``nodes``: :func:`actors.placement.alive_nodes`); the stage would otherwise find
+    out only when it reserves them, after the earlier stages ran."""
+    from actors.placement import check_nodes_hold
+
+    for stage, (bundles, fix) in stage_bundles(cfg, gpu_engines=gpu_engines).items():
+        if stage in cfg.run.stages:
+            check_nodes_hold(bundles, what=f"{stage} stage", fix=fix, nodes=nodes)
+
+
 def available_resources() -> tuple[dict[str, float], str]:
     """What the Ray stages will run on, and its name for messages: the Ray cluster this process
     is connected to or joins (``RAY_ADDRESS``: joining starts nothing), else this machine's GPUs.
@@ -115,7 +158,7 @@ def available_resources() -> tuple[dict[str, float], str]:
             raise ConfigError(f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: no Ray cluster "
                               f"answers there ({err}); start it (ray start --head) or unset "
                               "RAY_ADDRESS to run on a local cluster") from None
-        return {k: float(v) for k, v in ray.cluster_resources().items()}, "the Ray cluster"
+        return {k: float(v) for k, v in ray.cluster_resources().items()}, EXISTING_CLUSTER
     import torch
 
     return {"GPU": float(torch.cuda.device_count())}, "this machine"

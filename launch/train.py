@@ -113,11 +113,18 @@ def check_teacher_key(teacher) -> None:
 
 def check_cluster(cfg) -> None:
     """The CPUs/GPUs the recipe's Ray stages ask for against what they would run on (see
-    :func:`actors.cluster.check_cluster_size`); asked only when a stage uses Ray."""
-    from actors.cluster import available_resources, check_cluster_size, stage_needs
+    :func:`actors.cluster.check_cluster_size`) and, on an existing cluster, each bundle against
+    its nodes (:func:`actors.cluster.check_nodes_fit`); asked only when a stage uses Ray."""
+    from actors.cluster import (EXISTING_CLUSTER, available_resources, check_cluster_size,
+                                check_nodes_fit, stage_needs)
 
     if set(cfg.run.stages) & set(stage_needs(cfg, gpu_engines=False)):
-        check_cluster_size(cfg, *available_resources())
+        have, where = available_resources()
+        check_cluster_size(cfg, have, where)
+        if where == EXISTING_CLUSTER:  # its nodes are known now
+            from actors.placement import alive_nodes
+
+            check_nodes_fit(cfg, alive_nodes(), gpu_engines=have.get("GPU", 0.0) > 0)
 
 
 # Where each resumable stage keeps its checkpoints (under the run directory), and the role its

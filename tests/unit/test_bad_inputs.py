@@ -348,3 +348,31 @@ def test_a_recipe_bigger_than_the_cluster_says_need_and_have(tmp_path, capsys, m
     refused(capsys, run("run.stages=[av_sft]", "learner.num_cpus_per_rank=3"),
             "av_sft: needs 6 CPU", "the Ray cluster has 4", root=tmp_path)
     assert not run_dir.exists()
+
+
+def test_a_bundle_no_node_holds_is_refused_before_any_stage(tmp_path, capsys, monkeypatch):
+    """On an existing cluster whose total is big enough, a colocated bundle (engine + AV rank +
+    AR rank: 3 × 1 CPU) that no 2-CPU node holds is refused at launch, before prepare runs,
+    naming each node; the same recipe on 4-CPU nodes passes the check."""
+    import actors.cluster
+    import actors.placement
+
+    run_dir = tmp_path / "run"
+    colocated = ["learner.placement=colocated", "learner.num_cpus_per_rank=1"]
+    run = lambda *o: lambda: train([TINY, f"run.dir={run_dir}", *colocated, *o])  # noqa: E731
+    monkeypatch.setattr(actors.cluster, "available_resources",
+                        lambda: ({"CPU": 8.0}, actors.cluster.EXISTING_CLUSTER))
+    small = [(f"node{i} (10.0.0.{i})", {"CPU": 2.0}) for i in range(4)]
+    monkeypatch.setattr(actors.placement, "alive_nodes", lambda: small)
+    refused(capsys, run(), "rl stage: one bundle needs 3 CPU on a single node",
+            "Per node: node node0 (10.0.0.0): 2 CPU;", "Lower learner.num_cpus_per_rank",
+            root=tmp_path)
+    assert not run_dir.exists()
+
+    from actors.cluster import check_nodes_fit
+    from nla_rl.config import load_recipe
+
+    cfg = load_recipe(TINY, colocated)
+    check_nodes_fit(cfg, [(f"n{i}", {"CPU": 4.0}) for i in range(2)], gpu_engines=False)
+    with pytest.raises(actors.placement.PlacementError, match="rl stage: 2 bundles need 5 CPU"):
+        check_nodes_fit(cfg, [("n0", {"CPU": 4.0})], gpu_engines=False)  # 3 + 2 on one 4-CPU node
