@@ -12,10 +12,11 @@ threads, best of 5), and
 
     ratio = sync bytes/s ÷ memcpy bytes/s        goal ≥ 0.3
 
-Where the time goes (medians): ``engine_s``, the engine's own ``sync_weights`` (bucketing and
-vLLM's ``reload_weights``, its CPU repacking included; from the engine's counters), and, when the
-pool reports them, ``put_s`` (this process puts the weights into Ray's object store) and
-``fetch_s`` (the actor reads them back); the rest is Ray's call overhead.
+Where the time goes (medians, from the pool's ``last_sync``): ``put_s`` (this process puts the
+weights into Ray's object store), ``fetch_s`` (the actor reads them back), ``load_s`` (the
+engine's ``sync_weights``: vLLM's ``reload_weights``, its CPU repacking included); the rest is
+Ray's call overhead. A pool without ``last_sync`` (before it existed) gives only ``engine_s``,
+the engine's own ``sync_weights`` from its counters.
 
 Checked, not timed: the warm-up sync sends perturbed weights (the probe's log-probs must move),
 the timed syncs send the on-disk weights back, after which the engine's probe log-probs must
@@ -90,7 +91,8 @@ def time_syncs(pool, state: dict, repeats: int) -> tuple[list[float], list[dict]
         pool.sync_weights(state.items())
         seconds.append(time.perf_counter() - start)
         # The engine's own time (``reload_weights`` and its bucketing), from its counters.
-        splits.append({**getattr(pool, "last_sync", {}), "engine_s": pool.health()[0]["last_sync_s"]})
+        splits.append(dict(getattr(pool, "last_sync", {})) or
+                      {"engine_s": pool.health()[0]["last_sync_s"]})
     return seconds, splits
 
 
