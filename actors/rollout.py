@@ -48,6 +48,8 @@ def unpack_tensor(dtype: str, shape: tuple[int, ...], raw: np.ndarray) -> torch.
     parameters), and torch's warning about a non-writable array is silenced for that reason."""
     import warnings
 
+    if raw.size == 0:  # numpy gives an empty array stride 0, which torch cannot reinterpret
+        return torch.empty(shape, dtype=getattr(torch, dtype))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         flat = torch.from_numpy(raw)
