@@ -16,13 +16,44 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 import ray
+import torch
 
 from actors.cluster import current_actor_logs
 from actors.deadline import CallDeadline, DeadlineMissed
 from actors.placement import PlacementError
 from nla_rl.errors import NLAError
 from rollout.base import EngineSpec, RolloutRequest, Sample, SamplingSpec
+from rollout.vllm_engine import weight_buckets
+
+# Weights travel through the object store in buckets of about this size: Ray can spill or move
+# one bucket at a time, so no single object is the size of the whole model.
+SYNC_BUCKET_BYTES = 512 << 20
+
+
+def pack_tensor(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], np.ndarray]:
+    """``(dtype, shape, its bytes as a uint8 numpy view)``: Ray stores numpy arrays out of band
+    (one copy into the object store, read back zero-copy), whereas a torch tensor is pickled in
+    band through ``torch.save`` (several host copies on each side). The view also carries bf16,
+    which numpy has no dtype for."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    return str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), \
+        tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def unpack_tensor(dtype: str, shape: tuple[int, ...], raw: np.ndarray) -> torch.Tensor:
+    """The tensor :func:`pack_tensor` packed, sharing ``raw``'s memory (no copy). From the object
+    store ``raw`` is read-only: the engines only read it (their weight loaders copy into their own
+    parameters), and torch's warning about a non-writable array is silenced for that reason."""
+    import warnings
+
+    if raw.size == 0:  # numpy gives an empty array stride 0, which torch cannot reinterpret
+        return torch.empty(shape, dtype=getattr(torch, dtype))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        flat = torch.from_numpy(raw)
+    return flat.view(getattr(torch, dtype)).reshape(shape)
 
 
 class RolloutActor:
@@ -46,8 +77,16 @@ class RolloutActor:
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingSpec) -> list[list[Sample]]:
         return self.engine.generate(requests, sampling)
 
-    def sync_weights(self, named_tensors: list) -> None:
-        self.engine.sync_weights(named_tensors)
+    def sync_weights(self, bucket_refs: list) -> dict[str, float]:
+        """Load the weights the pool put in the object store: ``bucket_refs`` are ``ObjectRef`` s
+        of packed buckets (inside a list, so Ray leaves them to this method to fetch). Returns the
+        seconds spent fetching and loading them."""
+        start = time.perf_counter()
+        named = [(name, unpack_tensor(*packed)) for bucket in ray.get(list(bucket_refs))
+                 for name, *packed in bucket]
+        fetched = time.perf_counter()
+        self.engine.sync_weights(named)
+        return {"fetch_s": fetched - start, "load_s": time.perf_counter() - fetched}
 
     def sync_adapter(self, adapter_dir: str) -> None:
         self.engine.sync_adapter(adapter_dir)
@@ -204,7 +243,8 @@ class RolloutPool:
         self._build = (spec, num_threads, current_actor_logs())
         self.max_replacements = max_replacements
         self.deadline = deadline or CallDeadline.from_run()
-        self._weights_ref = None  # the last sync_weights payload (kept in the object store)
+        self._weights_refs = None  # the last sync_weights buckets (kept in the object store)
+        self.last_sync: dict[str, float] = {}  # the last sync_weights' seconds, by phase
         self._adapter_dir: str | None = None  # the last adapter synced
         self.replacements: list[EngineReplacement] = []  # since the last drain_replacements()
         self.call_seconds: list[float] = []  # answered calls' durations, since heartbeat()
@@ -249,8 +289,8 @@ class RolloutPool:
         actor = self._start_actor(index)
         self.actors[index] = actor
         self._get(actor.health.remote(), "engine start", time.perf_counter())
-        if self._weights_ref is not None:
-            self._get(actor.sync_weights.remote(self._weights_ref), "sync_weights", time.perf_counter())
+        if self._weights_refs is not None:
+            self._get(actor.sync_weights.remote(self._weights_refs), "sync_weights", time.perf_counter())
         if self._adapter_dir is not None:
             self._get(actor.sync_adapter.remote(self._adapter_dir), "sync_adapter", time.perf_counter())
 
@@ -321,9 +361,18 @@ class RolloutPool:
         completions = list(completions)
         return self._scatter("logprobs", list(requests), lambda lo, hi: (completions[lo:hi],))
 
-    def sync_weights(self, named_tensors: Iterable) -> None:
-        self._weights_ref = ray.put([(name, t.detach().cpu()) for name, t in named_tensors])
-        self._broadcast("sync_weights", self._weights_ref)
+    def sync_weights(self, named_tensors: Iterable, bucket_bytes: int = SYNC_BUCKET_BYTES) -> None:
+        """Put the weights (Hugging Face names) into the object store once, as packed buckets,
+        and have every actor load them; the buckets are kept for a replacement actor.
+        ``last_sync``: seconds to put them, and the slowest actor's fetch and load."""
+        started = time.perf_counter()
+        self._weights_refs = None  # the stale weights leave the object store before the new arrive
+        self._weights_refs = [ray.put([(name, *pack_tensor(t)) for name, t in bucket])
+                              for bucket in weight_buckets(named_tensors, bucket_bytes)]
+        put = time.perf_counter()
+        loads = self._broadcast("sync_weights", self._weights_refs)
+        self.last_sync = {"put_s": put - started,
+                          **{key: max(load[key] for load in loads) for key in ("fetch_s", "load_s")}}
 
     def sync_adapter(self, adapter_dir: str) -> None:
         """``adapter_dir`` is read again when an actor is replaced: keep it (overwrite it in place)."""

