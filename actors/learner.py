@@ -167,13 +167,29 @@ class LearnerRank:
         """:func:`nla_rl.memory_plan.check_static_fits` against this rank's device and host."""
         from nla_rl.memory_plan import check_static_fits, device_free_bytes, host_free_bytes
 
+        ranks_on_host = self._ranks_on_this_host()  # a collective: every rank, before any return
         plan = self._plan()
         if plan is None:
             return None
         check_static_fits(plan, device_free=device_free_bytes(self.device),
-                          host_free=host_free_bytes(), ranks_on_host=1, what=self._what(),
-                          device=str(self.device))
+                          host_free=host_free_bytes(), ranks_on_host=ranks_on_host,
+                          what=self._what(), device=str(self.device))
         return plan
+
+    def _ranks_on_this_host(self) -> int:
+        """How many ranks of the group run on this rank's host: they all load the whole model
+        into host memory at the same time while the group starts (8 on an 8-GPU node)."""
+        import socket
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # a rank used on its own (no group): itself alone
+            self.ranks_on_host = 1
+            return 1
+        hosts = [None] * self.world_size
+        dist.all_gather_object(hosts, socket.gethostname())
+        self.ranks_on_host = sum(h == hosts[self.rank] for h in hosts)
+        return self.ranks_on_host
 
     def _check_micro_batch(self, micro) -> None:
         """A micro-batch whose activations cannot fit stops with one clear error, not an OOM."""
@@ -375,10 +391,12 @@ class LearnerRank:
         return self.rank
 
     def placement(self) -> dict:
-        """This rank's node, placement group and assigned resources."""
+        """This rank's node, placement group and assigned resources, and how many ranks of its
+        group share its host (what the memory plan's host check counted)."""
         from actors.placement import actor_placement
 
-        return {"rank": self.rank, **actor_placement()}
+        return {"rank": self.rank, "ranks_on_host": getattr(self, "ranks_on_host", None),
+                **actor_placement()}
 
 
 def split_rows(rows: dict, parts: int) -> list[dict]:

@@ -103,6 +103,7 @@ def trained(request, ray_cluster, models, tmp_path_factory):
                 group.save(3)
         straight = group.full_state_dict()
         preds = group.reconstruct(["one", "two words", "three words here"])
+        placements = group.placements()
     finally:
         group.shutdown()  # ray.kill of every rank: nothing survives but the files
     resumed_group = LearnerGroup(ar_spec(root, request.param), world_size=RANKS,
@@ -115,7 +116,7 @@ def trained(request, ray_cluster, models, tmp_path_factory):
     finally:
         resumed_group.shutdown()
     return dict(backend=request.param, losses=losses, straight=straight, resumed=resumed,
-                resumed_losses=resumed_losses, preds=preds, ckpt=ckpt)
+                resumed_losses=resumed_losses, preds=preds, ckpt=ckpt, placements=placements)
 
 
 def test_losses_and_weights_match_a_single_process_reference(trained, reference):
@@ -128,6 +129,12 @@ def test_losses_and_weights_match_a_single_process_reference(trained, reference)
         torch.testing.assert_close(trained["straight"][name], ref, atol=WEIGHT_ATOL, rtol=0,
                                    msg=lambda m: f"{trained['backend']} {name}: {m}")
     assert ref_losses[-1] < ref_losses[0]  # it learns, so agreement is not trivial
+
+
+def test_the_host_memory_check_counts_every_rank_on_the_host(trained):
+    """All ranks load the model into host memory at once: on this one-host cluster the memory
+    plan's start-up check counts all of them, not one."""
+    assert [p["ranks_on_host"] for p in trained["placements"]] == [RANKS] * RANKS
 
 
 def test_resume_after_kill_is_exact(trained):
