@@ -103,7 +103,7 @@ def stage_bundles(cfg, *, gpu_engines: bool) -> dict[str, tuple[list[dict], str]
     """Each Ray stage's bundles (one per actor, or per colocated slot), as the stages will ask
     Ray for them, and the keys that shrink them: what a node must hold, since a bundle never
     spans nodes (:func:`actors.placement.check_nodes_hold`)."""
-    from actors.placement import colocated_bundles, rank_bundles
+    from actors.placement import colocated_bundles, colocated_slots, rank_bundles
 
     d, lc, e = cfg.data, cfg.learner, cfg.engine
     per_rank = "learner.num_cpus_per_rank / num_gpus_per_rank"
@@ -116,16 +116,14 @@ def stage_bundles(cfg, *, gpu_engines: bool) -> dict[str, tuple[list[dict], str]
         out[stage] = (rank_bundles(ranks, num_cpus=lc.num_cpus_per_rank,
                                    num_gpus=lc.num_gpus_per_rank), per_rank)
     if lc.placement == "colocated":
-        count = max(lc.ranks_av, lc.ranks_ar, e.num_engines)
-        slots = [(i < e.num_engines) + (i < lc.ranks_av) + (i < lc.ranks_ar) for i in range(count)]
+        slots = colocated_slots(e.num_engines, lc.ranks_av, lc.ranks_ar)
         out["rl"] = (colocated_bundles(slots, num_cpus=lc.num_cpus_per_rank,
                                        num_gpus=lc.num_gpus_per_rank), per_rank)
-    else:
+    else:  # an engine asks a rank's CPUs and, on GPUs, its tensor-parallel GPUs
         tp = e.tensor_parallel_size if gpu_engines else 0
-        engine = {k: v for k, v in (("CPU", lc.num_cpus_per_rank), ("GPU", tp)) if v}
         out["rl"] = (rank_bundles(lc.ranks_av + lc.ranks_ar, num_cpus=lc.num_cpus_per_rank,
                                   num_gpus=lc.num_gpus_per_rank)
-                     + [engine or {"CPU": 0.01}] * e.num_engines,
+                     + rank_bundles(e.num_engines, num_cpus=lc.num_cpus_per_rank, num_gpus=tp),
                      f"{per_rank} or engine.tensor_parallel_size")
     return out
 

@@ -368,15 +368,15 @@ def rl_loop(world: RLWorld, start: int) -> None:
     world.ahead = rollouts_ahead(world, start)
     try:
         for step in range(start, world.cfg.rl.steps):
-            rl_step(world, world.ahead, step, first=step == start)
+            rl_step(world, step, first=step == start)
     finally:
         world.ahead.close()
 
 
-def rl_step(world: RLWorld, ahead: RolloutsAhead, step: int, first: bool) -> None:
+def rl_step(world: RLWorld, step: int, first: bool) -> None:
     """One RL step (``first``: the first of this process, where the sync is always verified
     and the step-0 health check runs)."""
-    rl = world.cfg.rl
+    rl, ahead = world.cfg.rl, world.ahead
     started = time.perf_counter()
     taken = ahead.take(step)
     batch, rollouts = taken.batch, as_rollouts(world, taken)

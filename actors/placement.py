@@ -167,6 +167,13 @@ class Colocated:
         release(self.group)
 
 
+def colocated_slots(num_engines: int, ranks_av: int, ranks_ar: int) -> list[int]:
+    """Members of each colocated bundle: bundle i holds engine i, AV rank i and AR rank i, where
+    they exist."""
+    count = max(ranks_av, ranks_ar, num_engines)
+    return [(i < num_engines) + (i < ranks_av) + (i < ranks_ar) for i in range(count)]
+
+
 def colocated_bundles(slots: Sequence[int], *, num_cpus: float, num_gpus: float) -> list[dict]:
     """Bundle i holds ``slots[i]`` members' CPUs (``num_cpus`` each) and ``num_gpus`` GPUs."""
     bundles = []
@@ -181,8 +188,8 @@ def reserve_colocated(*, num_engines: int, ranks_av: int, ranks_ar: int, num_cpu
     """One ready placement group of ``max(ranks_av, ranks_ar, num_engines)`` bundles for the
     colocated world; ``num_cpus`` per member, ``num_gpus`` per bundle (shared by its members)."""
     count = max(ranks_av, ranks_ar, num_engines)
-    slots = [(i < num_engines) + (i < ranks_av) + (i < ranks_ar) for i in range(count)]
-    bundles = colocated_bundles(slots, num_cpus=num_cpus, num_gpus=num_gpus)
+    bundles = colocated_bundles(colocated_slots(num_engines, ranks_av, ranks_ar),
+                                num_cpus=num_cpus, num_gpus=num_gpus)
     group = _reserve(bundles, timeout_s, f"{count} colocated bundles (engine + AV rank + AR "
                      f"rank each, the first {bundles[0]})",
                      "learner.num_cpus_per_rank / num_gpus_per_rank or the number of ranks")

@@ -16,9 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-import numpy as np
 import ray
-import torch
 
 from actors.cluster import current_actor_logs
 from actors.deadline import CallDeadline, DeadlineMissed
@@ -26,34 +24,11 @@ from actors.placement import PlacementError
 from nla_rl.errors import NLAError
 from rollout.base import EngineSpec, RolloutRequest, Sample, SamplingSpec
 from rollout.vllm_engine import weight_buckets
+from rollout.vllm_worker import pack_tensor, unpack_tensor
 
 # Weights travel through the object store in buckets of about this size: Ray can spill or move
 # one bucket at a time, so no single object is the size of the whole model.
 SYNC_BUCKET_BYTES = 512 << 20
-
-
-def pack_tensor(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], np.ndarray]:
-    """``(dtype, shape, its bytes as a uint8 numpy view)``: Ray stores numpy arrays out of band
-    (one copy into the object store, read back zero-copy), whereas a torch tensor is pickled in
-    band through ``torch.save`` (several host copies on each side). The view also carries bf16,
-    which numpy has no dtype for."""
-    tensor = tensor.detach().to("cpu").contiguous()
-    return str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), \
-        tensor.reshape(-1).view(torch.uint8).numpy()
-
-
-def unpack_tensor(dtype: str, shape: tuple[int, ...], raw: np.ndarray) -> torch.Tensor:
-    """The tensor :func:`pack_tensor` packed, sharing ``raw``'s memory (no copy). From the object
-    store ``raw`` is read-only: the engines only read it (their weight loaders copy into their own
-    parameters), and torch's warning about a non-writable array is silenced for that reason."""
-    import warnings
-
-    if raw.size == 0:  # numpy gives an empty array stride 0, which torch cannot reinterpret
-        return torch.empty(shape, dtype=getattr(torch, dtype))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        flat = torch.from_numpy(raw)
-    return flat.view(getattr(torch, dtype)).reshape(shape)
 
 
 class RolloutActor:

@@ -120,9 +120,13 @@ class RolloutsAhead:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     # -- internals
+    def _drawn(self, t: int) -> tuple[RLBatch, DataCursor]:
+        """Step ``t``'s batch and the data cursor as it was before the draw (``Ahead``'s order)."""
+        cursor_before = copy.copy(self._cursor())
+        return self._draw(t), cursor_before
+
     def _submit(self, t: int, version: int) -> None:
-        cursor_before, batch = copy.copy(self._cursor()), self._draw(t)
-        entry = Ahead(t, version, batch, cursor_before, samples=None)
+        entry = Ahead(t, version, *self._drawn(t), samples=None)
         entry.samples = self._pool.submit(self._timed_generate, entry)
         self._queue[t] = entry
 
@@ -133,15 +137,13 @@ class RolloutsAhead:
         return out
 
     def _generate_now(self, step: int) -> Ahead:
-        cursor_before, batch = copy.copy(self._cursor()), self._draw(step)
-        entry = Ahead(step, step, batch, cursor_before, samples=None)
+        entry = Ahead(step, step, *self._drawn(step), samples=None)
         entry.samples = self._timed_generate(entry)
         return entry
 
     def _restore(self, entry: dict) -> Ahead:
-        cursor_before, batch = copy.copy(self._cursor()), self._draw(entry["step"])
         samples = [[Sample(**s) for s in group] for group in entry["samples"]]
-        return Ahead(entry["step"], entry["version"], batch, cursor_before, samples,
+        return Ahead(entry["step"], entry["version"], *self._drawn(entry["step"]), samples,
                      entry["seconds"])
 
     @staticmethod

@@ -20,6 +20,7 @@ folds into the residual.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from nla_rl.injection import get_decoder_layers
@@ -106,17 +107,37 @@ class NLAWorkerExtension:
         return len(tensors)
 
 
+def pack_tensor(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], np.ndarray]:
+    """``(dtype, shape, its bytes as a uint8 numpy view)``: Ray stores numpy arrays out of band
+    (one copy into the object store, read back zero-copy), whereas a torch tensor is pickled in
+    band through ``torch.save`` (several host copies on each side). The view also carries bf16,
+    which numpy has no dtype for."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    return str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), \
+        tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def unpack_tensor(dtype: str, shape: tuple[int, ...], raw: np.ndarray) -> torch.Tensor:
+    """The tensor :func:`pack_tensor` packed, sharing ``raw``'s memory (no copy). From the object
+    store ``raw`` is read-only: the engines only read it (their weight loaders copy into their own
+    parameters), and torch's warning about a non-writable array is silenced for that reason."""
+    import warnings
+
+    if raw.size == 0:  # numpy gives an empty array stride 0, which torch cannot reinterpret
+        return torch.empty(shape, dtype=getattr(torch, dtype))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        flat = torch.from_numpy(raw)
+    return flat.view(getattr(torch, dtype)).reshape(shape)
+
+
 def encode_tensor(tensor: torch.Tensor) -> tuple[str, list[int], bytes]:
     """``(dtype name, shape, raw bytes)`` of a CPU tensor, for a multiprocess ``collective_rpc``."""
-    tensor = tensor.detach().to("cpu").contiguous()
-    raw = tensor.view(torch.uint8) if tensor.dim() else tensor.reshape(1).view(torch.uint8)
-    return str(tensor.dtype).removeprefix("torch."), list(tensor.shape), raw.numpy().tobytes()
+    dtype, shape, raw = pack_tensor(tensor)
+    return dtype, list(shape), raw.tobytes()
 
 
 def decode_tensor(dtype: str, shape: list[int], raw) -> torch.Tensor:
     """The tensor :func:`encode_tensor` encoded, in one copy: the ``bytearray`` is already a
     private, writable buffer that the tensor keeps alive."""
-    if not raw:  # torch.frombuffer refuses an empty buffer
-        return torch.empty(shape, dtype=getattr(torch, dtype))
-    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return flat.view(getattr(torch, dtype)).reshape(shape)
+    return unpack_tensor(dtype, tuple(shape), np.frombuffer(bytearray(raw), dtype=np.uint8))

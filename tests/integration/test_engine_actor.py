@@ -69,7 +69,7 @@ def test_weight_sync_in_buckets_keeps_the_sent_bits(setup):
     replacement actor still hold exactly the bits that were sent."""
     import ray
 
-    from actors.rollout import unpack_tensor
+    from rollout.vllm_worker import unpack_tensor
 
     learner = perturbed_state(setup["model"], seed=5)
     reqs = setup["requests"][:2]

@@ -1,5 +1,5 @@
 """How weights travel to the engine actors: packed as uint8 numpy views for Ray's object store
-(:func:`actors.rollout.pack_tensor`), and as raw bytes for a multiprocess vLLM engine
+(:func:`rollout.vllm_worker.pack_tensor`), and as raw bytes for a multiprocess vLLM engine
 (:func:`rollout.vllm_worker.encode_tensor`). Both must give back the same bits."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.rollout import pack_tensor, unpack_tensor
-from rollout.vllm_worker import decode_tensor, encode_tensor
+from rollout.vllm_worker import decode_tensor, encode_tensor, pack_tensor, unpack_tensor
 
 TENSORS = {
     "bf16 matrix": torch.randn(5, 3).to(torch.bfloat16),
