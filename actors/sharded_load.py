@@ -179,7 +179,7 @@ def _fill_one(reader: _Reader, names: list[str], tensor: torch.Tensor, where, ke
                                    f"the model's {names[0]} {list(tensor.shape)}")
         local.copy_(value)  # copy_ casts a bf16/fp16 checkpoint to the fp32 master weights
     else:
-        local.copy_(kept[names[0]][start:stop] if tensor.dim() else kept[names[0]])
+        local.copy_(kept[names[0]])
 
 
 def _retie(module: torch.nn.Module, tied: list[list[str]]) -> None:
@@ -211,7 +211,8 @@ def fill_shards(module: torch.nn.Module, *, device, locate: Locate, source: str,
     """
     tensors = _named_tensors(module)
     # Real before to_empty: keep their values (small: buffers, adapters), checkpoint wins.
-    kept = {names[0]: t.detach().clone() for names, t in tensors.values() if not t.is_meta}
+    kept = {names[0]: own_rows(t)[0].detach().clone() for names, t in tensors.values()
+            if not t.is_meta}  # this rank's part: a sharded adapter keeps its own rows
     tied = [names for names, _ in tensors.values() if len(names) > 1]
     module.to_empty(device=device)
     _retie(module, tied)
