@@ -6,6 +6,10 @@ Gradients are reduce-scattered at the last micro-batch of a step only
 (``set_requires_gradient_sync``) and averaged over ranks, as DeepSpeed does (the learner scales
 the loss by the world size, so the average is the exact global mean).
 
+Loading: :func:`shard` also takes a model built on ``meta``; the backend's ``fill`` then
+materialises each rank's shards and reads them from the checkpoint (:mod:`actors.sharded_load`),
+so no rank ever holds the whole model.
+
 State: the full state dict is gathered by :func:`gather_full_state`, one all-gather per dtype
 (equal to ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``, 3× faster on the
 tiny AV's weight sync; FSDP1's offloaded full state dict segfaults on CPU). Checkpoints hold each
