@@ -67,6 +67,8 @@ class LearnerSpec:
     seed: int = 0
     threads_per_rank: int = 1
     ema_decay: float = 0.0  # > 0: keep an EMA of the weights (actors.ema) for reconstruct(ema=True)
+    # FSDP2 over ≥ 2 ranks: each rank reads only its shard (actors.sharded_load); False: whole.
+    sharded_load: bool = True
 
 
 def raise_bad_input(err: BaseException, before=None) -> None:
@@ -110,7 +112,7 @@ class LearnerRank:
         import torch.distributed as dist
 
         from actors.backends import build_backend
-        from actors.learner_models import build_model, decoder_blocks, frozen_copy, load_tokenizer
+        from actors.learner_models import decoder_blocks, load_tokenizer
 
         os.environ.update(MASTER_ADDR=address, MASTER_PORT=str(port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
@@ -122,25 +124,70 @@ class LearnerRank:
         spec = self.spec
         self.memory_plan = self._check_memory_plan()  # before a byte of the model is loaded
         self.tokenizer = load_tokenizer(spec.model)
-        model = build_model(spec.model, seed=spec.seed)
+        model, fill = self._build_model()
         if spec.model.role == "av" and self.memory_plan is not None:
             from nla_rl.logprobs import lean_head
 
             if lean_head(model) is None:  # the plan assumed lean log-probs: count full logits
                 self.memory_plan = self._plan(lean_logprobs=False)
-        self.reference = None
-        if spec.model.with_reference and spec.model.lora.rank == 0:
-            self.reference = self._shard_frozen(frozen_copy(model), decoder_blocks)
+        self.reference = self._build_reference(model)
         precision = None if spec.model.dtype == "float32" else spec.model.dtype
         self.backend = build_backend(spec.backend, model, spec.optim,
                                      blocks=decoder_blocks(model), device=self.device,
-                                     zero_stage=spec.zero_stage, mixed_precision=precision)
+                                     zero_stage=spec.zero_stage, mixed_precision=precision,
+                                     fill=fill)
         self.ema = None
         if spec.ema_decay > 0:
             from actors.ema import WeightEMA, local_weight_tensors
 
             self.ema = WeightEMA(local_weight_tensors(self.backend.module), spec.ema_decay)
         torch.manual_seed(spec.seed + 1 + self.rank)  # each rank its own stream (dropout)
+
+    def _whole_load_reason(self) -> str | None:
+        """Why this group loads the whole model on every rank; None: each rank reads only its
+        shards (:mod:`actors.sharded_load`). Cached: the plan and the loader must agree."""
+        from actors.sharded_load import whole_load_reason
+
+        if not hasattr(self, "whole_load"):
+            spec = self.spec
+            self.whole_load = whole_load_reason(
+                backend=spec.backend, world_size=self.world_size, model_dir=spec.model.model_dir,
+                trust_remote_code=spec.model.trust_remote_code, enabled=spec.sharded_load)
+        return self.whole_load
+
+    def _build_model(self):
+        """``(model, fill)``: loaded whole (``fill`` None), or built on ``meta`` with the
+        ``fill`` the FSDP2 backend calls once it has sharded it."""
+        from actors.learner_models import build_empty_model, build_model
+
+        if self._whole_load_reason() is not None:
+            return build_model(self.spec.model, seed=self.spec.seed), None
+        empty = build_empty_model(self.spec.model, seed=self.spec.seed)
+        return empty.module, lambda module: self._fill(module, empty, "model")
+
+    def _build_reference(self, model):
+        """The frozen starting weights of a full fine-tune (the AV's KL reference, the AR's
+        truth check), sharded like the model; None without one or with LoRA (its reference is
+        the model with the adapter disabled). With sharded loading it is read from the
+        checkpoint shard by shard too, not copied from a whole model."""
+        from actors.learner_models import build_empty_model, freeze, frozen_copy
+
+        spec = self.spec.model
+        if not spec.with_reference or spec.lora.rank > 0:
+            return None
+        if self._whole_load_reason() is not None:
+            return self._shard_frozen(frozen_copy(model))
+        empty = build_empty_model(spec, seed=self.spec.seed)
+        reference = self._shard_frozen(freeze(empty.module))
+        self._fill(reference, empty, "reference")
+        return reference
+
+    def _fill(self, module, empty, what: str) -> None:
+        from actors.sharded_load import fill_shards
+
+        stats = fill_shards(module, device=self.device, locate=empty.locate,
+                            source=self.spec.model.model_dir, expected=empty.expected)
+        self.load_stats = {**getattr(self, "load_stats", {}), what: stats.as_dict()}
 
     def _plan(self, lean_logprobs: bool = True):
         """This rank's :class:`nla_rl.memory_plan.RankPlan`; None when the checkpoint's shape
@@ -158,7 +205,7 @@ class LearnerRank:
             compute_dtype=model.dtype, lora_rank=model.lora.rank,
             lora_targets=tuple(model.lora.target_modules), with_reference=model.with_reference,
             with_ema=spec.ema_decay > 0, gradient_checkpointing=model.gradient_checkpointing,
-            lean_logprobs=lean_logprobs)
+            lean_logprobs=lean_logprobs, sharded_load=self._whole_load_reason() is None)
 
     def _what(self) -> str:
         return f"the {self.spec.model.role.upper()} learner (rank {self.rank} of {self.world_size})"
@@ -177,8 +224,9 @@ class LearnerRank:
         return plan
 
     def _ranks_on_this_host(self) -> int:
-        """How many ranks of the group run on this rank's host: they all load the whole model
-        into host memory at the same time while the group starts (8 on an 8-GPU node)."""
+        """How many ranks of the group run on this rank's host: they all load the model (whole,
+        or their shards) into host memory at the same time while the group starts (8 on an
+        8-GPU node)."""
         import socket
 
         import torch.distributed as dist
@@ -203,18 +251,13 @@ class LearnerRank:
                         device=str(self.device), micro_batch_tokens=self.spec.micro_batch_tokens,
                         checkpointing=self.spec.model.gradient_checkpointing)
 
-    def _shard_frozen(self, model, blocks_of):
+    def _shard_frozen(self, model):
         if self.spec.backend != "fsdp2":  # DeepSpeed: the frozen reference stays replicated
             return model.to(self.device)
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from actors.backends.fsdp2 import shard
+        from actors.learner_models import decoder_blocks
 
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
-        model.to(self.device)
-        for block in blocks_of(model):
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return model
+        return shard(model, blocks=decoder_blocks(model), device=self.device)
 
     # ------------------------------------------------------------------------------ training
     def train_step(self, rows: dict, loss_name: str) -> dict:
@@ -391,12 +434,15 @@ class LearnerRank:
         return self.rank
 
     def placement(self) -> dict:
-        """This rank's node, placement group and assigned resources, and how many ranks of its
-        group share its host (what the memory plan's host check counted)."""
+        """This rank's node, placement group and assigned resources, how many ranks of its
+        group share its host (what the memory plan's host check counted), and how it loaded its
+        model: ``load`` "sharded" or "whole: <why>", ``loaded`` what it read, by model."""
         from actors.placement import actor_placement
 
+        whole = getattr(self, "whole_load", None)
         return {"rank": self.rank, "ranks_on_host": getattr(self, "ranks_on_host", None),
-                **actor_placement()}
+                "load": "sharded" if whole is None else f"whole: {whole}",
+                "loaded": getattr(self, "load_stats", {}), **actor_placement()}
 
 
 def split_rows(rows: dict, parts: int) -> list[dict]:

@@ -248,7 +248,8 @@ def learner_spec(cfg: RecipeConfig, stage: str, init_dir: Path, meta: ModelSidec
     ranks = lc.ranks_ar if role == "ar" else lc.ranks_av
     return LearnerSpec(model=model, optim=optim, backend=lc.backend, zero_stage=lc.zero_stage,
                        micro_batch_size=sft.micro_batch_size,
-                       micro_batch_tokens=lc.micro_batch_tokens, seed=cfg.run.seed), ranks
+                       micro_batch_tokens=lc.micro_batch_tokens, seed=cfg.run.seed,
+                       sharded_load=lc.sharded_load), ranks
 
 
 # ------------------------------------------------------------------------- progress / cursor

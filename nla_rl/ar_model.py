@@ -223,6 +223,28 @@ class ActivationReconstructor(nn.Module):
             head.weight.copy_(weight.to(dtype))
         return cls(lm, head)
 
+    @classmethod
+    def from_config_of(cls, ar_dir, *, dtype: torch.dtype = torch.float32,
+                       trust_remote_code: bool = False) -> ActivationReconstructor:
+        """The AR of checkpoint ``ar_dir`` built from its config alone, weights *not* loaded:
+        under an empty-weights context they are on ``meta`` for a sharded load to fill
+        (:mod:`actors.sharded_load`; the backbone's from the checkpoint, the head from
+        ``value_head.safetensors``)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from nla_rl.base_model import check_model_dir
+
+        ar_dir = check_model_dir(ar_dir, "AR")
+        if not (ar_dir / VALUE_HEAD_FILE).is_file():
+            raise ARModelError(f"{ar_dir / VALUE_HEAD_FILE}: not found; an AR checkpoint needs "
+                               f"its value head (is {ar_dir} an AV or base-model directory?)")
+        config = AutoConfig.from_pretrained(ar_dir, trust_remote_code=trust_remote_code)
+        with quiet_transformers():
+            lm = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                  trust_remote_code=trust_remote_code)
+        d = int(config.hidden_size)
+        return cls(_strip_norm_and_head(lm), nn.Linear(d, d, bias=False, dtype=dtype))
+
     # ----------------------------------------------------------------------------- saving
     def save_pretrained(self, out_dir, tokenizer=None, *,
                         extra_files: Callable[[Path], None] | None = None) -> Path:

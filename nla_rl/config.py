@@ -472,6 +472,11 @@ class LearnerConfig(ConfigSection):
         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         "Names of the Linear layers that get a LoRA adapter (lora_rank > 0); each must exist in "
         "the AV.")
+    sharded_load: bool = param(
+        True, "FSDP2 with 2+ ranks and a safetensors checkpoint: each rank builds the model on "
+        "the meta device and reads only its own shard of every tensor (host memory per rank "
+        "about its shard, not the whole fp32 model); false = every rank loads the whole model "
+        "before sharding (as DeepSpeed always does).")
     num_cpus_per_rank: float = param(0.5, "Ray CPUs reserved per rank.", ge=0)
     num_gpus_per_rank: float = param(0.0, "Ray GPUs reserved per rank; 0 on CPU.", ge=0)
     placement: Literal["separate", "colocated"] = param(

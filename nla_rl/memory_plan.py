@@ -16,8 +16,10 @@ A rank of W ranks holds (the backends keep fp32 master weights and compute in ``
     logits       3 · 32 MiB                  lean log-probs (chunks of ``logprobs.CHUNK_BYTES``)
                  n · V · 4 · 3               on the full path (AV only; the AR has no LM head)
 
-and, on the host while it loads, the whole fp32 model once (4·P: every rank reads the full
-checkpoint before sharding it). The activation row is the usual per-layer count of the tensors
+and, on the host while it loads: with sharded loading (FSDP2 over ≥ 2 ranks,
+``learner.sharded_load``) its fp32 shard and one slice in flight, 4·P/W + 4·⌈R/W⌉·C for the
+largest stored tensor of R rows of C values (each rank reads only its rows); else the whole fp32
+model once (4·P: every rank reads the full checkpoint before sharding it). The activation row is the usual per-layer count of the tensors
 a decoder block saves (norm inputs, q/k/v/o, the MLP's gate, up, activation and down inputs),
 without attention scores (SDPA does not keep them); it is an estimate to catch a plan that cannot
 fit, not an allocator model.
@@ -53,6 +55,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     linear_shapes: dict[str, tuple[int, int]]  # name → (out, in) of every 2-D weight
+    largest_shape: tuple[int, ...] = ()  # the stored tensor with the most values
 
     def lora_params(self, rank: int, targets: tuple[str, ...]) -> int:
         """Trainable parameters of a LoRA adapter of ``rank`` on the ``targets`` linears:
@@ -76,18 +79,21 @@ def read_shape(model_dir: str | Path) -> ModelShape:
     try:
         config = json.loads((root / "config.json").read_text(encoding="utf-8"))
         text = config.get("text_config") or config
-        params, linears = 0, {}
+        params, linears, largest = 0, {}, ()
         for path in files:
             with safe_open(str(path), framework="pt") as handle:
                 for name in handle.keys():
                     shape = [int(size) for size in handle.get_slice(name).get_shape()]
                     params += math.prod(shape)
+                    if math.prod(shape) > math.prod(largest or (0,)):
+                        largest = tuple(shape)
                     if len(shape) == 2 and name.endswith(".weight"):
                         linears[name] = (shape[0], shape[1])
         d = int(text["hidden_size"])
         return ModelShape(params=params, d_model=d, layers=int(text["num_hidden_layers"]),
                           intermediate=int(text.get("intermediate_size") or 4 * d),
-                          vocab=int(text.get("vocab_size") or 0), linear_shapes=linears)
+                          vocab=int(text.get("vocab_size") or 0), linear_shapes=linears,
+                          largest_shape=largest)
     except Exception as err:  # unreadable: the loader, which runs next, says what is wrong
         raise MemoryPlanError(f"{root}: cannot read the model's shape ({err})") from err
 
@@ -106,6 +112,7 @@ class RankPlan:
     logits_per_token: int
     logits_fixed: int
     host_load: int
+    sharded_load: bool = False  # host_load is a shard and a slice, not the whole model
 
     @property
     def static(self) -> int:
@@ -127,7 +134,8 @@ class RankPlan:
 def plan_rank(shape: ModelShape, *, role: str, world_size: int, sharded_weights: bool,
               compute_dtype: str, lora_rank: int = 0, lora_targets: tuple[str, ...] = (),
               with_reference: bool = False, with_ema: bool = False,
-              gradient_checkpointing: bool = False, lean_logprobs: bool = True) -> RankPlan:
+              gradient_checkpointing: bool = False, lean_logprobs: bool = True,
+              sharded_load: bool = False) -> RankPlan:
     """One rank's :class:`RankPlan` (the formulas of the module docstring)."""
     from nla_rl.logprobs import CHUNK_BYTES
 
@@ -150,7 +158,16 @@ def plan_rank(shape: ModelShape, *, role: str, world_size: int, sharded_weights:
         activations_per_token=per_token, activations_fixed=fixed,
         logits_per_token=0 if not av or lean_logprobs else LOGIT_CHUNK_COPIES * FP32 * shape.vocab,
         logits_fixed=LOGIT_CHUNK_COPIES * CHUNK_BYTES if av and lean_logprobs else 0,
-        host_load=FP32 * shape.params)
+        host_load=host_load_bytes(shape, world_size, sharded_load), sharded_load=sharded_load)
+
+
+def host_load_bytes(shape: ModelShape, world_size: int, sharded_load: bool) -> int:
+    """Host bytes one rank needs while it loads: the whole fp32 model, or with sharded loading
+    its fp32 shard plus its rows of the largest tensor in flight (module docstring)."""
+    if not sharded_load:
+        return FP32 * shape.params
+    rows, *rest = shape.largest_shape or (0,)
+    return FP32 * shape.params // world_size + FP32 * -(-rows // world_size) * math.prod(rest)
 
 
 def gib(n: int) -> str:
@@ -160,7 +177,8 @@ def gib(n: int) -> str:
 def check_static_fits(plan: RankPlan, *, device_free: int, host_free: int, ranks_on_host: int,
                       what: str, device: str) -> None:
     """Refuse, before loading, a rank whose weights, gradients and optimizer state exceed the
-    device memory free now, or whose load (the whole fp32 model per rank) exceeds the host's."""
+    device memory free now, or whose load (the whole fp32 model per rank, or its shard with
+    sharded loading) exceeds the host's."""
     if plan.static > device_free:
         parts = ", ".join(f"{k} {gib(v)}" for k, v in plan.parts(0).items() if v and k not in
                           ("activations", "logits"))
@@ -171,12 +189,16 @@ def check_static_fits(plan: RankPlan, *, device_free: int, host_free: int, ranks
             f"with learner.backend=fsdp2 or learner.zero_stage=3), or give each rank more "
             f"memory (learner.num_gpus_per_rank, fewer ranks per device)")
     if ranks_on_host * plan.host_load > host_free:
+        how = ("loading reads each rank's shard of the model in fp32" if plan.sharded_load else
+               "loading reads the whole model in fp32 on every rank before sharding it")
         raise MemoryPlanError(
-            f"{what}: loading reads the whole model in fp32 on every rank before sharding it "
+            f"{what}: {how} "
             f"({gib(plan.host_load)} each, {ranks_on_host} rank(s) on this host: "
             f"{gib(ranks_on_host * plan.host_load)}) but the host has {gib(host_free)} free. "
             f"Use fewer ranks per node (learner.num_gpus_per_rank / num_cpus_per_rank) or a "
-            f"node with more host memory")
+            f"node with more host memory"
+            + ("" if plan.sharded_load else ", or load shard by shard (learner.backend=fsdp2 "
+               "with learner.sharded_load=true, 2 or more ranks, a safetensors checkpoint)"))
 
 
 def check_step_fits(plan: RankPlan, *, tokens: int, rows: int, device_free: int, what: str,

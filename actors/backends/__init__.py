@@ -40,13 +40,16 @@ class StepOutcome:
 
 
 def build_backend(name: str, model, optim: OptimSpec, *, blocks, device, zero_stage: int = 3,
-                  mixed_precision: str | None = None):
-    """The backend ``name`` wrapping ``model`` (``blocks``: the decoder blocks to shard one by one)."""
+                  mixed_precision: str | None = None, fill=None):
+    """The backend ``name`` wrapping ``model`` (``blocks``: the decoder blocks to shard one by one;
+    ``fill``: FSDP2 only, fills a meta-built model's shards once sharded — sharded loading)."""
     if name == "fsdp2":
         from actors.backends.fsdp2 import FSDP2Backend
 
         return FSDP2Backend(model, optim, blocks=blocks, device=device,
-                            mixed_precision=mixed_precision)
+                            mixed_precision=mixed_precision, fill=fill)
+    if fill is not None:  # ZeRO-3 partitions a whole model: it cannot start from meta weights
+        raise ValueError(f"learner.backend={name}: sharded loading is FSDP2's only")
     if name == "deepspeed":
         from actors.backends.deepspeed import DeepSpeedBackend
 

@@ -10,6 +10,9 @@ Checkpoints use DeepSpeed's own ``save_checkpoint``/``load_checkpoint`` (each ra
 partition of the optimiser state; the scheduler state is included). The full state dict of a
 ZeRO-3 model is gathered with ``GatheredParameters``.
 
+Every rank loads the whole model before ``deepspeed.initialize`` partitions it (ZeRO-3 included):
+the sharded loading of :mod:`actors.sharded_load` is FSDP2's only.
+
 The first use in an environment JIT-compiles a shared-memory op (30-45 s on CPU); later starts
 reuse the build cache.
 """

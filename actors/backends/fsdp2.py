@@ -6,6 +6,10 @@ Gradients are reduce-scattered at the last micro-batch of a step only
 (``set_requires_gradient_sync``) and averaged over ranks, as DeepSpeed does (the learner scales
 the loss by the world size, so the average is the exact global mean).
 
+Loading: :func:`shard` also takes a model built on ``meta``; the backend's ``fill`` then
+materialises each rank's shards and reads them from the checkpoint (:mod:`actors.sharded_load`),
+so no rank ever holds the whole model.
+
 State: the full state dict is gathered by :func:`gather_full_state`, one all-gather per dtype
 (equal to ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``, 3× faster on the
 tiny AV's weight sync; FSDP1's offloaded full state dict segfaults on CPU). Checkpoints hold each
@@ -96,17 +100,30 @@ def gather_full_state(module: torch.nn.Module, trainable_only: bool = False) -> 
     return {name: state[name] for name in full} if rank == 0 else {}
 
 
+def shard(model: torch.nn.Module, *, blocks, device, mixed_precision: str | None = None):
+    """``fully_shard`` on every block, then on the root (in place; returns ``model``). A model
+    whose weights are on ``meta`` stays there: FSDP2 shards the meta tensors, and the caller
+    then materialises and fills this rank's shards (:mod:`actors.sharded_load`)."""
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    policy = _mp_policy(mixed_precision)
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(device)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
 class FSDP2Backend:
     """One rank's FSDP2-sharded model, AdamW optimiser and LR schedule (see the module doc)."""
 
     def __init__(self, model: torch.nn.Module, optim: OptimSpec, *, blocks, device,
-                 mixed_precision: str | None = None):
-        mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
-        policy = _mp_policy(mixed_precision)
-        model.to(device)
-        for block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+                 mixed_precision: str | None = None, fill=None):
+        """``fill(module)``: for a model built on ``meta`` (sharded loading), materialises and
+        fills this rank's shards once sharded, before the optimiser sees the parameters."""
+        shard(model, blocks=blocks, device=device, mixed_precision=mixed_precision)
+        if fill is not None:
+            fill(model)
         self.module = model
         self.optim_spec = optim
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
