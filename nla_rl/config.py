@@ -243,6 +243,14 @@ class ToyWorldConfig(ConfigSection):
     lm_steps: int = param(400, "Training steps of the toy base LM (cached in <run>/base).", gt=0)
     lm_hidden: int = param(128, "Hidden size of the toy LM (head size 32).", gt=0)
     lm_layers: int = param(4, "Decoder blocks of the toy LM.", gt=0)
+    lm_kv_heads: int = param(
+        1, "Key/value heads of the toy LM (of 4 query heads): 4 lets one attention layer move "
+        "4 x 32 dims from earlier tokens, enough to gather every revealed value at the recap "
+        "cue; 1 shares one 32-dim value space among the heads.", gt=0, le=4)
+    recap_loss_weight: float = param(
+        1.0, "Toy LM training: weight of the recap tokens' loss against the rest (recap world): "
+        "the recap is a few tokens of each document, and without a weight a 400-step LM barely "
+        "learns to predict it, so it does not gather the values at the cue.", gt=0)
     ending: Literal["recap", "end"] = param(
         "end", "recap (v2): documents end 'The end. In short: v1, v2, ….' and the readout is "
         "the cue's last token, where the LM must hold every revealed value; end (v1): documents "

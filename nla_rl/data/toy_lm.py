@@ -48,7 +48,7 @@ def train_toy_lm(out_dir: str | Path, *, seed: int = 0, steps: int = 600, hidden
                  layers: int = 4, heads: int = 4, kv_heads: int = 1, batch_size: int = 32,
                  max_len: int = 96, lr: float = 1e-3, warmup: int | None = None,
                  vocab_size: int = 1024, threads: int = 1, progress: bool = True,
-                 ending: str = "end") -> Path:
+                 ending: str = "end", recap_loss_weight: float = 1.0) -> Path:
     """Train the toy LM and save model + tokenizer (safetensors) and ``toy_lm.json`` to ``out_dir``.
 
     Next-token prediction with AdamW (betas 0.9/0.95, linear warmup — default 10% of ``steps`` —
@@ -56,13 +56,20 @@ def train_toy_lm(out_dir: str | Path, *, seed: int = 0, steps: int = 600, hidden
     sibling directory renamed into place, so ``out_dir`` either holds a finished model or does not
     exist. Cached: if ``out_dir`` is already finished it is returned untouched; if it was trained
     with other settings that is an error (delete it to retrain).
+
+    ``recap_loss_weight`` w (recap world): the loss is ``Σ_t m_t·nll_t / Σ_t m_t`` with
+    ``m_t = w`` on the tokens after the readout (the recap) and 1 elsewhere; the logged loss
+    stays the plain per-token mean, comparable to the entropy floor.
     """
     out_dir = Path(out_dir)
+    if recap_loss_weight <= 0:
+        raise ConfigError(f"toyworld.recap_loss_weight: must be > 0, found {recap_loss_weight}")
     settings = dict(seed=seed, steps=steps, hidden=hidden, layers=layers, heads=heads,
                     kv_heads=kv_heads, batch_size=batch_size, max_len=max_len, lr=lr,
                     warmup=warmup if warmup is not None else max(1, steps // 10),
                     vocab_size=vocab_size, ending=ending, world=world_fingerprint(seed, ending))
-    if is_finished_toy_lm(out_dir):
+    if recap_loss_weight != 1.0:  # absent at 1: LMs cached before the weight existed stay valid
+        settings["recap_loss_weight"] = recap_loss_weight    if is_finished_toy_lm(out_dir):
         return _check_cached(out_dir, settings)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not a finished toy LM; remove it first")
@@ -144,10 +151,10 @@ def _train(tmp: Path, settings: dict, *, threads: int, progress: bool) -> dict:
         for step in bar:
             docs = world.documents(s["batch_size"], start=LM_DOC_START + step * s["batch_size"])
             ids, mask = pad_right(tok, [d.text for d in docs], s["max_len"])
-            loss = model(input_ids=ids, attention_mask=mask,
-                         labels=ids.masked_fill(mask == 0, -100)).loss
+            weights = recap_weights(tok, docs, mask, s.get("recap_loss_weight", 1.0))
+            loss, weighted = lm_losses(model, ids, mask, weights)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            weighted.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
@@ -164,6 +171,32 @@ def _train(tmp: Path, settings: dict, *, threads: int, progress: bool) -> dict:
                     wall_s=round(time.perf_counter() - t0, 2))
     finally:
         torch.set_num_threads(prev_threads)
+
+
+def recap_weights(tokenizer, docs, mask, weight: float):
+    """Per-token loss weights ``[B, T]``: ``weight`` on each document's tokens after its readout
+    (the recap), 1 elsewhere, 0 on padding."""
+    import torch
+
+    weights = mask.float()
+    if weight != 1.0:
+        for i, doc in enumerate(docs):
+            if doc.readout_end is not None:
+                weights[i, len(tokenizer(doc.readout_text)["input_ids"]):] *= weight
+    return weights
+
+
+def lm_losses(model, ids, mask, weights):
+    """``(mean next-token NLL, weighted mean)``: ``Σ nll_t / Σ 1`` and ``Σ w_t·nll_t / Σ w_t``
+    over the predicted tokens ``t ≥ 1`` (``w_t`` the target token's weight)."""
+    import torch
+
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                            ids[:, 1:].reshape(-1), reduction="none")
+    nll = nll.view(ids.shape[0], -1)
+    counted, w = mask[:, 1:].float(), weights[:, 1:]
+    return (nll * counted).sum() / counted.sum(), (nll * w).sum() / w.sum()
 
 
 def _lr_lambda(steps: int, warmup: int):
