@@ -69,7 +69,8 @@ def train_toy_lm(out_dir: str | Path, *, seed: int = 0, steps: int = 600, hidden
                     warmup=warmup if warmup is not None else max(1, steps // 10),
                     vocab_size=vocab_size, ending=ending, world=world_fingerprint(seed, ending))
     if recap_loss_weight != 1.0:  # absent at 1: LMs cached before the weight existed stay valid
-        settings["recap_loss_weight"] = recap_loss_weight    if is_finished_toy_lm(out_dir):
+        settings["recap_loss_weight"] = recap_loss_weight
+    if is_finished_toy_lm(out_dir):
         return _check_cached(out_dir, settings)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not a finished toy LM; remove it first")
@@ -283,3 +284,58 @@ def slot_probe_accuracies(x_train: np.ndarray, attrs_train, x_test: np.ndarray, 
         majority = max(y_test.count(v) for v in set(y_test)) / len(y_test)
         out[slot] = (linear_probe_accuracy(x_train, y_train, x_test, y_test, l2=l2), majority)
     return out
+
+
+def slot_features(attribute_lists: Sequence[Iterable[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(presence [N, slots], values [N, Σ values])``: one-hot which slots each row reveals, and
+    which value each revealed slot has (``slot=value`` attributes; slots in ``SLOTS`` order)."""
+    from nla_rl.data.toyworld import SLOTS
+
+    rows = [dict(a.split("=", 1) for a in attrs) for attrs in attribute_lists]
+    presence = np.array([[s in r for s in SLOTS] for r in rows], dtype=np.float64)
+    values = np.array([[r.get(s) == v for s in SLOTS for v in SLOTS[s]] for r in rows],
+                      dtype=np.float64)
+    return presence, values
+
+
+def ridge_fve(x_train: np.ndarray, f_train: np.ndarray, x_test: np.ndarray, f_test: np.ndarray,
+              l2: float = 1.0) -> float:
+    """Held-out fraction of variance of ``x`` explained by a ridge fit from features ``f``:
+    ``1 - Σ‖x̂ - x‖² / Σ‖x - x̄‖²`` on the test rows, ``x̂ = (f - f̄) W + x̄`` fitted on the
+    training rows."""
+    x_mean, f_mean = x_train.mean(0), f_train.mean(0)
+    centred = f_train - f_mean
+    w = np.linalg.solve(centred.T @ centred + l2 * np.eye(centred.shape[1]),
+                        centred.T @ (x_train - x_mean))
+    residual = (f_test - f_mean) @ w + x_mean - x_test
+    return float(1 - (residual ** 2).sum() / ((x_test - x_test.mean(0)) ** 2).sum())
+
+
+def readout_property(x: np.ndarray, attribute_lists: Sequence[Iterable[str]],
+                     train_fraction: float = 0.7) -> dict:
+    """What the readout activations ``x`` carry, on held-out rows (the first ``train_fraction``
+    of rows fit, the rest score), on L2-normalised vectors:
+
+    * ``value_probe``: per slot, a linear probe's accuracy at the slot's value, over the rows
+      that reveal it (the toy world v2 goal: ≥ 0.95 for every slot);
+    * ``fve_presence``, ``fve_values``: ridge FVE from which slots are revealed, and from that
+      plus their values; their difference is the values' share of the variance, what a
+      reconstruction reward can pay a true value.
+    """
+    from nla_rl.data.toyworld import SLOTS
+
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    attrs = [list(a) for a in attribute_lists]
+    n_train = int(len(x) * train_fraction)
+    probes = {}
+    for slot in SLOTS:
+        labels = np.array(slot_labels(attrs, slot))
+        revealed = labels != "absent"
+        train = np.flatnonzero(revealed[:n_train])
+        test = n_train + np.flatnonzero(revealed[n_train:])
+        probes[slot] = linear_probe_accuracy(x[train], labels[train], x[test], labels[test])
+    presence, values = slot_features(attrs)
+    both = np.hstack([presence, values])
+    return {"value_probe": probes,
+            "fve_presence": ridge_fve(x[:n_train], presence[:n_train], x[n_train:], presence[n_train:]),
+            "fve_values": ridge_fve(x[:n_train], both[:n_train], x[n_train:], both[n_train:])}
