@@ -6,12 +6,16 @@ from pathlib import Path
 import pytest
 
 from launch.train import main
-from nla_rl.data.toy_lm import train_toy_lm
+from nla_rl.base_model import resolve_base_model
+from nla_rl.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
 SECRET = "sk-secret-value-never-logged"
-LM_STEPS = 40  # enough for the pipeline's mechanics; learning quality is measured elsewhere
+# The recipe's own toy LM (≈75 s once per session): the toy world's readout property is tested
+# on it, and every pipeline test starts from it.
+TOYWORLD = load_recipe(TINY).toyworld
+LM_STEPS = TOYWORLD.lm_steps
 # Overrides that keep an end-to-end run to seconds on 2 cores.
 FAST = [f"toyworld.lm_steps={LM_STEPS}", "data.num_docs=60", "data.docs_per_shard=20",
         "ar_sft.steps=2", "av_sft.steps=2", "ar_sft.batch_size=8", "av_sft.batch_size=8",
@@ -24,8 +28,8 @@ FAST = [f"toyworld.lm_steps={LM_STEPS}", "data.num_docs=60", "data.docs_per_shar
 
 @pytest.fixture(scope="session")
 def toy_base(tmp_path_factory) -> Path:
-    return train_toy_lm(tmp_path_factory.mktemp("toy") / "base", seed=0, steps=LM_STEPS,
-                        hidden=128, layers=4, progress=False)
+    run_dir = tmp_path_factory.mktemp("toy")
+    return resolve_base_model("toyworld", run_dir, seed=0, toyworld=TOYWORLD)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,11 @@ import pytest
 from launch.cli import main
 from launch.train import run
 from nla_rl.data.store import read_activations, read_rows
+from nla_rl.config import load_recipe
 from nla_rl.data.toyworld import ToyWorld
-from tests.e2e.conftest import FAST, TINY
+from tests.e2e.conftest import FAST, TINY, TOYWORLD
+
+LAYER = str(load_recipe(TINY).model.layer_index)
 
 pytestmark = pytest.mark.slow
 HEADLINE = ("fve", "cosine", "mse", "gap", "top1", "extraction_failure_rate", "cjk_rate")
@@ -66,16 +69,16 @@ def test_eval_command_plots_training_curves(tiny_run, capsys):
 def test_extract_then_explain(tiny_run, tmp_path, capsys):
     rows = read_rows(tiny_run / "data" / "eval.parquet")
     doc_id = int(rows["doc_id"][0].as_py())
-    text = ToyWorld(0).document(doc_id).text
+    text = ToyWorld(0, ending=TOYWORLD.ending).document(doc_id).readout_text
     out = tmp_path / "v.npy"
-    assert main(["extract", "--base", str(tiny_run / "base"), "--layer", "2", "--text", text,
+    assert main(["extract", "--base", str(tiny_run / "base"), "--layer", LAYER, "--text", text,
                  "--max-tokens", "96", "--out", str(out)]) == 0
     vectors = np.load(out)
     # text → activation reproduces what datagen stored for that document's last position
     np.testing.assert_allclose(vectors[0], read_activations(tiny_run / "data" / "eval.parquet")[0],
                                atol=1e-4, rtol=1e-4)
     all_out = tmp_path / "all.npy"
-    assert main(["extract", "--base", str(tiny_run / "base"), "--layer", "2", "--text", text,
+    assert main(["extract", "--base", str(tiny_run / "base"), "--layer", LAYER, "--text", text,
                  "--positions", "all", "--out", str(all_out)]) == 0
     every = np.load(all_out)
     assert every.shape[0] > 1 and np.allclose(every[-1], vectors[0], atol=1e-5)

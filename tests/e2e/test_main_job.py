@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from launch.train import main
+from nla_rl.config import load_recipe
 from nla_rl.sidecar import read_model_sidecar
 from tests.e2e.conftest import FAST, SECRET, TINY
 
@@ -35,9 +36,10 @@ def test_run_writes_the_run_directory(tiny_run):
 def test_checkpoints_are_consistent(tiny_run):
     av, ar = read_model_sidecar(tiny_run / "init/av"), read_model_sidecar(tiny_run / "init/ar")
     assert (av.role, ar.role) == ("av", "ar")
-    assert av.tokens == ar.tokens and av.extraction_layer_index == ar.extraction_layer_index == 2
+    k = load_recipe(TINY).model.layer_index
+    assert av.tokens == ar.tokens and av.extraction_layer_index == ar.extraction_layer_index == k
     config = json.loads((tiny_run / "init/ar/config.json").read_text())
-    assert config["num_hidden_layers"] == 3
+    assert config["num_hidden_layers"] == k + 1  # the AR: blocks 0..K of the base LM
 
 
 def test_every_stage_logged(tiny_run):
@@ -100,7 +102,7 @@ def test_cli_entry_point(tiny_run):
     out = subprocess.run([str(exe), "sidecar", "check", str(tiny_run / "init/ar")],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "role=ar" in out.stdout and "K=2" in out.stdout
+    assert "role=ar" in out.stdout and f"K={load_recipe(TINY).model.layer_index}" in out.stdout
     out = subprocess.run([str(exe), "recipe", "show", TINY, "rl.steps=7"], capture_output=True, text=True)
     assert out.returncode == 0 and yaml.safe_load(out.stdout)["rl"]["steps"] == 7
     out = subprocess.run([str(exe), "recipe", "keys"], capture_output=True, text=True)

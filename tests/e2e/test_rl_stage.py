@@ -13,6 +13,7 @@ import pytest
 
 from launch.train import main
 from nla_rl.ar_model import ActivationReconstructor
+from nla_rl.config import load_recipe
 from nla_rl.sidecar import read_model_sidecar
 from tests.e2e.conftest import FAST, TINY
 
@@ -90,7 +91,7 @@ def test_finals_and_checkpoints(rl_run):
         assert meta.role == role and meta.stage == "rl"
         assert (rl_run / "rl" / role / "step_000002" / "model.safetensors").is_file()
     ar = ActivationReconstructor.from_pretrained(rl_run / "rl" / "final" / "ar")
-    assert ar.config.num_hidden_layers == 3
+    assert ar.config.num_hidden_layers == load_recipe(TINY).model.layer_index + 1  # blocks 0..K
 
 
 def test_third_party_output_is_in_the_run_logs(rl_run):

@@ -38,7 +38,7 @@ def _write(tmp_path: Path, data: dict) -> Path:
 
 def test_tiny_recipe_loads_with_its_values():
     cfg = load_recipe(TINY_RECIPE)
-    assert cfg.model.base == "toyworld" and cfg.model.layer_index == 2
+    assert cfg.model.base == "toyworld" and cfg.model.layer_index == 1
     assert cfg.data.corpus == "toyworld" and cfg.data.teacher.kind == "toyworld"
     assert cfg.run.stages == ("prepare", "datagen", "check", "ar_sft", "av_sft", "rl", "export",
                               "eval")  # the whole pipeline

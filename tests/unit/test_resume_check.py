@@ -59,4 +59,4 @@ def test_the_same_recipe_or_no_resume_passes(run_dir):
     check_resume(load_recipe(TINY, [f"run.dir={run_dir}", "run.seed=7"]), run_dir)
     with pytest.raises(NLAError, match="recipe mismatch"):
         check_resume(load_recipe(TINY, [f"run.dir={run_dir}", "run.resume=true",
-                                        "model.layer_index=1", "run.stages=[rl]"]), run_dir)
+                                        "model.layer_index=2", "run.stages=[rl]"]), run_dir)
