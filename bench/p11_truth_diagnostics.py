@@ -9,7 +9,7 @@ Three measurements, no training:
 * **Does the reward prefer the truth?** The AR-SFT final on full true explanations of the eval
   rows against the same explanation with one value changed, every value changed, or one attribute
   dropped: P(r(true) > r(variant)) and the mean difference over the reward's spread across rows,
-  in each reward basis (raw, standardize, whiten at several ε). GRPO ranks within a group, so
+  in each reward basis (raw, centre, standardize, whiten at several ε). GRPO ranks within a group, so
   the probability is what the policy gradient sees.
 * **Top-1 among hard negatives, raw vs centred cosine**, for the exported pair's greedy
   explanations: raw cosine is dominated by the shared mean direction (hub negatives win).
@@ -115,7 +115,8 @@ def reward_preference(run: Path) -> dict:
              for k, v in texts.items()}
     multi = torch.tensor([len(a) > 1 for a in attrs])  # dropping needs a second attribute
     train = torch.tensor(np.array(rl["activation_vector"]), dtype=torch.float32)
-    bases = {"raw": None, "standardize": fit_reward_basis(train, "standardize", 1e-3)}
+    bases = {"raw": None, "centre": fit_reward_basis(train, "centre"),
+             "standardize": fit_reward_basis(train, "standardize", 1e-3)}
     for eps in (1e-3, 1e-1, 1.0):
         bases[f"whiten eps={eps:g}"] = fit_reward_basis(train, "whiten", eps)
     out = {}

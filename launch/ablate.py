@@ -34,13 +34,15 @@ VARIANTS: dict[str, list[str]] = {
     "negatives_off": ["negatives.enabled=false"],
     "negatives_max": ["negatives.enabled=true", "negatives.combine=max"],
     "negatives_infonce": ["negatives.enabled=true", "negatives.combine=infonce"],
+    "basis_centre": ["rl.reward_basis=centre"],
     "basis_standardize": ["rl.reward_basis=standardize"],
     "basis_whiten": ["rl.reward_basis=whiten"],
     "async_1": ["rl.async_level=1"],  # rollouts one policy version old, generated ahead
 }
 SHARED = ("base", "init", "data", "ar_sft", "av_sft")  # what every variant reads, linked
 COLUMNS = (("toy_precision", "attr. precision"), ("toy_recall", "attr. recall"),
-           ("toy_slot_recall", "slot recall"), ("top1", "top-1 vs negatives"), ("fve", "FVE"),
+           ("toy_slot_recall", "slot recall"), ("top1", "top-1 vs negatives"),
+           ("top1_centred", "top-1, centred"), ("fve", "FVE"),
            ("diversity", "cross-group diversity"), ("rl_s", "RL wall s"))
 TAIL_STEPS = 10  # diversity: mean over the last RL steps
 

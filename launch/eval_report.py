@@ -10,7 +10,9 @@ ROWS = (("toy_precision", "toy-world attribute precision (stated values that are
         ("toy_recall", "toy-world attribute recall"),
         ("toy_slot_recall", "toy-world slot recall (optional slots, any value)"),
         ("toy_slot_precision", "toy-world slot precision (optional slots, any value)"),
-        ("top1", "top-1 retrieval vs hard negatives"), ("gap", "hard-negative gap"),
+        ("top1", "top-1 retrieval vs hard negatives"),
+        ("top1_centred", "top-1 retrieval vs hard negatives, centred cosine"),
+        ("gap", "hard-negative gap"),
         ("fve", "FVE (paper definition)"), ("cosine", "mean cosine(ĥ, h)"),
         ("mse", "mean normalised MSE (2 = orthogonal)"),
         ("extraction_failure_rate", "extraction-failure rate"), ("cjk_rate", "CJK rate"))
@@ -61,7 +63,9 @@ def _headline(report: dict) -> list[str]:
                      f" / {_fmt(c['shuffled'].get('toy_recall'))})")
     k = report["data"].get("hard_negatives_per_row")
     if "top1" in m and k:
-        parts.append(f"top-1 among {k} hard negatives {_fmt(m['top1'])} (chance {1 / (k + 1):.3f})")
+        centred = f", centred {_fmt(m['top1_centred'])}" if "top1_centred" in m else ""
+        parts.append(f"top-1 among {k} hard negatives {_fmt(m['top1'])}{centred} "
+                     f"(chance {1 / (k + 1):.3f})")
     parts.append(f"FVE {_fmt(m.get('fve'))}")
     return [f"**Truth first:** {'; '.join(parts)}.", ""]
 

@@ -343,8 +343,9 @@ class RLConfig(ConfigSection):
         "uses 1e-4; NLA rewards (-MSE) can have tight groups (std near 1e-3), where 1e-4 shrinks "
         "the advantages by ~9% and 1e-6 by ~0.1% (reward/group_std logs the mean std).", gt=0)
     reward: Literal["neg_mse", "neg_log_mse"] = param("neg_mse", "-MSE, or -log(max(MSE, 1e-8)).")
-    reward_basis: Literal["raw", "standardize", "whiten"] = param(
+    reward_basis: Literal["raw", "centre", "standardize", "whiten"] = param(
         "raw", "The basis the reward's MSE (and the online AR's loss) is measured in: raw; "
+        "centre (the training mean removed: cosines compare what differs between activations); "
         "standardize (each dimension z-scored); whiten (ZCA: every direction of the training "
         "activations counts the same). Fitted on the RL split at the start of RL, stored as "
         "reward_basis.safetensors beside the AR and used by export, eval and inference. For "

@@ -5,7 +5,9 @@ Everything a report needs from one round trip ``ĥ = AR(AV(h))``:
 * ``fve`` (the paper's definition, :func:`nla_rl.metrics.fve`), mean ``cosine``, mean normalised
   ``mse`` (2 = orthogonal at ``s = √d``);
 * ``gap`` and ``top1`` against hard negatives mined *within the evaluated rows*, rows of the same
-  document excluded (same-document neighbours are near-duplicates);
+  document excluded (same-document neighbours are near-duplicates); ``top1_centred``, the same with
+  every vector centred on the evaluated rows' mean: raw cosine is dominated by the direction all
+  activations share, so an ĥ pulled toward the mean is nearest to the most central negatives;
 * ``extraction_failure_rate`` and ``cjk_rate`` (the signature of a lost injection);
 * the **prefix curve**: FVE when the AR reads only the first n tokens of each explanation. How fast
   it rises says whether the information sits up front or is spread through the text;
@@ -59,12 +61,14 @@ def round_trip_metrics(pred: torch.Tensor, gold: torch.Tensor, *, mse_scale: flo
         "mse": float(normalized_mse(pred, gold, mse_scale).mean()),
         "extraction_failure_rate": sum(e is None for e in explanations) / max(len(explanations), 1),
         "cjk_rate": cjk_rate(list(texts)),
-        "gap": math.nan, "top1": math.nan,
+        "gap": math.nan, "top1": math.nan, "top1_centred": math.nan,
     }
     if negatives is not None:
-        neg = gold[torch.from_numpy(np.asarray(negatives))]  # [n, m, d]
-        out["gap"] = hard_negative_gap(pred, gold, neg)
-        out["top1"] = top1_retrieval(pred, gold, neg)
+        index = torch.from_numpy(np.asarray(negatives))
+        out["gap"] = hard_negative_gap(pred, gold, gold[index])  # gold[index]: [n, m, d]
+        out["top1"] = top1_retrieval(pred, gold, gold[index])
+        centred = gold - gold.mean(dim=0)  # the evaluated rows' mean: no per-row information
+        out["top1_centred"] = top1_retrieval(pred - gold.mean(dim=0), centred, centred[index])
     return out
 
 

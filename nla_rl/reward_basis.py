@@ -9,6 +9,10 @@ a basis fitted on training activations, and the reward compares the mapped vecto
     MSE_B(ĥ, h) = mean_d (n_s(B(ĥ)) - n_s(B(h)))²      (n_s: normalise to s = mse_scale)
 
 - ``raw``: no basis (``B`` = identity, today's reward; nothing is stored).
+- ``centre``: ``W = I``, only the training mean is removed. Raw cosine is dominated by the
+  direction every activation shares (toy world: every vector within cos 0.99 of the mean), so
+  hub negatives win the contrastive term; centred, the cosine compares what differs between
+  activations. Only ``μ`` is stored (no ``[d, d]`` matrix: 70B widths stay cheap).
 - ``standardize``: ``W = diag(1 / (σ_j + ε·mean σ))``, each dimension z-scored.
 - ``whiten``: ZCA, ``W = U diag(1 / sqrt(λ_k + ε·mean λ)) Uᵀ`` from the covariance ``U Λ Uᵀ``
   of the training activations: every direction of the training data counts the same.
@@ -29,7 +33,7 @@ import torch
 
 from nla_rl.errors import NLAError, mismatch
 
-BASIS_KINDS = ("raw", "standardize", "whiten")
+BASIS_KINDS = ("raw", "centre", "standardize", "whiten")
 BASIS_FILE = "reward_basis.safetensors"
 _FORMAT = "nla_reward_basis/1"
 
@@ -40,21 +44,26 @@ class RewardBasisError(NLAError):
 
 @dataclass(frozen=True)
 class RewardBasis:
-    """``B(v) = (v - mean) @ transform`` (fp32; ``transform`` [d, d])."""
+    """``B(v) = (v - mean) @ transform`` (fp32; ``transform`` [d, d], None for ``centre``)."""
 
     kind: str
     mean: torch.Tensor  # [d]
-    transform: torch.Tensor  # [d, d]
+    transform: torch.Tensor | None  # [d, d]; None: the identity (kind centre)
 
     def __post_init__(self):
         if self.kind not in BASIS_KINDS[1:]:
             raise RewardBasisError(mismatch("reward basis kind", " | ".join(BASIS_KINDS[1:]),
                                             self.kind))
         d = self.mean.shape[0]
-        if self.mean.dim() != 1 or tuple(self.transform.shape) != (d, d):
-            raise RewardBasisError(mismatch("reward basis shapes", f"mean [d], transform [d, d]",
-                                            f"{list(self.mean.shape)}, {list(self.transform.shape)}"))
-        if not (torch.isfinite(self.mean).all() and torch.isfinite(self.transform).all()):
+        if (self.transform is None) != (self.kind == "centre"):
+            raise RewardBasisError(f"a {self.kind} reward basis "
+                                   f"{'has no' if self.kind == 'centre' else 'needs a'} transform")
+        shape = None if self.transform is None else list(self.transform.shape)
+        if self.mean.dim() != 1 or shape not in (None, [d, d]):
+            raise RewardBasisError(mismatch("reward basis shapes", "mean [d], transform [d, d]",
+                                            f"{list(self.mean.shape)}, {shape}"))
+        tensors = [self.mean] if self.transform is None else [self.mean, self.transform]
+        if not all(torch.isfinite(t).all() for t in tensors):
             raise RewardBasisError("the reward basis has non-finite entries; refit it")
 
     @property
@@ -66,8 +75,8 @@ class RewardBasis:
         if v.shape[-1] != self.d_model:
             raise RewardBasisError(mismatch("vector width for the reward basis", self.d_model,
                                             v.shape[-1], "use the basis fitted for this model"))
-        mean, transform = self.mean.to(v.device), self.transform.to(v.device)
-        return (v.float() - mean) @ transform
+        centred = v.float() - self.mean.to(v.device)
+        return centred if self.transform is None else centred @ self.transform.to(v.device)
 
     def save(self, path: str | Path) -> Path:
         """Write atomically as safetensors (the kind in the metadata)."""
@@ -76,8 +85,10 @@ class RewardBasis:
         from nla_rl.atomic import atomic_path
 
         with atomic_path(path) as tmp:
-            save_file({"mean": self.mean.contiguous(), "transform": self.transform.contiguous()},
-                      str(tmp), metadata={"format": _FORMAT, "kind": self.kind})
+            tensors = {"mean": self.mean.contiguous()}
+            if self.transform is not None:
+                tensors["transform"] = self.transform.contiguous()
+            save_file(tensors, str(tmp), metadata={"format": _FORMAT, "kind": self.kind})
         return Path(path)
 
 
@@ -98,6 +109,8 @@ def fit_reward_basis(vectors: torch.Tensor, kind: str, eps: float = 1e-3) -> Rew
                                f"[n, d]; found shape {list(x.shape)}")
     mean = x.mean(dim=0)
     centred = x - mean
+    if kind == "centre":
+        return RewardBasis(kind, mean.float(), None)
     if kind == "standardize":
         std = centred.pow(2).mean(dim=0).sqrt()
         transform = torch.diag(1.0 / (std + eps * std.mean()))
@@ -124,10 +137,14 @@ def load_reward_basis(path: str | Path, *, d_model: int | None = None) -> Reward
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as err:  # safetensors raises its own error types for garbage files
         raise RewardBasisError(f"{path}: not a readable safetensors reward basis ({err})") from None
-    if meta.get("format") != _FORMAT or set(tensors) != {"mean", "transform"}:
+    kind = meta.get("kind", "")
+    expected = {"mean"} if kind == "centre" else {"mean", "transform"}
+    if meta.get("format") != _FORMAT or set(tensors) != expected:
         raise RewardBasisError(f"{path}: not an nla-rl reward basis (format "
-                               f"{meta.get('format')!r}, tensors {sorted(tensors)})")
-    basis = RewardBasis(meta.get("kind", ""), tensors["mean"].float(), tensors["transform"].float())
+                               f"{meta.get('format')!r}, kind {kind!r}, tensors {sorted(tensors)})")
+    transform = tensors.get("transform")
+    basis = RewardBasis(kind, tensors["mean"].float(),
+                        None if transform is None else transform.float())
     if d_model is not None and basis.d_model != d_model:
         raise RewardBasisError(mismatch(f"{path}: reward basis width", d_model, basis.d_model,
                                         "this basis was fitted for another model"))

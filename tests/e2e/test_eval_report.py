@@ -18,7 +18,8 @@ from tests.e2e.conftest import FAST, TINY, TOYWORLD
 LAYER = str(load_recipe(TINY).model.layer_index)
 
 pytestmark = pytest.mark.slow
-HEADLINE = ("fve", "cosine", "mse", "gap", "top1", "extraction_failure_rate", "cjk_rate")
+HEADLINE = ("fve", "cosine", "mse", "gap", "top1", "top1_centred", "extraction_failure_rate",
+            "cjk_rate")
 
 
 def _png_ok(path) -> bool:

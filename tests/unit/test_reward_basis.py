@@ -162,3 +162,50 @@ def test_a_sidecar_basis_must_be_a_file_beside_the_checkpoint(tmp_path, qwen):
     write_model_sidecar(ar_dir, dataclasses.replace(meta, reward_basis=BASIS_FILE))
     with pytest.raises(RewardBasisError, match="copy it with the AR"):
         NLA.from_pretrained(tmp_path / "av", ar_dir)
+
+
+def _hub_rows(n: int, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``μ + δ`` with a shared mean far larger than the deviations (as every real residual
+    stream has), and the mean."""
+    gen = torch.Generator().manual_seed(seed)
+    mean = torch.full((d,), 3.0)
+    return mean + 0.3 * torch.randn(n, d, generator=gen), mean
+
+
+def test_the_centred_basis_lets_the_gold_beat_central_hub_negatives():
+    """ĥ pulled toward the mean (an AR's typical error) is nearest, by raw cosine, to the most
+    central negatives; with the mean removed it is nearest to its own gold."""
+    train, mean = _hub_rows(2000)
+    gold, _ = _hub_rows(8, seed=1)
+    pred = mean + 0.3 * (gold - mean)  # the right deviation, shrunk toward the mean
+    central = mean + 0.02 * torch.randn(8, 3, 16, generator=torch.Generator().manual_seed(2))
+    kw = dict(scale=16 ** 0.5, eos_token_ids=[0], hard_negatives=central)
+    ids, stops = [[5, 0]] * 8, ["stop"] * 8
+    centre = fit_reward_basis(train, "centre")
+    raw = step_rewards(pred, gold, ids, stops, _rl(), **kw).metrics
+    centred = step_rewards(pred, gold, ids, stops, _rl(), basis=centre, **kw).metrics
+    assert raw["reward/top1"] == 0.0 and centred["reward/top1"] == 1.0
+    assert raw["reward/gap"] < 0 < centred["reward/gap"]
+    torch.testing.assert_close(centre.apply(gold), gold - train.mean(0))
+
+
+def test_a_centred_basis_stores_only_its_mean(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    basis = fit_reward_basis(_hub_rows(100)[0], "centre")
+    assert basis.kind == "centre" and basis.transform is None
+    path = basis.save(tmp_path / BASIS_FILE)
+    with safe_open(str(path), framework="pt") as f:
+        assert list(f.keys()) == ["mean"]
+    loaded = load_reward_basis(path, d_model=16)
+    assert loaded.kind == "centre" and torch.equal(loaded.mean, basis.mean)
+    with pytest.raises(RewardBasisError, match="has no transform"):
+        RewardBasis("centre", torch.zeros(16), torch.eye(16))
+    with pytest.raises(RewardBasisError, match="needs a transform"):
+        RewardBasis("whiten", torch.zeros(16), None)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"mean": torch.zeros(16)}, str(bad),
+              metadata={"format": "nla_reward_basis/1", "kind": "whiten"})
+    with pytest.raises(RewardBasisError, match="not an nla-rl reward basis"):
+        load_reward_basis(bad)
