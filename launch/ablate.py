@@ -44,6 +44,7 @@ COLUMNS = (("toy_precision", "attr. precision"), ("toy_recall", "attr. recall"),
            ("toy_slot_recall", "slot recall"), ("top1", "top-1 vs negatives"),
            ("top1_centred", "top-1, centred"), ("fve", "FVE"),
            ("diversity", "cross-group diversity"), ("rl_s", "RL wall s"))
+RUN_COLUMNS = ("diversity", "rl_s")  # read from the variant's logs; the others from its report
 TAIL_STEPS = 10  # diversity: mean over the last RL steps
 
 
@@ -77,7 +78,7 @@ def run_variant(recipe: str, source: Path, name: str, seed: int, overrides: list
         run(recipe, variant)
     wall = time.perf_counter() - started
     report = json.loads((RunPaths(run_dir).eval / "report.json").read_text())
-    return {"variant": name, "seed": seed, **{k: report["metrics"].get(k) for k, _ in COLUMNS[:5]},
+    return {"variant": name, "seed": seed, **{k: report["metrics"].get(k) for k, _ in COLUMNS if k not in RUN_COLUMNS},
             "diversity": _tail_mean(RunPaths(run_dir).logs,
                                     "rollout/diversity/cross_group"),
             "rl_s": _stage_seconds(run_dir, wall)}

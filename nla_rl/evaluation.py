@@ -6,7 +6,7 @@ Everything a report needs from one round trip ``ĥ = AR(AV(h))``:
   ``mse`` (2 = orthogonal at ``s = √d``);
 * ``gap`` and ``top1`` against hard negatives mined *within the evaluated rows*, rows of the same
   document excluded (same-document neighbours are near-duplicates); ``top1_centred``, the same with
-  every vector centred on the evaluated rows' mean: raw cosine is dominated by the direction all
+  unit vectors centred on the evaluated rows' unit mean: raw cosine is dominated by the direction all
   activations share, so an ĥ pulled toward the mean is nearest to the most central negatives;
 * ``extraction_failure_rate`` and ``cjk_rate`` (the signature of a lost injection);
 * the **prefix curve**: FVE when the AR reads only the first n tokens of each explanation. How fast
@@ -67,9 +67,17 @@ def round_trip_metrics(pred: torch.Tensor, gold: torch.Tensor, *, mse_scale: flo
         index = torch.from_numpy(np.asarray(negatives))
         out["gap"] = hard_negative_gap(pred, gold, gold[index])  # gold[index]: [n, m, d]
         out["top1"] = top1_retrieval(pred, gold, gold[index])
-        centred = gold - gold.mean(dim=0)  # the evaluated rows' mean: no per-row information
-        out["top1_centred"] = top1_retrieval(pred - gold.mean(dim=0), centred, centred[index])
+        out["top1_centred"] = _centred_top1(pred, gold, index)
     return out
+
+
+def _centred_top1(pred: torch.Tensor, gold: torch.Tensor, index: torch.Tensor) -> float:
+    """Top-1 with unit vectors centred on the evaluated rows' unit mean (no per-row information).
+    Unit first: the AR's output norm is free (its loss normalises), so ĥ and h differ in length."""
+    unit_pred, unit_gold = (torch.nn.functional.normalize(v.float(), dim=1) for v in (pred, gold))
+    mean = unit_gold.mean(dim=0)
+    centred = unit_gold - mean
+    return top1_retrieval(unit_pred - mean, centred, centred[index])
 
 
 def toy_metrics(explanations: Sequence[str | None], attributes: Iterable[Iterable[str]]) -> dict[str, float]:

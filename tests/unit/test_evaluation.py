@@ -41,3 +41,11 @@ def test_without_negatives_both_top1_are_nan():
     out = round_trip_metrics(gold, gold, mse_scale=None, texts=[""] * 4, explanations=["x"] * 4,
                              negatives=None)
     assert np.isnan(out["top1"]) and np.isnan(out["top1_centred"])
+
+
+def test_centred_top1_ignores_the_length_of_the_prediction():
+    gen = torch.Generator().manual_seed(2)
+    gold = 5.0 + torch.randn(32, 16, generator=gen)
+    pred = gold + 0.5 * torch.randn(32, 16, generator=gen)
+    ids = np.arange(32)
+    assert _round_trip(pred, gold, ids)["top1_centred"] == _round_trip(7 * pred, gold, ids)["top1_centred"]

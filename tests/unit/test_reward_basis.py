@@ -58,8 +58,9 @@ def test_a_true_value_earns_reward_in_the_whitened_basis_and_almost_none_in_the_
 
     raw, white = value_bonus(None), value_bonus(fit_reward_basis(train, "whiten"))
     std = value_bonus(fit_reward_basis(train, "standardize"))
-    # relative MSE increase for a false value: ~2% raw, over 100× that in either basis
-    assert raw < 0.05 and white > 100 * raw and std > 100 * raw, (raw, white, std)
+    # relative MSE increase for a false value: ~4% raw, over 100× that whitened; standardised
+    # over 10× (unit inputs: each row's norm, set by the loud dimensions, scales the quiet ones)
+    assert raw < 0.05 and white > 100 * raw and std > 10 * raw, (raw, white, std)
 
 
 def _rl(group: int = 4) -> RLConfig:
@@ -186,7 +187,8 @@ def test_the_centred_basis_lets_the_gold_beat_central_hub_negatives():
     centred = step_rewards(pred, gold, ids, stops, _rl(), basis=centre, **kw).metrics
     assert raw["reward/top1"] == 0.0 and centred["reward/top1"] == 1.0
     assert raw["reward/gap"] < 0 < centred["reward/gap"]
-    torch.testing.assert_close(centre.apply(gold), gold - train.mean(0))
+    unit = torch.nn.functional.normalize
+    torch.testing.assert_close(centre.apply(gold), unit(gold, dim=1) - unit(train, dim=1).mean(0))
 
 
 def test_a_centred_basis_stores_only_its_mean(tmp_path):
@@ -209,3 +211,32 @@ def test_a_centred_basis_stores_only_its_mean(tmp_path):
               metadata={"format": "nla_reward_basis/1", "kind": "whiten"})
     with pytest.raises(RewardBasisError, match="not an nla-rl reward basis"):
         load_reward_basis(bad)
+
+
+@pytest.mark.parametrize("kind", ["centre", "standardize", "whiten"])
+def test_the_reward_in_a_basis_ignores_the_length_of_the_prediction(kind):
+    """The AR's output norm is free (its loss normalises), as in the raw reward: ĥ and 5·ĥ earn
+    the same reward in every basis."""
+    train, _ = _hub_rows(500)
+    basis = fit_reward_basis(train, kind)
+    gold, _ = _hub_rows(8, seed=1)
+    pred = gold + 0.1 * torch.randn(8, 16, generator=torch.Generator().manual_seed(3))
+    kw = dict(scale=4.0, eos_token_ids=[0])
+    short = step_rewards(pred, gold, [[5, 0]] * 8, ["stop"] * 8, _rl(), basis=basis, **kw)
+    long = step_rewards(5 * pred, gold, [[5, 0]] * 8, ["stop"] * 8, _rl(), basis=basis, **kw)
+    torch.testing.assert_close(short.rewards, long.rewards, atol=1e-5, rtol=1e-5)
+
+
+def test_a_basis_written_before_unit_inputs_is_applied_as_it_was_fitted(tmp_path):
+    from safetensors.torch import save_file
+
+    mean = torch.full((16,), 2.0)
+    path = tmp_path / BASIS_FILE
+    save_file({"mean": mean}, str(path), metadata={"format": "nla_reward_basis/1", "kind": "centre"})
+    old = load_reward_basis(path)
+    assert not old.unit_inputs
+    v = torch.full((1, 16), 3.0)
+    torch.testing.assert_close(old.apply(v), v - mean)
+    new = load_reward_basis(RewardBasis("centre", mean / 4, None).save(tmp_path / "new.safetensors"))
+    assert new.unit_inputs
+    torch.testing.assert_close(new.apply(v), torch.full((1, 16), 0.25) - mean / 4)
