@@ -147,13 +147,9 @@ def grpo_stat_sums(stats: dict[str, float], rollouts: int) -> StatSums:
 @functools.lru_cache(maxsize=4)
 def _basis_on(path: str, device: str):
     """The reward basis at ``path`` on ``device``, read once per rank process."""
-    import dataclasses
-
     from nla_rl.reward_basis import load_reward_basis
 
-    basis = load_reward_basis(path)
-    return dataclasses.replace(basis, mean=basis.mean.to(device),
-                               transform=basis.transform.to(device))
+    return load_reward_basis(path).to(device)
 
 
 def _ar_compute(rank, model, micro) -> MicroLoss:

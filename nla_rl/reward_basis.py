@@ -78,6 +78,13 @@ class RewardBasis:
     def d_model(self) -> int:
         return int(self.mean.shape[0])
 
+    def to(self, device) -> RewardBasis:
+        """The same basis with its tensors on ``device``."""
+        import dataclasses
+
+        return dataclasses.replace(self, mean=self.mean.to(device), transform=None
+                                   if self.transform is None else self.transform.to(device))
+
     def apply(self, v: torch.Tensor) -> torch.Tensor:
         """``B(v)`` for ``v`` [..., d] → fp32 [..., d] (NaN rows stay NaN: failures stay visible)."""
         if v.shape[-1] != self.d_model:

@@ -240,3 +240,17 @@ def test_a_basis_written_before_unit_inputs_is_applied_as_it_was_fitted(tmp_path
     new = load_reward_basis(RewardBasis("centre", mean / 4, None).save(tmp_path / "new.safetensors"))
     assert new.unit_inputs
     torch.testing.assert_close(new.apply(v), torch.full((1, 16), 0.25) - mean / 4)
+
+
+@pytest.mark.parametrize("kind", ["centre", "whiten"])
+def test_a_learner_rank_reads_every_kind_of_basis_onto_its_device(tmp_path, kind):
+    """The online AR's loss reads the basis file on its rank (actors.losses): a centre basis
+    has no transform to move."""
+    from actors.losses import _basis_on
+
+    train, _ = _hub_rows(200)
+    basis = fit_reward_basis(train, kind)
+    path = basis.save(tmp_path / f"{kind}.safetensors")
+    on_rank = _basis_on(str(path), "cpu")
+    assert on_rank.kind == kind and on_rank.unit_inputs
+    torch.testing.assert_close(on_rank.apply(train[:4]), basis.apply(train[:4]))
