@@ -34,6 +34,7 @@ VARIANTS: dict[str, list[str]] = {
     "negatives_off": ["negatives.enabled=false"],
     "negatives_max": ["negatives.enabled=true", "negatives.combine=max"],
     "negatives_infonce": ["negatives.enabled=true", "negatives.combine=infonce"],
+    "basis_raw": ["rl.reward_basis=raw"],
     "basis_centre": ["rl.reward_basis=centre"],
     "basis_standardize": ["rl.reward_basis=standardize"],
     "basis_whiten": ["rl.reward_basis=whiten"],

@@ -24,17 +24,17 @@ def test_two_variants_from_one_sft_pair(tiny_pipeline, tmp_path):
     assert not (run_dir / "ablate").exists()  # refused before any run
 
     # one seed each keeps CI short; seed 1 still shows rl.seed moves apart from run.seed
-    summary = ablate(TINY, run_dir, ["recipe", "basis_centre"], [1], FAST, steps=2)
-    assert [s["variant"] for s in summary] == ["recipe", "basis_centre"]
+    summary = ablate(TINY, run_dir, ["recipe", "basis_raw"], [1], FAST, steps=2)
+    assert [s["variant"] for s in summary] == ["recipe", "basis_raw"]
     assert all(s["seeds"] == [1] for s in summary)
     table = (run_dir / "ablate" / "table.md").read_text()
-    assert "| recipe | 1 |" in table and "| basis_centre | 1 |" in table
+    assert "| recipe | 1 |" in table and "| basis_raw | 1 |" in table
     rows = json.loads((run_dir / "ablate" / "table.json").read_text())["rows"]
     assert len(rows) == 2 and all(r["rl_s"] > 0 for r in rows)
     assert all(set(r) >= {key for key, _ in COLUMNS} for r in rows)  # every column, every row
     for key in ("top1", "top1_centred", "fve", "diversity"):  # defined even for a 2-step AV
         assert all(isinstance(r[key], float) and math.isfinite(r[key]) for r in rows), key
-    for name in ("recipe-s1", "basis_centre-s1"):
+    for name in ("recipe-s1", "basis_raw-s1"):
         variant = run_dir / "ablate" / name
         assert (variant / "av_sft").resolve() == (run_dir / "av_sft").resolve()  # same SFT pair
         assert (variant / "eval" / "report.json").is_file()
@@ -47,7 +47,7 @@ def test_two_variants_from_one_sft_pair(tiny_pipeline, tmp_path):
             assert key in rl[-1], key
         # rl.frozen_ar_every=1: the frozen AR scores whatever the live one scores
         assert ("rollout/fve" in rl[0]) == ("rollout/fve_frozen_ar" in rl[0])
-    centre = run_dir / "ablate" / "basis_centre-s1"
+    centre = run_dir / "ablate" / "recipe-s1"  # the tiny recipe's reward basis is centre
     recipe = yaml.safe_load((centre / "recipe.yaml").read_text())
     assert recipe["rl"]["seed"] == 1 and recipe["run"]["seed"] == 0
     assert recipe["rl"]["reward_basis"] == "centre"
@@ -58,7 +58,7 @@ def test_two_variants_from_one_sft_pair(tiny_pipeline, tmp_path):
     report = json.loads((centre / "eval" / "report.json").read_text())
     assert report["settings"]["reward_basis"] == "centre"
     assert report["metrics"]["reward_mse"] != pytest.approx(report["metrics"]["mse"])
-    plain = json.loads((run_dir / "ablate" / "recipe-s1" / "eval" / "report.json").read_text())
+    plain = json.loads((run_dir / "ablate" / "basis_raw-s1" / "eval" / "report.json").read_text())
     assert plain["settings"]["reward_basis"] == "raw"
     assert plain["metrics"]["reward_mse"] == pytest.approx(plain["metrics"]["mse"])
 
