@@ -345,9 +345,10 @@ class RLConfig(ConfigSection):
     reward: Literal["neg_mse", "neg_log_mse"] = param("neg_mse", "-MSE, or -log(max(MSE, 1e-8)).")
     reward_basis: Literal["raw", "centre", "standardize", "whiten"] = param(
         "raw", "The basis the reward's MSE (and the online AR's loss) is measured in: raw; "
-        "centre (the training mean removed: cosines compare what differs between activations); "
-        "standardize (each dimension z-scored); whiten (ZCA: every direction of the training "
-        "activations counts the same). Fitted on the RL split at the start of RL, stored as "
+        "centre (unit vectors less their training mean: cosines compare what differs between "
+        "activations); standardize (each dimension z-scored); whiten (ZCA: every direction of "
+        "the training activations counts the same); all on unit-norm vectors. Fitted on the RL "
+        "split at the start of RL, stored as "
         "reward_basis.safetensors beside the AR and used by export, eval and inference. For "
         "when the variance is not where the meaning is; FVE stays in the raw basis.")
     reward_basis_eps: float = param(
