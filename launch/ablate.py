@@ -79,7 +79,8 @@ def run_variant(recipe: str, source: Path, name: str, seed: int, overrides: list
         run(recipe, variant)
     wall = time.perf_counter() - started
     report = json.loads((RunPaths(run_dir).eval / "report.json").read_text())
-    return {"variant": name, "seed": seed, **{k: report["metrics"].get(k) for k, _ in COLUMNS if k not in RUN_COLUMNS},
+    measured = {k: report["metrics"].get(k) for k, _ in COLUMNS if k not in RUN_COLUMNS}
+    return {"variant": name, "seed": seed, **measured,
             "diversity": _tail_mean(RunPaths(run_dir).logs,
                                     "rollout/diversity/cross_group"),
             "rl_s": _stage_seconds(run_dir, wall)}

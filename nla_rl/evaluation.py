@@ -29,6 +29,7 @@ from nla_rl.data.toyworld import score_explanations
 from nla_rl.errors import NLAError
 from nla_rl.health import cjk_rate
 from nla_rl.metrics import cosine, fve, hard_negative_gap, top1_retrieval
+from nla_rl.reward_basis import fit_reward_basis
 from nla_rl.rewards import normalized_mse
 
 EVAL_NEGATIVES = 8  # hard negatives per row (the LoRA release mines 20 and draws 3)
@@ -65,19 +66,14 @@ def round_trip_metrics(pred: torch.Tensor, gold: torch.Tensor, *, mse_scale: flo
     }
     if negatives is not None:
         index = torch.from_numpy(np.asarray(negatives))
-        out["gap"] = hard_negative_gap(pred, gold, gold[index])  # gold[index]: [n, m, d]
-        out["top1"] = top1_retrieval(pred, gold, gold[index])
-        out["top1_centred"] = _centred_top1(pred, gold, index)
+        neg = gold[index]  # [n, m, d]
+        out["gap"] = hard_negative_gap(pred, gold, neg)
+        out["top1"] = top1_retrieval(pred, gold, neg)
+        # the centre basis fitted on the evaluated rows (their unit mean: no per-row information)
+        centre = fit_reward_basis(gold, "centre")
+        centred_gold = centre.apply(gold)
+        out["top1_centred"] = top1_retrieval(centre.apply(pred), centred_gold, centred_gold[index])
     return out
-
-
-def _centred_top1(pred: torch.Tensor, gold: torch.Tensor, index: torch.Tensor) -> float:
-    """Top-1 with unit vectors centred on the evaluated rows' unit mean (no per-row information).
-    Unit first: the AR's output norm is free (its loss normalises), so ĥ and h differ in length."""
-    unit_pred, unit_gold = (torch.nn.functional.normalize(v.float(), dim=1) for v in (pred, gold))
-    mean = unit_gold.mean(dim=0)
-    centred = unit_gold - mean
-    return top1_retrieval(unit_pred - mean, centred, centred[index])
 
 
 def toy_metrics(explanations: Sequence[str | None], attributes: Iterable[Iterable[str]]) -> dict[str, float]:

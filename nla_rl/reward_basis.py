@@ -32,7 +32,7 @@ FVE is always measured in the raw basis (the paper's definition), so it stays co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -80,10 +80,8 @@ class RewardBasis:
 
     def to(self, device) -> RewardBasis:
         """The same basis with its tensors on ``device``."""
-        import dataclasses
-
-        return dataclasses.replace(self, mean=self.mean.to(device), transform=None
-                                   if self.transform is None else self.transform.to(device))
+        return replace(self, mean=self.mean.to(device),
+                       transform=None if self.transform is None else self.transform.to(device))
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
         """``B(v)`` for ``v`` [..., d] → fp32 [..., d] (NaN rows stay NaN: failures stay visible)."""
