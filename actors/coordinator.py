@@ -16,6 +16,7 @@ one screen. Everything that touches a model lives in an actor; this process hold
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ from nla_rl.config import RecipeConfig
 from nla_rl.data.toyworld import score_explanation
 from nla_rl.grpo import PolicyLossSettings, compute_advantages
 from nla_rl.health import check_step0_health, rollout_health
-from nla_rl.metrics import cosine, fve, hard_negative_gap
+from nla_rl.metrics import cosine, fve, gold_spread, hard_negative_gap
 from nla_rl.reward_basis import RewardBasis, apply_basis
 from nla_rl.rewards import normalized_mse
 from nla_rl.rl_batch import trim_at_eos
@@ -77,6 +78,12 @@ class RLWorld:
     def __post_init__(self):
         if self.alarm is None:
             self.alarm = RewardTruthAlarm(window=self.cfg.rl.alarm_window)
+
+    @functools.cached_property
+    def fve_spread(self) -> float:
+        """The denominator of every step's FVE, measured once on the whole RL split: a step's
+        8 activations measure their own spread badly (:func:`nla_rl.metrics.fve`)."""
+        return gold_spread(self.data.vectors, self.mse_scale)
 
     def save(self, step: int, skipped: float) -> None:
         """Checkpoint both learners at ``step`` (with ``checkpoint``; none: nothing is saved)."""
@@ -258,18 +265,20 @@ def frozen_predictions(world: RLWorld, rollouts: Rollouts, step: int) -> torch.T
 
 def truth_metrics(world: RLWorld, batch: RLBatch, rollouts: Rollouts, preds: torch.Tensor,
                   frozen: torch.Tensor | None) -> dict:
-    """``rollout/fve`` (the scoring AR), ``rollout/fve_frozen_ar``, ``rollout/diversity/*`` and,
+    """``rollout/fve`` (the scoring AR) and ``rollout/fve_frozen_ar``, both against the RL split's
+    spread (:attr:`RLWorld.fve_spread`), ``rollout/diversity/*`` and,
     with ground truth, ``rollout/toy/*`` (see :mod:`nla_rl.truth`)."""
     ok = [i for i, e in enumerate(rollouts.explanations) if e is not None]
     g = world.cfg.rl.group_size
     metrics = diversity_metrics(rollouts.explanations, g)
     if len(ok) > 1:
         gold = torch.from_numpy(rollouts.golds[ok])
-        metrics["rollout/fve"] = fve(preds[ok], gold, world.mse_scale)
+        spread = world.fve_spread
+        metrics["rollout/fve"] = fve(preds[ok], gold, world.mse_scale, spread)
         if not world.cfg.rl.online_ar:
             metrics["rollout/fve_frozen_ar"] = metrics["rollout/fve"]
         elif frozen is not None:
-            metrics["rollout/fve_frozen_ar"] = fve(frozen[ok], gold, world.mse_scale)
+            metrics["rollout/fve_frozen_ar"] = fve(frozen[ok], gold, world.mse_scale, spread)
     if batch.attributes is not None:
         truths = [batch.attributes[i // g] for i in range(len(rollouts.explanations))]
         metrics.update(toy_rollout_metrics(rollouts.explanations, truths))

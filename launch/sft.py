@@ -15,29 +15,29 @@ batch loss) and ``eval/ar/fve``; the AV adds the real-vs-shuffled control
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from launch.common import (ROLE_OF, Progress, RunPaths, SFTStageError, Split, injection_of,  # noqa: F401
                            learner_spec, load_progress, load_split, save_progress, save_trained)
 from nla_rl.config import RecipeConfig
+from nla_rl.metrics import gold_spread
 from nla_rl.roundtrip import InjectionSpec
 from nla_rl.sidecar import ModelSidecar, read_model_sidecar
 
 
 # ---------------------------------------------------------------------------------- metrics
 
-def batch_fve(loss: float, vectors: np.ndarray, mse_scale: float | None) -> float:
-    """FVE of a batch from its mean normalised MSE: ``1 - d·loss / E‖n(h) - μ‖²`` (the loss is
-    ``mean_b mean_d (n(ĥ) - n(h))²``, so ``d·loss = E‖n(ĥ) - n(h)‖²``)."""
-    from nla_rl.metrics import fve_from_error
-
-    gold = torch.from_numpy(np.asarray(vectors, dtype=np.float32))
-    return fve_from_error(gold.shape[1] * loss, gold, mse_scale)  # NaN: no variance (as fve)
+def batch_fve(loss: float, d: int, spread: float) -> float:
+    """FVE of a batch from its mean normalised MSE: ``1 - d·loss / spread`` (the loss is
+    ``mean_b mean_d (n(ĥ) - n(h))²``, so ``d·loss = E‖n(ĥ) - n(h)‖²``), with ``spread`` the
+    training split's ``E‖n(h) - μ‖²`` (:func:`nla_rl.metrics.gold_spread`): a batch's own
+    spread is biased low, and so would its FVE be."""
+    return 1.0 - d * loss / spread
 
 
 def av_control(group, rows: dict, *, seed: int, prefix: str) -> dict:
@@ -115,6 +115,7 @@ def _train(cfg, stage: str, group, train: Split, held: Split | None, meta: Model
     progress = _resume(cfg, group, train)
     start, cursor, skipped = progress.step, progress.cursor, progress.skipped_steps
     tracker.rewind(start, stage)  # steps after `start` are logged again: one history
+    spread = gold_spread(train.vectors, meta.mse_scale) if role == "ar" else math.nan
     bar = tqdm(range(start, sft.steps), initial=start, total=sft.steps, desc=stage, unit="step")
     for step in bar:
         step_started = time.perf_counter()
@@ -128,7 +129,7 @@ def _train(cfg, stage: str, group, train: Split, held: Split | None, meta: Model
                    f"train/{role}/lr": stats["lr"], f"perf/{role}/tokens_per_s": stats["tokens"] / elapsed,
                    "health/skipped_steps": skipped}
         if role == "ar":
-            metrics["train/ar/fve"] = batch_fve(stats["loss"], rows["vectors"], meta.mse_scale)
+            metrics["train/ar/fve"] = batch_fve(stats["loss"], train.vectors.shape[1], spread)
         if done == sft.steps or (sft.eval_every and done % sft.eval_every == 0):
             if role == "av":
                 metrics.update(av_control(group, rows, seed=done, prefix="train"))

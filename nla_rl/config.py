@@ -306,7 +306,9 @@ class SFTConfig(ConfigSection):
     eval_every: int = param(10, "Held-out metrics (and the AV's real-vs-shuffled control) every "
                             "this many steps, and always after the last; 0 = only after the last.",
                             ge=0)
-    eval_rows: int = param(64, "Rows of the eval split scored by the held-out metrics.", gt=0)
+    eval_rows: int = param(256, "Rows of the eval split scored by the held-out metrics. FVE "
+                           "needs a few hundred: on the tiny run the AR-SFT final scores 0.022 "
+                           "on 64 eval rows and 0.147 / 0.153 on 256 / 1024.", gt=0)
     save_every: int = param(0, "Checkpoint every this many steps (the last step is always "
                             "saved); 0 = only the last.", ge=0)
     keep_last: int = param(2, "Checkpoints kept; older ones are deleted once a newer one is "

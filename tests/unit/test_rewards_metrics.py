@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nla_rl.errors import ConfigError, NLAError
-from nla_rl.metrics import (cosine, fve, fve_from_error, fve_meannorm, hard_negative_gap,
+from nla_rl.metrics import (cosine, fve, fve_from_error, fve_meannorm, gold_spread, hard_negative_gap,
                             top1_retrieval)
 from nla_rl.rewards import (CONTRASTIVE, REWARDS, apply_failures, combined_reward,
                             contrastive_infonce, contrastive_max, failure_penalty, mse_scale_for,
@@ -240,6 +240,28 @@ def test_fve_from_error_matches_fve():
     error = float(normalized_mse(pred, gold, s).mean()) * 32  # E‖n(ĥ)-n(h)‖² = d · MSE
     assert fve_from_error(error, gold, s) == pytest.approx(fve(pred, gold, s), rel=1e-5)
     assert math.isnan(fve_from_error(0.0, gold[:1], s))
+
+
+def test_fve_against_a_population_spread():
+    """On the whole population the spread changes nothing. On small batches (an RL step scores
+    8 activations) a batch's own spread is biased low, and so is its FVE (the tiny run's AR-SFT:
+    0.04 on average over batches of 8 eval rows, 0.21 on all of them); the population's spread
+    gives batch FVEs whose mean is the population's."""
+    gold = _clustered_golds(n=512)
+    noise = torch.randn(gold.shape, generator=torch.Generator().manual_seed(4))
+    pred = torch.nn.functional.normalize(gold, dim=1) + 0.08 * noise  # FVE ≈ 0.1, as on the toy
+    s = mse_scale_for(32)
+    spread = gold_spread(gold, s)
+    whole = fve(pred, gold, s)
+    assert fve(pred, gold, s, spread) == pytest.approx(whole, rel=1e-5)
+    own = [fve(pred[b:b + 8], gold[b:b + 8], s) for b in range(0, 512, 8)]
+    shared = [fve(pred[b:b + 8], gold[b:b + 8], s, spread) for b in range(0, 512, 8)]
+    assert sum(shared) / len(shared) == pytest.approx(whole, abs=1e-4)  # error is a row mean
+    assert whole - sum(own) / len(own) > 0.1
+    assert math.isnan(gold_spread(gold[:1], s))
+    assert math.isnan(fve(pred[:4], gold[:4], s, gold_spread(gold[:1].expand(4, 32), s)))
+    with pytest.raises(ValueError, match="2-D"):
+        gold_spread(gold[0], s)
 
 
 def test_predicting_the_mean_direction():

@@ -98,3 +98,31 @@ def test_alarm_needs_two_windows_and_a_real_rise():
     short = RewardTruthAlarm(window=50)
     fired, _ = _run(short, _ar_drift_steps(drift=True))
     assert sum(fired) == 0  # fewer than two windows of history
+
+
+def test_a_step_fve_divides_by_the_rl_splits_spread():
+    """``rollout/fve`` of a step (8 activations here) is measured against the whole RL split's
+    spread (RLWorld.fve_spread), not the step's own, which is biased low."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from actors.coordinator import RLWorld, Rollouts, truth_metrics
+    from nla_rl.config import recipe_from_dict
+    from nla_rl.metrics import gold_spread
+
+    gen = torch.Generator().manual_seed(0)
+    split = torch.randn(1, 16, generator=gen) + 0.3 * torch.randn(400, 16, generator=gen)
+    cfg = recipe_from_dict({}, ["rl.group_size=2", "rl.online_ar=false"])
+    world = RLWorld(cfg=cfg, policy=None, critic=None, engines=None,
+                    data=SimpleNamespace(vectors=split.numpy()), tracker=None, prompt_ids=[],
+                    prefill="", eos_ids=frozenset(), mse_scale=4.0)
+    golds = split[:8].repeat_interleave(2, dim=0)
+    preds = golds + 0.2 * torch.randn(golds.shape, generator=gen)
+    rollouts = Rollouts([], [], [], [FIXED] * 16, [], np.repeat(np.arange(8), 2),
+                        golds.numpy(), 16, 0.0)
+    metrics = truth_metrics(world, SimpleNamespace(attributes=None), rollouts, preds, None)
+    assert world.fve_spread == gold_spread(split, 4.0)
+    assert metrics["rollout/fve"] == fve(preds, golds, 4.0, world.fve_spread)
+    assert metrics["rollout/fve"] != fve(preds, golds, 4.0)
+    assert metrics["rollout/fve_frozen_ar"] == metrics["rollout/fve"]  # frozen AR = live AR
