@@ -15,7 +15,6 @@ batch loss) and ``eval/ar/fve``; the AV adds the real-vs-shuffled control
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -25,20 +24,12 @@ from tqdm import tqdm
 from launch.common import (ROLE_OF, Progress, RunPaths, SFTStageError, Split, injection_of,  # noqa: F401
                            learner_spec, load_progress, load_split, save_progress, save_trained)
 from nla_rl.config import RecipeConfig
-from nla_rl.metrics import gold_spread
+from nla_rl.metrics import fve_from_error, gold_spread
 from nla_rl.roundtrip import InjectionSpec
 from nla_rl.sidecar import ModelSidecar, read_model_sidecar
 
 
 # ---------------------------------------------------------------------------------- metrics
-
-def batch_fve(loss: float, d: int, spread: float) -> float:
-    """FVE of a batch from its mean normalised MSE: ``1 - d·loss / spread`` (the loss is
-    ``mean_b mean_d (n(ĥ) - n(h))²``, so ``d·loss = E‖n(ĥ) - n(h)‖²``), with ``spread`` the
-    training split's ``E‖n(h) - μ‖²`` (:func:`nla_rl.metrics.gold_spread`): a batch's own
-    spread is biased low, and so would its FVE be."""
-    return 1.0 - d * loss / spread
-
 
 def av_control(group, rows: dict, *, seed: int, prefix: str) -> dict:
     """Real vs shuffled loss on the same rows (no update): the AV's use of the activation."""
@@ -115,7 +106,8 @@ def _train(cfg, stage: str, group, train: Split, held: Split | None, meta: Model
     progress = _resume(cfg, group, train)
     start, cursor, skipped = progress.step, progress.cursor, progress.skipped_steps
     tracker.rewind(start, stage)  # steps after `start` are logged again: one history
-    spread = gold_spread(train.vectors, meta.mse_scale) if role == "ar" else math.nan
+    # train/ar/fve divides by the split's spread: a batch's own is biased low (metrics.fve)
+    spread = gold_spread(train.vectors, meta.mse_scale) if role == "ar" else None
     bar = tqdm(range(start, sft.steps), initial=start, total=sft.steps, desc=stage, unit="step")
     for step in bar:
         step_started = time.perf_counter()
@@ -129,7 +121,8 @@ def _train(cfg, stage: str, group, train: Split, held: Split | None, meta: Model
                    f"train/{role}/lr": stats["lr"], f"perf/{role}/tokens_per_s": stats["tokens"] / elapsed,
                    "health/skipped_steps": skipped}
         if role == "ar":
-            metrics["train/ar/fve"] = batch_fve(stats["loss"], train.vectors.shape[1], spread)
+            d = train.vectors.shape[1]  # the loss is a mean over d: d·loss = E‖n(ĥ) - n(h)‖²
+            metrics["train/ar/fve"] = fve_from_error(d * stats["loss"], spread=spread)
         if done == sft.steps or (sft.eval_every and done % sft.eval_every == 0):
             if role == "av":
                 metrics.update(av_control(group, rows, seed=done, prefix="train"))

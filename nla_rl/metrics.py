@@ -85,7 +85,7 @@ def fve(pred: torch.Tensor, gold: torch.Tensor, scale: float | None,
     """
     n_gold, mu, error = _fve_parts(pred, gold, scale)
     if spread is not None:
-        return float(1.0 - float(error) / spread)  # NaN stays NaN
+        return fve_from_error(error, spread=spread)
     return _ratio(error, (n_gold - mu).pow(2).sum(dim=-1).mean(), n_gold)
 
 
@@ -100,14 +100,17 @@ def gold_spread(golds, scale: float | None) -> float:
     return _spread_or_nan(variance, n_gold)
 
 
-def fve_from_error(error: float, gold: torch.Tensor, scale: float | None) -> float:
+def fve_from_error(error: float, gold: torch.Tensor | None = None, scale: float | None = None,
+                   *, spread: float | None = None) -> float:
     """:func:`fve` when only the error is known (e.g. a training loss):
-    ``1 - error / E_i ‖n_s(h_i) - μ‖²`` with ``error = E_i ‖n_s(ĥ_i) - n_s(h_i)‖²``; NaN as in :func:`fve`."""
-    n_gold = _norm(torch.as_tensor(gold), scale)
-    if n_gold.dim() != 2:
-        raise ValueError(f"gold: expected a 2-D [n, d] tensor, found shape {list(n_gold.shape)}")
-    mu = n_gold.mean(dim=0, keepdim=True)
-    return _ratio(torch.as_tensor(float(error)), (n_gold - mu).pow(2).sum(dim=-1).mean(), n_gold)
+    ``1 - error / spread`` with ``error = E_i ‖n_s(ĥ_i) - n_s(h_i)‖²`` and ``spread`` the golds'
+    ``E_i ‖n_s(h_i) - μ‖²`` (:func:`gold_spread` of ``gold``), or the one given (measured once on
+    a larger set: see :func:`fve`); NaN as in :func:`fve`."""
+    if spread is None:
+        if gold is None:
+            raise ValueError("fve_from_error: give the golds or their spread")
+        spread = gold_spread(gold, scale)
+    return float(1.0 - float(error) / spread)  # a NaN spread (no variance) stays NaN
 
 
 def fve_meannorm(pred: torch.Tensor, gold: torch.Tensor, scale: float | None) -> float:
