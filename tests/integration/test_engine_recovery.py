@@ -16,6 +16,7 @@ from actors.rollout import EngineLostError, RolloutPool
 from rollout.base import EngineSpec, SamplingSpec
 from tests.integration._engine_setup import (INJECTIONS, build_model, make_requests, marker_of,
                                              max_abs_diff, perturbed_state)
+from tests.integration._ray_kill import kill_and_wait
 
 SAMPLED = SamplingSpec(n=2, temperature=1.0, max_new_tokens=6, seed=4)
 
@@ -45,7 +46,7 @@ def test_lost_actor_is_replaced_with_the_latest_weights(ray_cluster, tiny, capfd
         pids = [h["pid"] for h in pool.health()]
 
         lost = pool.actors[1]
-        ray_cluster.kill(lost, no_restart=True)
+        kill_and_wait(lost)
         assert token_ids(pool.generate(reqs, SAMPLED)) == synced
 
         health = pool.health()
@@ -55,7 +56,7 @@ def test_lost_actor_is_replaced_with_the_latest_weights(ray_cluster, tiny, capfd
 
         completions = [group[0] for group in synced]
         expected = pool.logprobs(reqs, completions)
-        ray_cluster.kill(pool.actors[0], no_restart=True)
+        kill_and_wait(pool.actors[0])
         assert max_abs_diff(pool.logprobs(reqs, completions), expected) < 1e-6
     finally:
         pool.shutdown()
@@ -82,7 +83,7 @@ def test_replacements_exhausted_raise_a_clear_error(ray_cluster, tiny, capfd):
                        num_cpus_per_engine=1, max_replacements=1)
     try:
         shutil.rmtree(model_dir)
-        ray_cluster.kill(pool.actors[0], no_restart=True)
+        kill_and_wait(pool.actors[0])
         with pytest.raises(EngineLostError, match="actor 0 died during generate.*1 replacement"):
             pool.generate(tiny["requests"][:2], SAMPLED)
     finally:

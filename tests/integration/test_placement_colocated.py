@@ -25,6 +25,7 @@ from nla_rl.sidecar import make_token_meta
 from nla_rl.templates import DEFAULT_AR_TEMPLATE, DEFAULT_AV_TEMPLATE
 from rollout.base import EngineSpec, SamplingSpec
 from tests.integration._engine_setup import INJECTIONS, build_model, make_requests, marker_of
+from tests.integration._ray_kill import kill_and_wait
 
 RANKS, CPUS = 2, 0.5  # 2 bundles of 3 members × 0.5 CPU
 OPTIM = OptimSpec(lr=1e-3, weight_decay=0.0, warmup_steps=0, total_steps=4, schedule="constant",
@@ -104,7 +105,7 @@ def test_engine_av_and_ar_rank_share_each_bundle(ray_cluster, models, capfd):
 
         # A lost engine is replaced in its own bundle (there is no room in the other one, and
         # outside the group bundle 1 would show its CPUs free).
-        ray_cluster.kill(pool.actors[1], no_restart=True)
+        kill_and_wait(pool.actors[1])
         pool.generate(make_requests(tok, marker_of(tok), d)[:4], SamplingSpec(n=1, max_new_tokens=2))
         assert pool.health()[1]["placement"]["placement_group"] == pg_id
         assert bundle_free_cpus(ray_cluster, group, [0.0] * RANKS) == [0.0] * RANKS
