@@ -302,7 +302,9 @@ class SFTConfig(ConfigSection):
     warmup_steps: int = param(5, "Linear warm-up steps.", ge=0)
     weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
     grad_clip: float = param(1.0, "Gradient-norm clip.", gt=0)
-    schedule: Literal["cosine", "constant"] = param("cosine", "LR schedule after warm-up.")
+    schedule: Literal["cosine", "constant", "wsd"] = param(
+        "cosine", "LR schedule after warm-up; wsd: constant, then a linear decay to 0 over the "
+        "last 20% of the steps.")
     eval_every: int = param(10, "Held-out metrics (and the AV's real-vs-shuffled control) every "
                             "this many steps, and always after the last; 0 = only after the last.",
                             ge=0)

@@ -16,7 +16,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from nla_rl.errors import ConfigError, mismatch
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "wsd")
+# wsd (warmup-stable-decay): the share of the post-warm-up steps spent decaying linearly to 0.
+WSD_DECAY_FRACTION = 0.2
 # Parameters whose name contains one of these are never weight-decayed (with ndim < 2 ones).
 _NO_DECAY_NAME_PARTS = ("bias", "norm")
 
@@ -77,7 +79,9 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: s
     Warm-up: ``(step + 1) / warmup_steps`` for ``step < warmup_steps`` (the first step already
     learns). Then ``constant``: 1; ``cosine``: ``m + (1 - m) · ½ (1 + cos(π p))`` with
     ``p = (step - warmup_steps) / (total_steps - warmup_steps)`` clamped to [0, 1] and
-    ``m = min_ratio``, so the multiplier decays from 1 to ``m`` at ``total_steps``.
+    ``m = min_ratio``, so the multiplier decays from 1 to ``m`` at ``total_steps``; ``wsd``: 1,
+    then over the last ``f = WSD_DECAY_FRACTION`` of the post-warm-up steps ``m + (1 - m) (1 - p')``
+    with ``p' = (p - (1 - f)) / f`` (a constant rate while the model learns, then an anneal).
     """
     if schedule not in SCHEDULES:
         raise ConfigError(mismatch("schedule", list(SCHEDULES), schedule))
@@ -91,6 +95,9 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: s
     if schedule == "constant":
         return 1.0
     progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    if schedule == "wsd":
+        tail = max(0.0, progress - (1.0 - WSD_DECAY_FRACTION)) / WSD_DECAY_FRACTION
+        return min_ratio + (1.0 - min_ratio) * (1.0 - tail)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

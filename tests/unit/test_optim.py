@@ -79,6 +79,17 @@ def test_warmup_then_cosine_values():
     assert lr_multiplier(7, warmup_steps=0, total_steps=10, schedule="constant") == 1.0
 
 
+def test_wsd_holds_the_rate_then_decays_linearly_over_the_last_fifth():
+    kw = dict(warmup_steps=2, total_steps=102, schedule="wsd")
+    assert [lr_multiplier(s, **kw) for s in range(2)] == [0.5, 1.0]
+    assert all(lr_multiplier(s, **kw) == 1.0 for s in range(2, 83))  # 80 of the 100 steps flat
+    tail = [lr_multiplier(s, **kw) for s in range(82, 103)]
+    assert all(math.isclose(a - b, 1 / 20) for a, b in zip(tail, tail[1:]))  # linear
+    assert math.isclose(lr_multiplier(92, **kw), 0.5) and math.isclose(tail[-1], 0.0, abs_tol=1e-12)
+    assert math.isclose(lr_multiplier(102, **kw, min_ratio=0.1), 0.1)
+    assert SFTConfig(schedule="wsd").schedule == "wsd"
+
+
 def test_schedule_refuses_bad_settings():
     with pytest.raises(ConfigError, match="schedule"):
         lr_multiplier(0, warmup_steps=0, total_steps=10, schedule="linear")
