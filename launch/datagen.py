@@ -103,7 +103,8 @@ def _depth_pct(cfg: RecipeConfig, base_dir: Path) -> int | None:
 def _documents(cfg: RecipeConfig):
     if cfg.data.corpus == TOYWORLD:
         n = cfg.data.num_docs or TOYWORLD_DEFAULT_DOCS
-        return toyworld_documents(cfg.run.seed, n, cfg.toyworld.ending), {"documents": n, "empty_skipped": 0}
+        docs = toyworld_documents(cfg.run.seed, n, cfg.toyworld.ending, cfg.toyworld.p_slot)
+        return docs, {"documents": n, "empty_skipped": 0}
     if cfg.model.base == TOYWORLD:
         raise ConfigError("model.base: toyworld is trained on the toy-world corpus; set "
                           "data.corpus: toyworld too (or choose a real base model)")
@@ -137,7 +138,7 @@ def _label(cfg: RecipeConfig, table, tokenizer, data_dir: Path):
                               "set data.corpus: toyworld or choose another teacher")
         return label_with_toy_teacher(table, tokenizer, seed=cfg.run.seed,
                                       p_include=cfg.toyworld.p_include, p_wrong=cfg.toyworld.p_wrong,
-                                      ending=cfg.toyworld.ending)
+                                      ending=cfg.toyworld.ending, p_slot=cfg.toyworld.p_slot)
     built = _build_teacher(teacher)
     try:
         return label_with_teacher(table, built, data_dir / "teacher_cache")

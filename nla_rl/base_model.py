@@ -29,7 +29,7 @@ def resolve_base_model(base: str, run_dir: Path, *, seed: int = 0, toyworld=None
         return train_toy_lm(Path(run_dir) / "base", seed=seed, steps=toyworld.lm_steps,
                             hidden=toyworld.lm_hidden, layers=toyworld.lm_layers,
                             ending=toyworld.ending, kv_heads=toyworld.lm_kv_heads,
-                            recap_loss_weight=toyworld.recap_loss_weight)
+                            recap_loss_weight=toyworld.recap_loss_weight, p_slot=toyworld.p_slot)
     if base.startswith(TINY_PREFIX):
         from nla_rl.testing.tiny import build_tiny_model
 

@@ -26,6 +26,7 @@ from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type
 import yaml
 
 from nla_rl.atomic import atomic_write_text
+from nla_rl.data.toyworld import DEFAULT_P_SLOT
 from nla_rl.errors import ConfigError
 from nla_rl.templates import (AR_FIELDS, AV_FIELDS, DEFAULT_AR_TEMPLATE, DEFAULT_AV_TEMPLATE,
                               DEPTH_AV_TEMPLATE, av_sft_target, template_problem)
@@ -256,6 +257,10 @@ class ToyWorldConfig(ConfigSection):
         "the cue's last token, where the LM must hold every revealed value; end (v1): documents "
         "end 'The end.', whose last token carries which slots were revealed but barely their "
         "values.")
+    p_slot: float = param(
+        DEFAULT_P_SLOT, "Probability that a document reveals each slot other than its subject: "
+        "the more slots every document reveals, the less of the activation's variance is which "
+        "slots were revealed and the more is their values (what an MSE reward sees).", gt=0, le=1)
     p_include: float = param(0.4, "Teacher: probability of mentioning each true attribute.",
                              gt=0, le=1)
     p_wrong: float = param(0.05, "Teacher: probability that a mentioned attribute's value is "

@@ -17,24 +17,28 @@ from nla_rl.data.negatives import mine_hard_negatives, negatives_params, write_n
 from nla_rl.data.splits import split_documents, split_table
 from nla_rl.data.store import read_activations, write_table_atomic
 from nla_rl.data.teachers import TeacherCache, TeacherRequest, label_cached, teacher_metadata
-from nla_rl.data.toyworld import ToyWorld, attributes_by_position, teacher_rng, toy_teacher_explanation
+from nla_rl.data.toyworld import (DEFAULT_P_SLOT, ToyWorld, attributes_by_position, teacher_rng,
+                                  toy_teacher_explanation)
 from nla_rl.sidecar import DatasetSidecar, write_dataset_sidecar
 
 NEGATIVES_FILE = "rl.negatives.parquet"
 
 
-def toyworld_documents(seed: int, n_docs: int, ending: str = "end") -> list[Document]:
+def toyworld_documents(seed: int, n_docs: int, ending: str = "end",
+                       p_slot: float = DEFAULT_P_SLOT) -> list[Document]:
     """The first ``n_docs`` toy-world documents as corpus documents, each cut after its readout
     token (the activation there does not depend on what follows), so ``data.positions: last``
     reads the readout."""
-    return [Document(d.doc_id, d.readout_text) for d in ToyWorld(seed, ending=ending).documents(n_docs)]
+    world = ToyWorld(seed, ending=ending, p_slot=p_slot)
+    return [Document(d.doc_id, d.readout_text) for d in world.documents(n_docs)]
 
 
 def label_with_toy_teacher(table: pa.Table, tokenizer, *, seed: int, p_include: float,
-                           p_wrong: float, ending: str = "end") -> tuple[pa.Table, dict]:
+                           p_wrong: float, ending: str = "end",
+                           p_slot: float = DEFAULT_P_SLOT) -> tuple[pa.Table, dict]:
     """Add ``attributes`` (ground truth at each row's position) and the partial teacher's
     ``explanation``; rows the teacher refuses (no attribute named) are dropped and counted."""
-    world = ToyWorld(seed, ending=ending)
+    world = ToyWorld(seed, ending=ending, p_slot=p_slot)
     attrs_cache: dict[int, list[frozenset[str]]] = {}
     attributes, explanations = [], []
     for doc_id, pos in zip(table["doc_id"].to_pylist(), table["position"].to_pylist()):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nla_rl.data.toyworld import ToyWorld, toy_tokenizer_texts
+from nla_rl.data.toyworld import DEFAULT_P_SLOT, ToyWorld, toy_tokenizer_texts
 from nla_rl.errors import ConfigError
 
 LM_DOC_START = 1_000_000_000
@@ -48,7 +48,8 @@ def train_toy_lm(out_dir: str | Path, *, seed: int = 0, steps: int = 600, hidden
                  layers: int = 4, heads: int = 4, kv_heads: int = 1, batch_size: int = 32,
                  max_len: int = 96, lr: float = 1e-3, warmup: int | None = None,
                  vocab_size: int = 1024, threads: int = 1, progress: bool = True,
-                 ending: str = "end", recap_loss_weight: float = 1.0) -> Path:
+                 ending: str = "end", recap_loss_weight: float = 1.0,
+                 p_slot: float = DEFAULT_P_SLOT) -> Path:
     """Train the toy LM and save model + tokenizer (safetensors) and ``toy_lm.json`` to ``out_dir``.
 
     Next-token prediction with AdamW (betas 0.9/0.95, linear warmup — default 10% of ``steps`` —
@@ -67,9 +68,11 @@ def train_toy_lm(out_dir: str | Path, *, seed: int = 0, steps: int = 600, hidden
     settings = dict(seed=seed, steps=steps, hidden=hidden, layers=layers, heads=heads,
                     kv_heads=kv_heads, batch_size=batch_size, max_len=max_len, lr=lr,
                     warmup=warmup if warmup is not None else max(1, steps // 10),
-                    vocab_size=vocab_size, ending=ending, world=world_fingerprint(seed, ending))
+                    vocab_size=vocab_size, ending=ending, world=world_fingerprint(seed, ending, p_slot))
     if recap_loss_weight != 1.0:  # absent at 1: LMs cached before the weight existed stay valid
         settings["recap_loss_weight"] = recap_loss_weight
+    if p_slot != DEFAULT_P_SLOT:  # likewise absent at the default
+        settings["p_slot"] = p_slot
     if is_finished_toy_lm(out_dir):
         return _check_cached(out_dir, settings)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -86,12 +89,13 @@ def train_toy_lm(out_dir: str | Path, *, seed: int = 0, steps: int = 600, hidden
     return out_dir
 
 
-def world_fingerprint(seed: int, ending: str = "end") -> str:
+def world_fingerprint(seed: int, ending: str = "end", p_slot: float = DEFAULT_P_SLOT) -> str:
     """A hash of what the toy LM learns from (tokenizer texts, a sample of its training
     documents): a cached LM built from an older toy world must not be reused silently."""
     import hashlib
 
-    docs = [d.text for d in ToyWorld(seed, ending=ending).documents(20, start=LM_DOC_START)]
+    docs = [d.text for d in ToyWorld(seed, ending=ending, p_slot=p_slot).documents(
+        20, start=LM_DOC_START)]
     return hashlib.sha256("\n".join([*toy_tokenizer_texts(seed, ending=ending), *docs]).encode()).hexdigest()[:16]
 
 
@@ -142,7 +146,7 @@ def _train(tmp: Path, settings: dict, *, threads: int, progress: bool) -> dict:
                              heads=s["heads"], kv_heads=s["kv_heads"], tokenizer=tok)
         torch.manual_seed(s["seed"])
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        world = ToyWorld(s["seed"], ending=s["ending"])
+        world = ToyWorld(s["seed"], ending=s["ending"], p_slot=s.get("p_slot", DEFAULT_P_SLOT))
         opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], betas=(0.9, 0.95),
                                 weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s["steps"], s["warmup"]))

@@ -113,6 +113,10 @@ class ToyDoc:
         return frozenset(f"{s}={v}" for s, v in self.attributes.items())
 
 
+# Probability that a document reveals each slot other than its subject.
+DEFAULT_P_SLOT = 0.7
+
+
 class ToyWorld:
     """The seeded corpus generator. ``document(i)`` depends only on (seed, i).
 
@@ -128,7 +132,7 @@ class ToyWorld:
     only weakly (values added ≈0.02 FVE over presence in a ridge fit).
     """
 
-    def __init__(self, seed: int = 0, *, p_slot: float = 0.7, shuffle: bool = True,
+    def __init__(self, seed: int = 0, *, p_slot: float = DEFAULT_P_SLOT, shuffle: bool = True,
                  ending: str = "end"):
         if ending not in ENDINGS:
             raise ValueError(f"toy world ending: expected one of {', '.join(ENDINGS)}, "

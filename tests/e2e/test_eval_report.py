@@ -70,7 +70,7 @@ def test_eval_command_plots_training_curves(tiny_run, capsys):
 def test_extract_then_explain(tiny_run, tmp_path, capsys):
     rows = read_rows(tiny_run / "data" / "eval.parquet")
     doc_id = int(rows["doc_id"][0].as_py())
-    text = ToyWorld(0, ending=TOYWORLD.ending).document(doc_id).readout_text
+    text = ToyWorld(0, ending=TOYWORLD.ending, p_slot=TOYWORLD.p_slot).document(doc_id).readout_text
     out = tmp_path / "v.npy"
     assert main(["extract", "--base", str(tiny_run / "base"), "--layer", LAYER, "--text", text,
                  "--max-tokens", "96", "--out", str(out)]) == 0

@@ -69,7 +69,7 @@ def test_the_readout_carries_every_revealed_value(toy_base):
     recipe = load_recipe(TINY)
     model = AutoModelForCausalLM.from_pretrained(toy_base, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(toy_base)
-    docs = ToyWorld(recipe.run.seed, ending=TOYWORLD.ending).documents(3000)
+    docs = ToyWorld(recipe.run.seed, ending=TOYWORLD.ending, p_slot=TOYWORLD.p_slot).documents(3000)
     x = last_token_activations(model, tok, [d.readout_text for d in docs],
                                layer=recipe.model.layer_index)
     found = readout_property(x, [d.attribute_set for d in docs])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from nla_rl.data import toy_lm
+from nla_rl.data.build import toyworld_documents
 from nla_rl.data.toy_lm import (build_toy_tokenizer, last_token_activations, linear_probe_accuracy,
                                 train_toy_lm)
 from nla_rl.data.toyworld import (SLOTS, ToyWorld, attributes_at, attributes_by_position,
@@ -200,10 +201,24 @@ def test_toy_lm_trains_and_caches(toy_lm_dir, monkeypatch):
     assert os.path.getmtime(toy_lm_dir / "model.safetensors") == mtime
     with pytest.raises(ValueError, match=r"other settings \(steps\)"):
         train_toy_lm(toy_lm_dir, progress=False, **{**PROBE_LM, "steps": 151})
+    with pytest.raises(ValueError, match=r"other settings \(p_slot, world\)"):  # another corpus
+        train_toy_lm(toy_lm_dir, progress=False, **{**PROBE_LM, "p_slot": 0.9})
     # An LM cached from an older toy world (other corpus or tokenizer texts) is not reused.
-    monkeypatch.setattr(toy_lm, "world_fingerprint", lambda seed, ending="recap": "an-older-world")
+    monkeypatch.setattr(toy_lm, "world_fingerprint", lambda *args, **kwargs: "an-older-world")
     with pytest.raises(ValueError, match="the toy world .* changed"):
         train_toy_lm(toy_lm_dir, progress=False, **PROBE_LM)
+
+
+def test_p_slot_sets_how_many_slots_a_document_reveals():
+    """``toyworld.p_slot`` reaches the documents datagen reads and the teacher labels."""
+    def mean_slots(p_slot):
+        return np.mean([len(d.attributes) for d in ToyWorld(0, p_slot=p_slot).documents(400)])
+
+    assert mean_slots(1.0) == 6 and 4.2 < mean_slots(0.7) < 4.8 and mean_slots(0.9) > 5.3
+    docs = toyworld_documents(0, 50, "recap", p_slot=1.0)
+    world = ToyWorld(0, ending="recap", p_slot=1.0)
+    assert [d.text for d in docs] == [d.readout_text for d in world.documents(50)]
+    assert [d.text for d in docs] != [d.text for d in toyworld_documents(0, 50, "recap")]
 
 
 def test_toy_lm_write_is_atomic(tmp_path, monkeypatch):
