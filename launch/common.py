@@ -19,7 +19,8 @@ import numpy as np
 
 from nla_rl.config import RecipeConfig, SFTConfig
 from nla_rl.errors import NLAError
-from nla_rl.injection import DATA_SCALE_FACTOR, InjectionSpec, scale_from_data
+from nla_rl.injection import (CENTRE_FILE, DATA_SCALE_FACTOR, InjectionSpec, fit_injection_centre,
+                              load_injection_centre, save_injection_centre, scale_from_data)
 from nla_rl.sidecar import (MODEL_SIDECAR_NAME, ModelSidecar, read_dataset_sidecar, read_model_sidecar,
                             write_dataset_sidecar)
 
@@ -187,6 +188,20 @@ def record_data_scale(data_dir: Path, scale: float, rows: str) -> None:
             meta, extras={**meta.extras, DATA_SCALE_KEY: entry}))
 
 
+def write_data_centre(data_dir: Path) -> Path:
+    """Fit the injection centre μ on the rows the scale is chosen from (the AV-SFT rows with an
+    explanation) and write it into ``data_dir`` (datagen, ``injection.centre: true``)."""
+    from nla_rl.data.store import read_activations
+
+    path = Path(data_dir) / f"{DATA_SCALE_SPLIT}.parquet"
+    rows = labelled(path).vectors if path.is_file() else np.empty((0, 0), np.float32)
+    if not len(rows):
+        rows = read_activations(Path(data_dir) / "base.parquet")
+    out = Path(data_dir) / CENTRE_FILE
+    save_injection_centre(fit_injection_centre(rows), out)
+    return out
+
+
 def data_scale(data_dir: Path) -> float:
     """The replace scale datagen recorded; for a run made before it was recorded, the same rule
     on the same rows (what the AV-SFT stage computed), so an old run gets the same number."""
@@ -205,14 +220,18 @@ def data_scale(data_dir: Path) -> float:
 
 def injection_of(meta: ModelSidecar, run_dir: Path) -> InjectionSpec:
     """The injection an AV with sidecar ``meta`` trains and runs with: the sidecar's; a replace
-    scale it leaves null is the one datagen recorded for the run's data."""
+    scale it leaves null is the one datagen recorded for the run's data, and a centre it names is
+    the one datagen wrote there."""
     scale = None
     if meta.injection_family == "replace":
         scale = meta.injection_scale
         if scale is None:
             scale = data_scale(RunPaths(run_dir).data)
+    centre = None
+    if meta.injection_centre is not None:
+        centre = load_injection_centre(RunPaths(run_dir).data / meta.injection_centre, meta.d_model)
     return InjectionSpec(meta.injection_family, scale, meta.injection_add_layer,
-                         meta.injection_add_coeff)
+                         meta.injection_add_coeff, centre=centre)
 
 
 # ------------------------------------------------------------------------------- the learners
@@ -283,8 +302,11 @@ def load_progress(path: Path, *, num_items: int, seed: int) -> Progress:
 
 # ---------------------------------------------------------------------------- trained models
 
-def save_av(model, tokenizer, meta: ModelSidecar, out_dir: Path) -> None:
-    """The AV checkpoint: an ordinary HF causal-LM dir + tokenizer + sidecar, written atomically."""
+def save_av(model, tokenizer, meta: ModelSidecar, out_dir: Path, *,
+            centre: torch.Tensor | None = None) -> None:
+    """The AV checkpoint: an ordinary HF causal-LM dir + tokenizer + sidecar, written atomically;
+    a trained AV whose sidecar names an injection centre carries it (the initial AV's is resolved
+    from the run's data, which does not exist yet at prepare)."""
     from nla_rl.atomic import atomic_dir
     from nla_rl.sidecar import write_model_sidecar
 
@@ -292,6 +314,8 @@ def save_av(model, tokenizer, meta: ModelSidecar, out_dir: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_model_sidecar(tmp, meta)
+        if centre is not None and meta.injection_centre is not None:
+            save_injection_centre(centre, Path(tmp) / meta.injection_centre)
 
 
 def save_trained(cfg, group, role: str, source_dir: Path, meta: ModelSidecar, out_dir: Path, *,
@@ -339,7 +363,8 @@ def save_trained(cfg, group, role: str, source_dir: Path, meta: ModelSidecar, ou
             model = model.merge_and_unload()
         else:
             model.load_state_dict(state)
-        save_av(model.to(DTYPES[cfg.model.dtype]), tokenizer, sidecar, out_dir)
+        save_av(model.to(DTYPES[cfg.model.dtype]), tokenizer, sidecar, out_dir,
+                centre=injection.centre if injection is not None else None)
     validate_model_sidecar(read_model_sidecar(out_dir), tokenizer, model.config, role=role)
     print(f"[{stage}] wrote {out_dir}")
     return out_dir

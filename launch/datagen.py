@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from actors.datagen import ExtractionSpec, merge_shards, run_extraction, shard_documents
 from actors.deadline import CallDeadline
-from launch.common import RunPaths, choose_data_scale, record_data_scale
+from launch.common import RunPaths, choose_data_scale, record_data_scale, write_data_centre
 from nla_rl.base_model import TOYWORLD, resolve_base_model
 from nla_rl.config import RecipeConfig
 from nla_rl.data.build import (activation_norm_stats, label_with_teacher, label_with_toy_teacher,
@@ -88,6 +88,8 @@ def _record_injection_scale(cfg: RecipeConfig, data_dir: Path) -> float:
     if cfg.injection.family == "replace" and cfg.injection.scale is None:
         InjectionSpec("replace", scale)  # raises, naming injection.scale, when not finite and > 0
     record_data_scale(data_dir, scale, rows)
+    if cfg.injection.centre:
+        write_data_centre(data_dir)
     return scale
 
 

@@ -26,6 +26,7 @@ from launch.common import ROLES, RunPaths, has_model, injection_of, trained_or_i
 from nla_rl.atomic import check_writable_dir
 from nla_rl.config import RecipeConfig
 from nla_rl.export import Exported, ExportError, LoraSettings, export_pair, pair_from_checkpoints
+from nla_rl.injection import CENTRE_FILE
 from nla_rl.sidecar import read_model_sidecar
 
 SOURCES = ("rl", "sft", "init", "checkpoint")
@@ -116,6 +117,13 @@ def resolved_scale(run_dir: Path, ckpts: Checkpoints) -> float | None:
     return injection_of(meta, run_dir).scale
 
 
+def data_centre_file(run_dir: Path, ckpts: Checkpoints) -> Path | None:
+    """The injection centre file the AV trained with, when its start sidecar names one: the
+    one datagen wrote into the run's data (what every stage read)."""
+    meta = read_model_sidecar(ckpts.inits["av"])
+    return None if meta.injection_centre is None else RunPaths(run_dir).data / meta.injection_centre
+
+
 def _load_run_recipe(run_dir: Path) -> RecipeConfig:
     from nla_rl.config import load_recipe
 
@@ -149,7 +157,8 @@ def export_run(run_dir, *, source: str | None = None, step: int | None = None,
         pair = pair_from_checkpoints(ckpts.steps["av"], ckpts.inits["av"], ckpts.steps["ar"],
                                      ckpts.inits["ar"], out_root,
                                      lora=LoraSettings.from_learner(cfg.learner),
-                                     injection_scale=resolved_scale(run_dir, ckpts))
+                                     injection_scale=resolved_scale(run_dir, ckpts),
+                                     injection_centre=data_centre_file(run_dir, ckpts))
     else:
         chosen = source or default_source(run_dir)
         dirs = final_dirs(run_dir, chosen)
@@ -159,7 +168,8 @@ def export_run(run_dir, *, source: str | None = None, step: int | None = None,
                               + "); run that stage first, or choose another source")
         print(f"[export] source: {chosen}{'' if source else ' (the most trained present)'} — "
               f"AV {dirs['av']}, AR {dirs['ar']}")
-        pair = export_pair(dirs["av"], dirs["ar"], out_root)
+        pair = export_pair(dirs["av"], dirs["ar"], out_root,
+                           av_injection_centre=RunPaths(run_dir).data / CENTRE_FILE)
     for item in pair:
         step = "" if item.step is None else f", step {item.step}"
         print(f"[export] {item.role.upper()} → {item.path} (verified: max |Δ| "

@@ -20,6 +20,7 @@ from nla_rl.atomic import atomic_write_json
 from nla_rl.base_model import DTYPES, check_context, load_causal_lm, resolve_base_model
 from nla_rl.config import RecipeConfig
 from nla_rl.errors import ConfigError
+from nla_rl.injection import CENTRE_FILE
 from nla_rl.rewards import mse_scale_for
 from nla_rl.templates import av_prompt_ids, depth_pct_for
 from nla_rl.data.store import read_activations, read_rows
@@ -52,7 +53,8 @@ def prepare(cfg: RecipeConfig, run_dir: Path, tracker=None) -> None:
         injection_family=cfg.injection.family, injection_add_layer=cfg.injection.add_layer,
         injection_add_coeff=cfg.injection.add_coeff,
     )
-    av_meta = ModelSidecar(role="av", injection_scale=cfg.injection.scale, **common)
+    av_meta = ModelSidecar(role="av", injection_scale=cfg.injection.scale,
+                           injection_centre=CENTRE_FILE if cfg.injection.centre else None, **common)
     ar_meta = ModelSidecar(role="ar", injection_scale=None, **common)
 
     save_av(model, tokenizer, av_meta, run.init("av"))

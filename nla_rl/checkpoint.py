@@ -79,7 +79,9 @@ def fingerprint_fields(cfg, role: str) -> dict:
         "learner.backend": learner.backend,
         "learner.lora_rank": learner.lora_rank,
     }
-    fields.update({f"injection.{k}": v for k, v in recipe_to_dict(cfg.injection).items()})
+    # injection.centre only when on: checkpoints written before the key existed still resume
+    fields.update({f"injection.{k}": v for k, v in recipe_to_dict(cfg.injection).items()
+                   if k != "centre" or v})
     fields.update({f"templates.{k}": v for k, v in recipe_to_dict(cfg.templates).items()})
     if learner.backend == "deepspeed":  # ZeRO shards are tied to the stage and the world size
         fields["learner.zero_stage"] = learner.zero_stage

@@ -158,6 +158,12 @@ class InjectionConfig(ConfigSection):
     add_layer: int = param(1, "add only: decoder block whose output receives the vector.", ge=0)
     add_coeff: float = param(1.0, "add only: c, the injected norm relative to the residual norm.",
                              gt=0)
+    centre: bool = param(False, "The AV reads h/|h| - mu instead of h (mu: the mean unit activation "
+                         "of the AV-SFT rows, fitted at datagen): every activation shares one large "
+                         "direction, which otherwise fills most of the injected row. Stored as "
+                         "injection_centre.safetensors beside the AV (sidecar extraction."
+                         "injection_centre; the published readers ignore it, so such an AV needs "
+                         "nla-rl's loader).")
     marker: str | None = param(None, "Marker character; null = the first single-token character "
                                "in U+3200-U+33FF.")
 

@@ -41,7 +41,8 @@ from nla_rl.atomic import atomic_dir
 from nla_rl.checkpoint import read_manifest
 from nla_rl.compat import check_bos_contract, make_portable, same_base_problem
 from nla_rl.errors import NLAError
-from nla_rl.injection import d_model_of, inject
+from nla_rl.injection import (CENTRE_FILE, d_model_of, inject, load_injection_centre,
+                              save_injection_centre)
 from nla_rl.reward_basis import BASIS_FILE
 from nla_rl.sidecar import ModelSidecar, read_model_sidecar, validate_model_sidecar, write_model_sidecar
 from nla_rl.templates import av_prompt_ids, depth_pct_for
@@ -109,17 +110,20 @@ class Exported:
 # ----------------------------------------------------------------------------- public API
 
 def av_from_checkpoint(step_dir, init_dir, out_dir, *, lora: LoraSettings | None = None,
-                       injection_scale: float | None = None,
+                       injection_scale: float | None = None, injection_centre=None,
                        dtype: torch.dtype | None = None) -> Exported:
     """Export the AV of checkpoint ``step_dir`` (rebuilt on ``init_dir``'s config) to ``out_dir``.
 
     ``lora``: the adapter settings when the checkpoint holds a LoRA-wrapped AV (merged on export).
     ``injection_scale``: the replace scale to record when ``init_dir``'s sidecar leaves it null
-    (training resolved it from the data). ``dtype``: default the init directory's.
+    (training resolved it from the data). ``injection_centre``: the file of the centre training
+    resolved from the data, when ``init_dir``'s sidecar names one. ``dtype``: default the init
+    directory's.
     """
     with atomic_dir(out_dir) as tmp:
         result = _export_av_checkpoint(Path(step_dir), Path(init_dir), tmp, lora=lora,
-                                       injection_scale=injection_scale, dtype=dtype)
+                                       injection_scale=injection_scale,
+                                       injection_centre=injection_centre, dtype=dtype)
     return dataclasses.replace(result, path=Path(out_dir))
 
 
@@ -131,23 +135,25 @@ def ar_from_checkpoint(step_dir, init_dir, out_dir, *, dtype: torch.dtype | None
 
 
 def pair_from_checkpoints(av_step, av_init, ar_step, ar_init, out_root, *,
-                          lora: LoraSettings | None = None, injection_scale: float | None = None
-                          ) -> tuple[Exported, Exported]:
+                          lora: LoraSettings | None = None, injection_scale: float | None = None,
+                          injection_centre=None) -> tuple[Exported, Exported]:
     """Both roles from checkpoints into ``out_root/{av,ar}``; nothing is committed unless both verify."""
     check_pair(read_model_sidecar(av_init), read_model_sidecar(ar_init))
     check_same_base(Path(av_init), Path(ar_init))
     out_root = Path(out_root)
     with atomic_dir(out_root / "av") as av_tmp, atomic_dir(out_root / "ar") as ar_tmp:
         av = _export_av_checkpoint(Path(av_step), Path(av_init), av_tmp, lora=lora,
-                                   injection_scale=injection_scale)
+                                   injection_scale=injection_scale,
+                                   injection_centre=injection_centre)
         ar = _export_ar_checkpoint(Path(ar_step), Path(ar_init), ar_tmp)
     return (dataclasses.replace(av, path=out_root / "av"), dataclasses.replace(ar, path=out_root / "ar"))
 
 
-def export_pair(av_src, ar_src, out_root, *, av_injection_scale: float | None = None
-                ) -> tuple[Exported, Exported]:
+def export_pair(av_src, ar_src, out_root, *, av_injection_scale: float | None = None,
+                av_injection_centre=None) -> tuple[Exported, Exported]:
     """Export two HF model directories (``*_sft/final``, ``rl/final/*``, ``init/*``) to
-    ``out_root/{av,ar}``; nothing is committed unless both verify."""
+    ``out_root/{av,ar}``; nothing is committed unless both verify. ``av_injection_centre``: the
+    centre file for an AV whose sidecar names one not beside it (an initial AV: the run's data)."""
     av_src, ar_src, out_root = Path(av_src), Path(ar_src), Path(out_root)
     av_meta, ar_meta = read_model_sidecar(av_src), read_model_sidecar(ar_src)
     _check_role(av_meta, "av", av_src)
@@ -155,7 +161,8 @@ def export_pair(av_src, ar_src, out_root, *, av_injection_scale: float | None = 
     check_pair(av_meta, ar_meta)
     check_same_base(av_src, ar_src)
     with atomic_dir(out_root / "av") as av_tmp, atomic_dir(out_root / "ar") as ar_tmp:
-        av = _export_av_dir(av_src, av_meta, av_tmp, injection_scale=av_injection_scale)
+        av = _export_av_dir(av_src, av_meta, av_tmp, injection_scale=av_injection_scale,
+                            injection_centre=av_injection_centre)
         ar = _export_ar_dir(ar_src, ar_meta, ar_tmp)
     return (dataclasses.replace(av, path=out_root / "av"), dataclasses.replace(ar, path=out_root / "ar"))
 
@@ -257,7 +264,7 @@ def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], s
 # ----------------------------------------------------------------------------- the AV
 
 def _export_av_checkpoint(step_dir: Path, init_dir: Path, out: Path, *, lora, injection_scale,
-                          dtype=None) -> Exported:
+                          injection_centre=None, dtype=None) -> Exported:
     from transformers import AutoModelForCausalLM
 
     state, manifest = read_checkpoint_state(step_dir)
@@ -285,23 +292,42 @@ def _export_av_checkpoint(step_dir: Path, init_dir: Path, out: Path, *, lora, in
                  _av_probe(model, tokenizer, sidecar), tolerance=MERGE_TOLERANCE)
     dtype = dtype or config_dtype(init_dir)
     return _write_verified_av(cast_parameters(model, dtype), tokenizer, sidecar, out, dtype,
+                              centre=_centre_of(sidecar, injection_centre, step_dir),
                               source=step_dir)
 
 
-def _export_av_dir(src: Path, meta: ModelSidecar, out: Path, *, injection_scale=None) -> Exported:
+def _export_av_dir(src: Path, meta: ModelSidecar, out: Path, *, injection_scale=None,
+                   injection_centre=None) -> Exported:
     _, tokenizer = _checked_source(src, "av")
     dtype = config_dtype(src)
     model = _load_av_strict(src, dtype)
-    return _write_verified_av(model, tokenizer, export_sidecar(meta, source=src,
-                                                               injection_scale=injection_scale),
-                              out, dtype, source=src)
+    sidecar = export_sidecar(meta, source=src, injection_scale=injection_scale)
+    centre_file = None
+    if meta.injection_centre is not None:
+        centre_file = src / meta.injection_centre
+        if not centre_file.is_file() and injection_centre is not None:
+            centre_file = Path(injection_centre)
+    return _write_verified_av(model, tokenizer, sidecar, out, dtype, source=src,
+                              centre=_centre_of(sidecar, centre_file, src))
+
+
+def _centre_of(sidecar: ModelSidecar, centre_file, source: Path) -> torch.Tensor | None:
+    """The injection centre an exported AV carries: the one its sidecar names, read (checked)
+    from ``centre_file``; refused when the sidecar names one and no file is given."""
+    if sidecar.injection_centre is None:
+        return None
+    if centre_file is None:
+        raise ExportError(f"{source}: the AV reads centred vectors (extraction.injection_centre) "
+                          "but no centre file was given; pass the run's data/"
+                          f"{CENTRE_FILE}")
+    return load_injection_centre(centre_file, sidecar.d_model)
 
 
 def _write_verified_av(model, tokenizer, sidecar: ModelSidecar, out: Path, dtype, *,
-                       source: Path) -> Exported:
+                       source: Path, centre: torch.Tensor | None = None) -> Exported:
     model.eval()
     reference = _av_probe(model, tokenizer, sidecar)
-    _write_av(model, tokenizer, sidecar, out)
+    _write_av(model, tokenizer, sidecar, out, centre=centre)
     reloaded, reloaded_tok = _load_av_strict(out, dtype), _tokenizer(out)
     written = read_model_sidecar(out)
     validate_model_sidecar(written, reloaded_tok, reloaded.config, role="av")
@@ -311,13 +337,17 @@ def _write_verified_av(model, tokenizer, sidecar: ModelSidecar, out: Path, dtype
     return Exported("av", out, source, step, str(dtype).removeprefix("torch."), diff)
 
 
-def _write_av(model, tokenizer, sidecar: ModelSidecar, out: Path) -> None:
-    """The AV layout: ``save_pretrained`` (safetensors) + tokenizer + sidecar, into ``out``."""
+def _write_av(model, tokenizer, sidecar: ModelSidecar, out: Path, *,
+              centre: torch.Tensor | None = None) -> None:
+    """The AV layout: ``save_pretrained`` (safetensors) + tokenizer + sidecar (+ the injection
+    centre its sidecar names), into ``out``."""
     with quiet_transformers():
         model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     make_portable(out)
     write_model_sidecar(out, sidecar)
+    if centre is not None:
+        save_injection_centre(centre, out / sidecar.injection_centre)
 
 
 def _load_av_strict(path: Path, dtype):

@@ -36,7 +36,8 @@ from nla_rl.ar_model import ActivationReconstructor, quiet_transformers
 from nla_rl.base_model import DTYPES, check_context, check_model_dir, load_causal_lm
 from nla_rl.compat import same_base_problem
 from nla_rl.errors import NLAError, mismatch
-from nla_rl.injection import DATA_SCALE_FACTOR, InjectionSpec, generate_with_injection
+from nla_rl.injection import (DATA_SCALE_FACTOR, InjectionSpec, generate_with_injection,
+                              load_injection_centre)
 from nla_rl.metrics import cosine, fve
 from nla_rl.reward_basis import RewardBasis, apply_basis, load_reward_basis
 from nla_rl.rewards import normalized_mse
@@ -164,7 +165,8 @@ class NLA:
     def __init__(self, av_model, av_tokenizer, av_meta: ModelSidecar, ar: ActivationReconstructor,
                  ar_tokenizer, ar_meta: ModelSidecar, *, injection_scale: float | None = None,
                  prefill: str = "", generate_fn: GenerateFn | None = None,
-                 reward_basis: RewardBasis | None = None):
+                 reward_basis: RewardBasis | None = None,
+                 injection_centre: torch.Tensor | None = None):
         check_pair(av_meta, ar_meta)
         self.reward_basis = reward_basis
         self.av_model, self.av_tokenizer, self.av_meta = av_model, av_tokenizer, av_meta
@@ -177,7 +179,8 @@ class NLA:
         scale = injection_scale if injection_scale is not None else av_meta.injection_scale
         self.injection = InjectionSpec(av_meta.injection_family,
                                        scale if av_meta.injection_family == "replace" else None,
-                                       av_meta.injection_add_layer, av_meta.injection_add_coeff)
+                                       av_meta.injection_add_layer, av_meta.injection_add_coeff,
+                                       centre=injection_centre)
         self._generate_fn = generate_fn
 
     @classmethod
@@ -219,12 +222,15 @@ class NLA:
         validate_model_sidecar(ar_meta, ar_tok, ar.config, role="ar")
         basis = None if ar_meta.reward_basis is None else load_reward_basis(
             ar_dir / ar_meta.reward_basis, d_model=ar_meta.d_model)
+        centre = None if av_meta.injection_centre is None else load_injection_centre(
+            av_dir / av_meta.injection_centre, av_meta.d_model)
         problem = same_base_problem(av_model.config, av_tok, ar.config, ar_tok)
         if problem:
             raise InferenceError(f"the AV and AR do not belong together: {problem}. Load the AV and "
                                  "AR of the same run (e.g. <run>/export/av and <run>/export/ar)")
         nla = cls(av_model.to(device).eval(), av_tok, av_meta, ar.to(device).eval(), ar_tok, ar_meta,
-                  injection_scale=injection_scale, prefill=prefill, reward_basis=basis)
+                  injection_scale=injection_scale, prefill=prefill, reward_basis=basis,
+                  injection_centre=centre)
         if engine != "hf":
             if nla.injection.family == "replace" and nla.injection.scale is None:
                 raise InferenceError(f"engine {engine!r} needs a fixed replace scale, and the AV's "
@@ -279,7 +285,7 @@ class NLA:
                 positions = find_marker_positions(ids, self.av_meta.marker, expected=n)
                 out, handle = generate_with_injection(
                     self.av_model, None, ids.to(device), mask.to(device), family=injection.family,
-                    vectors=vectors.to(device), positions=positions.to(device), scale=injection.scale,
+                    vectors=injection.av_input(vectors).to(device), positions=positions.to(device), scale=injection.scale,
                     layer=injection.layer, coeff=injection.coeff, **kwargs)
                 applied = handle.applied
         return tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True), applied

@@ -11,6 +11,10 @@ Two families; a checkpoint is only correct with the family it was trained with.
   (default 1), at the marker position, ``h' = h + c · ‖h‖ · v/‖v‖`` with ``h`` the full residual
   stream there (in HF the decoder block's output *is* the residual) and ``v`` the raw activation.
 
+Either family may read the vector centred (``injection.centre``, our extension): ``h/‖h‖ - μ`` in
+place of ``h``, μ the mean unit activation of the AV-SFT rows (:meth:`InjectionSpec.av_input`,
+which every injection site calls; the file :data:`CENTRE_FILE` beside the AV).
+
 Both apply only to the forward pass whose token chunk contains the marker column, i.e. the
 prompt pass: KV-cache decode steps start past the prompt and are never touched. The start of the
 chunk is read from the KV cache length (``past_key_values.get_seq_length()``) on the way into the
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -46,12 +50,55 @@ _LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.m
 # A replace scale left null ("choose from data") is this factor times the mean raw norm of the
 # AV-SFT rows (the releases' rule); datagen records it once in the data sidecars.
 DATA_SCALE_FACTOR = 1.1
+# The centre μ of a centred injection (injection.centre): written by datagen into the run's data
+# directory and beside every AV trained or exported with it (its sidecar names the file). Not a
+# .safetensors file: vLLM loads every *.safetensors in a model directory as weights.
+CENTRE_FILE = "injection_centre.npy"
 
 
 def scale_from_data(vectors: np.ndarray) -> float:
     """The replace scale chosen from data: ``1.1 × mean ‖h‖`` over the rows ``[n, d]`` (float32
     norms, as the SFT stage always computed it, so recorded and recomputed values agree)."""
     return DATA_SCALE_FACTOR * float(np.linalg.norm(vectors, axis=1).mean())
+
+
+def fit_injection_centre(vectors) -> torch.Tensor:
+    """μ = the mean of the unit-norm rows ``[n, d]`` (fp64 sum, fp32 result)."""
+    x = torch.as_tensor(np.asarray(vectors)).double()
+    if x.dim() != 2 or x.shape[0] < 1 or not bool(torch.isfinite(x).all()):
+        raise InjectionError(f"fitting the injection centre needs ≥ 1 finite activation row [n, d]; "
+                             f"found shape {list(x.shape)}")
+    return F.normalize(x, dim=1).mean(dim=0).float()
+
+
+def save_injection_centre(centre: torch.Tensor, path) -> None:
+    """Write μ atomically as a float32 ``.npy`` (read back without pickle)."""
+    from nla_rl.atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, centre.detach().cpu().float().numpy(), allow_pickle=False)
+
+
+def load_injection_centre(path, d_model: int | None = None) -> torch.Tensor:
+    """μ from a file written by :func:`save_injection_centre` (``allow_pickle=False``)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise InjectionError(f"{path}: the injection centre is missing. The AV reads centred vectors "
+                             "(its sidecar's extraction.injection_centre): keep the file beside it "
+                             "(nla-rl export copies it), or rerun datagen for a run's data")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise InjectionError(f"{path}: not an injection centre file (a float32 .npy): {e}") from None
+    centre = torch.from_numpy(np.asarray(array, np.float32))
+    if not bool(torch.isfinite(centre).all()):
+        raise InjectionError(f"{path}: the injection centre has non-finite entries; rerun datagen")
+    if centre.dim() != 1 or (d_model is not None and centre.shape[0] != d_model):
+        raise InjectionError(f"{path}: the injection centre has shape {list(centre.shape)}, the "
+                             f"model reads [{d_model}]; use the centre of this model's data")
+    return centre
 
 
 @dataclass(frozen=True)
@@ -64,6 +111,9 @@ class InjectionSpec:
     scale: float | None = None  # replace: the injected row's norm (None: not resolved yet)
     layer: int = 1  # add: the block whose output receives the vector
     coeff: float = 1.0  # add: c in h + c·‖h‖·v/‖v‖
+    # μ [d] of a centred injection (injection.centre; None: the vector as extracted, as in every
+    # published checkpoint): the AV reads h/‖h‖ - μ (see av_input).
+    centre: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -77,6 +127,21 @@ class InjectionSpec:
                     f"injection.scale: family 'replace' needs a finite scale > 0, found "
                     f"{self.scale!r}; set injection.scale in the recipe (null chooses 1.1 × the "
                     "mean activation norm, which is 0 only for all-zero activations)")
+        if self.centre is not None:
+            centre = torch.as_tensor(self.centre)
+            if centre.dim() != 1 or not bool(torch.isfinite(centre).all()):
+                raise InjectionError(f"injection centre: expected a finite vector [d], found shape "
+                                     f"{list(centre.shape)}; refit it (nla-rl datagen)")
+
+    def av_input(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The vectors as the AV reads them: ``h`` itself, or ``h/‖h‖ - μ`` (fp32) for a centred
+        injection. Every activation shares one large direction (toy world: each within cos 0.99
+        of the mean), so after ``n_s`` the differences the explanation is about are a few percent
+        of the injected row; centred, they are all of it (the AV-SFT shuffle gap doubles)."""
+        if self.centre is None:
+            return vectors
+        unit = F.normalize(torch.as_tensor(vectors).float(), dim=-1)
+        return unit - self.centre.to(unit.device, torch.float32)
 
     @property
     def resolved(self) -> bool:

@@ -154,7 +154,7 @@ def token_logprobs(model, batch: PolicyBatch, injection: InjectionSpec,
     """
     if temperature <= 0:
         raise NLAError(f"temperature: expected > 0 for policy log-probs, found {temperature}")
-    with inject(model, family=injection.family, vectors=batch.vectors,
+    with inject(model, family=injection.family, vectors=injection.av_input(batch.vectors),
                 positions=batch.marker_positions, scale=injection.scale, layer=injection.layer,
                 coeff=injection.coeff):
         values = next_token_logprobs(model, batch.input_ids, batch.attention_mask,

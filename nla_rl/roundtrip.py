@@ -53,7 +53,7 @@ def explain(av_model, tokenizer, vectors: torch.Tensor, *, marker: MarkerTokens,
     prompt = av_prompt_ids(tokenizer, template, marker.char, depth_pct=depth_pct, prefill=prefill)
     ids, mask = left_pad([prompt] * len(vectors), tokenizer.pad_token_id)
     positions = find_marker_positions(ids, marker, expected=len(vectors))
-    with torch.no_grad(), inject(av_model, family=injection.family, vectors=vectors, positions=positions,
+    with torch.no_grad(), inject(av_model, family=injection.family, vectors=injection.av_input(vectors), positions=positions,
                                  scale=injection.scale, layer=injection.layer,
                                  coeff=injection.coeff) as handle:
         out = av_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,

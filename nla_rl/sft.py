@@ -294,7 +294,7 @@ def av_sft_loss(model, batch: AVBatch, injection: InjectionSpec, *,
     count = int(targets.sum())
     if count == 0:
         raise SFTError("the batch has no target tokens (all labels are -100)")
-    with inject(model, family=injection.family, vectors=batch.vectors,
+    with inject(model, family=injection.family, vectors=injection.av_input(batch.vectors),
                 positions=batch.injection_positions(), scale=injection.scale,
                 layer=injection.layer, coeff=injection.coeff):
         if lean and lean_head(model) is not None:

@@ -106,6 +106,9 @@ class ModelSidecar:
     # Our extension, AR only: the file (beside the checkpoint) of the basis its MSE is measured in
     # (nla_rl.reward_basis); None = the raw basis, as in every published checkpoint.
     reward_basis: str | None = None
+    # Our extension, AV only: the file (beside the checkpoint) of the centre μ its input vectors
+    # are centred on (injection.centre); None = the vector as extracted, as in every release.
+    injection_centre: str | None = None
     notes: tuple[str, ...] = field(default=(), compare=False)
     derived: frozenset = field(default=frozenset(), compare=False)
 
@@ -121,10 +124,11 @@ class ModelSidecar:
             value = getattr(self, name)
             object.__setattr__(self, name, None if value is None else float(value))
         object.__setattr__(self, "injection_add_coeff", float(self.injection_add_coeff))
-        if self.reward_basis is not None and (not isinstance(self.reward_basis, str) or
-                                              Path(self.reward_basis).name != self.reward_basis):
-            raise SidecarError(mismatch("extraction.reward_basis", "a file name beside the "
-                                        "checkpoint (no directories)", self.reward_basis))
+        for name in ("reward_basis", "injection_centre"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or Path(value).name != value):
+                raise SidecarError(mismatch(f"extraction.{name}", "a file name beside the "
+                                            "checkpoint (no directories)", value))
         object.__setattr__(self, "trained_on", tuple(self.trained_on))
         object.__setattr__(self, "parent_checkpoints", tuple(self.parent_checkpoints))
         object.__setattr__(self, "training", dict(self.training or {}))
@@ -492,6 +496,7 @@ class _ModelReader:
             injection_add_layer=doc.integer(ex + "injection_layer", 1),
             injection_add_coeff=doc.number(ex + "injection_coeff", 1.0),
             reward_basis=doc.string(ex + "reward_basis", None),
+            injection_centre=doc.string(ex + "injection_centre", None),
             notes=tuple(self.notes), derived=frozenset(self.derived),
         )
 
@@ -617,6 +622,8 @@ def model_sidecar_dict(sc: ModelSidecar) -> dict:
                           injection_layer=sc.injection_add_layer, injection_coeff=sc.injection_add_coeff)
     if sc.reward_basis is not None:
         extraction["reward_basis"] = sc.reward_basis
+    if sc.injection_centre is not None:
+        extraction["injection_centre"] = sc.injection_centre
     out = {
         "kind": MODEL_KIND, "schema_version": MODEL_SCHEMA, "role": sc.role, "stage": sc.stage,
         "base_checkpoint": sc.base_checkpoint, "d_model": sc.d_model, "extraction": extraction,

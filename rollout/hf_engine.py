@@ -87,7 +87,7 @@ class HFEngine(RolloutEngine):
         ids, mask = left_pad([list(r.prompt_ids) for r in requests], self.pad_id)
         shift = ids.shape[1] - torch.tensor([len(r.prompt_ids) for r in requests])
         positions = torch.stack([torch.arange(len(requests)), torch.tensor(cols) + shift], dim=1)
-        vectors = torch.stack([r.vector for r in requests])
+        vectors = self.injection.av_input(torch.stack([r.vector for r in requests]))
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n,
                       output_scores=True, return_dict_in_generate=True, pad_token_id=self.pad_id,
                       eos_token_id=sorted(self.eos_ids))
@@ -128,7 +128,8 @@ class HFEngine(RolloutEngine):
         cols = check_requests(requests, self.marker, self.d_model)
         return teacher_forced_logprobs(
             self.model, [r.prompt_ids for r in requests], completions,
-            torch.stack([r.vector for r in requests]), cols, self.injection, pad_id=self.pad_id)
+            self.injection.av_input(torch.stack([r.vector for r in requests])), cols, self.injection,
+            pad_id=self.pad_id)
 
     # -- weights
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -123,7 +123,7 @@ class VLLMEngine(RolloutEngine):
         ids = list(full_ids if full_ids is not None else request.prompt_ids)
         if self.injection.family == "add":
             return {"prompt_token_ids": ids}
-        embeds = build_prompt_embeds(self._embedding, ids, request.vector, col,
+        embeds = build_prompt_embeds(self._embedding, ids, self.injection.av_input(request.vector), col,
                                      scale=self.injection.scale, multiplier=self._multiplier)
         if full_ids is None:
             return {"prompt_embeds": embeds}
@@ -136,7 +136,7 @@ class VLLMEngine(RolloutEngine):
 
         extra = None
         if self.injection.family == "add":
-            extra = {EXTRA_KEY: {"tag": tag, "position": col, "vector": request.vector.tolist()}}
+            extra = {EXTRA_KEY: {"tag": tag, "position": col, "vector": self.injection.av_input(request.vector).tolist()}}
         return SamplingParams(extra_args=extra, **kwargs)
 
     def _run(self, prompts: list, params: list):

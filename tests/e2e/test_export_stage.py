@@ -18,6 +18,8 @@ from nla_rl.ar_model import ActivationReconstructor
 from nla_rl.checkpoint import CheckpointManager
 from nla_rl.config import load_recipe
 from nla_rl.export import ExportError
+from nla_rl.injection import (CENTRE_FILE, fit_injection_centre, load_injection_centre,
+                              save_injection_centre)
 from nla_rl.sidecar import read_model_sidecar, write_model_sidecar
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +30,12 @@ SCALE = 2.5  # the replace scale "training" resolved (the recipe leaves it null)
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("export-stage") / "run"
-    return run(TINY, ["run.stages=[prepare]", "model.base=tiny:qwen2", f"run.dir={directory}"])
+    run_dir = run(TINY, ["run.stages=[prepare]", "model.base=tiny:qwen2", f"run.dir={directory}"])
+    if read_model_sidecar(run_dir / "init" / "av").injection_centre:  # what datagen would write
+        rows = torch.randn(32, read_model_sidecar(run_dir / "init" / "av").d_model,
+                           generator=torch.Generator().manual_seed(0)) + 3.0
+        save_injection_centre(fit_injection_centre(rows), run_dir / "data" / CENTRE_FILE)
+    return run_dir
 
 
 @pytest.fixture
@@ -42,6 +49,8 @@ def _fake_final(run_dir: Path, role: str, target: Path, stage: str) -> Path:
     """A trained model directory: the init one restamped (the stage's sidecar, resolved scale)."""
     shutil.copytree(run_dir / "init" / role, target)
     meta = read_model_sidecar(target)
+    if meta.injection_centre:  # a trained AV carries the centre it trained with
+        shutil.copyfile(run_dir / "data" / CENTRE_FILE, target / meta.injection_centre)
     write_model_sidecar(target, dataclasses.replace(
         meta, stage=stage, injection_scale=SCALE if role == "av" else None))
     return target
@@ -102,6 +111,10 @@ def test_checkpoints_latest_or_chosen_step(run_dir, capsys):
     meta = read_model_sidecar(run_dir / "export" / "av")
     assert meta.stage == "export" and meta.training["export"]["source"] == str(steps["av"][1])
     assert meta.injection_scale == SCALE  # the scale RL trained with, from its start model
+    if meta.injection_centre:  # and the centre it read its vectors with, from the run's data
+        torch.testing.assert_close(
+            load_injection_centre(run_dir / "export" / "av" / meta.injection_centre),
+            load_injection_centre(run_dir / "data" / CENTRE_FILE))
 
     av, ar = export_run(run_dir, source="checkpoint", step=2)
     assert (av.step, ar.step) == (2, 2)

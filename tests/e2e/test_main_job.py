@@ -11,6 +11,7 @@ import yaml
 
 from launch.train import main
 from nla_rl.config import load_recipe
+from nla_rl.injection import CENTRE_FILE
 from nla_rl.sidecar import read_model_sidecar
 from tests.e2e.conftest import FAST, SECRET, TINY
 
@@ -30,6 +31,13 @@ def test_run_writes_the_run_directory(tiny_run):
                 "export/ar/value_head.safetensors", "eval/report.md", "eval/report.json",
                 "eval/prefix_curve.png"):
         assert (tiny_run / rel).is_file(), rel
+    # the recipe centres the AV's input: the centre datagen fitted travels with every trained AV
+    centre = (tiny_run / "data" / CENTRE_FILE).read_bytes()
+    for av in ("av_sft/final", "rl/final/av", "export/av"):
+        assert read_model_sidecar(tiny_run / av).injection_centre == CENTRE_FILE, av
+        assert (tiny_run / av / CENTRE_FILE).read_bytes() == centre, av
+    report = json.loads((tiny_run / "eval" / "report.json").read_text())
+    assert report["settings"]["injection_centred"] is True
     assert not list(tiny_run.rglob("*.tmp*")), "a temp file or dir was left behind"
 
 

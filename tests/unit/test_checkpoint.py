@@ -42,11 +42,15 @@ def test_fingerprint_ignores_stages_and_steps_but_not_the_model():
                                                 "av_sft.lr": 0.1, "rl.steps": 3}), "av")
     for key, value in (("model.layer_index", 1), ("model.base", "tiny:llama"),
                        ("injection.family", "add"), ("templates.av_prefill", "<explanation>"),
-                       ("learner.lora_rank", 8), ("learner.backend", "deepspeed")):
+                       ("learner.lora_rank", 8), ("learner.backend", "deepspeed"),
+                       ("injection.centre", not recipe().injection.centre)):
         assert recipe_fingerprint(recipe(**{key: value}), "av") != base, key
     assert recipe_fingerprint(recipe(), "ar") != base
     fields = fingerprint_fields(recipe(), "av")
     assert fields["model.base"] == "tiny:qwen2" and "run.stages" not in fields
+    # a recipe that does not centre has the fingerprint it had before injection.centre existed
+    plain = fingerprint_fields(recipe(**{"injection.centre": False}), "av")
+    assert "injection.centre" not in plain
 
 
 # ----------------------------------------------------------------------------- save

@@ -235,8 +235,8 @@ def test_a_dropped_tensor_is_caught_and_nothing_is_left(run_dir, tmp_path, monke
     (out / "av" / "previous.txt").write_text("the last good export")
     real_write = export._write_av
 
-    def drop_one(model, tokenizer, sidecar, directory):
-        real_write(model, tokenizer, sidecar, directory)
+    def drop_one(model, tokenizer, sidecar, directory, **kwargs):
+        real_write(model, tokenizer, sidecar, directory, **kwargs)
         weights = load_file(str(directory / "model.safetensors"))
         del weights["model.layers.0.mlp.up_proj.weight"]
         save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
@@ -252,10 +252,10 @@ def test_a_sidecar_with_another_injection_fails_verification(run_dir, tmp_path, 
     """The reloaded AV is probed with the *written* sidecar's injection, so a wrong one is caught."""
     real_write = export._write_av
 
-    def other_injection(model, tokenizer, sidecar, directory):
+    def other_injection(model, tokenizer, sidecar, directory, **kwargs):
         wrong = (dataclasses.replace(sidecar, injection_add_layer=0) if sidecar.injection_family == "add"
                  else dataclasses.replace(sidecar, injection_scale=2 * sidecar.injection_scale))
-        real_write(model, tokenizer, wrong, directory)
+        real_write(model, tokenizer, wrong, directory, **kwargs)
 
     monkeypatch.setattr(export, "_write_av", other_injection)
     with pytest.raises(ExportError, match="verification failed: the exported AV's logits"):

@@ -40,9 +40,9 @@ def _data_dir(tmp_path: Path, scale_of_rows: float = 1.0) -> Path:
     return data
 
 
-def _av_meta(scale=None, family="replace") -> ModelSidecar:
+def _av_meta(scale=None, family="replace", centre=None) -> ModelSidecar:
     return SimpleNamespace(injection_family=family, injection_scale=scale, injection_add_layer=1,
-                           injection_add_coeff=1.0)
+                           injection_add_coeff=1.0, injection_centre=centre, d_model=D)
 
 
 def test_the_scale_is_chosen_from_the_labelled_av_sft_rows(tmp_path):
@@ -77,20 +77,20 @@ def test_an_old_run_without_the_record_gets_the_sft_stages_number(tmp_path):
 
 def test_datagen_records_the_scale(tmp_path):
     data = _data_dir(tmp_path)
-    cfg = SimpleNamespace(injection=SimpleNamespace(family="replace", scale=None))
+    cfg = SimpleNamespace(injection=SimpleNamespace(family="replace", scale=None, centre=False))
     scale = _record_injection_scale(cfg, data)
     assert scale == choose_data_scale(data)[0] and data_scale(data) == scale
 
 
 def test_a_replace_recipe_resolving_to_scale_0_is_refused_at_datagen(tmp_path):
     data = _data_dir(tmp_path, scale_of_rows=0.0)
-    cfg = SimpleNamespace(injection=SimpleNamespace(family="replace", scale=None))
+    cfg = SimpleNamespace(injection=SimpleNamespace(family="replace", scale=None, centre=False))
     with pytest.raises(InjectionError, match=r"injection\.scale: family 'replace' needs a finite "
                                              r"scale > 0, found 0\.0"):
         _record_injection_scale(cfg, data)
     # an add recipe never uses it; a recipe with its own scale neither
-    for injection in (SimpleNamespace(family="add", scale=None),
-                      SimpleNamespace(family="replace", scale=5.0)):
+    for injection in (SimpleNamespace(family="add", scale=None, centre=False),
+                      SimpleNamespace(family="replace", scale=5.0, centre=False)):
         assert _record_injection_scale(SimpleNamespace(injection=injection), data) == 0.0
 
 
