@@ -1,6 +1,6 @@
 """P11: why a toy-world run's reward does (not) follow the truth, from a finished run directory.
 
-Three measurements, no training:
+Four measurements, no training:
 
 * **AR ceiling.** Ridge FVE from the attributes an explanation names → the activation
   (L2-normalised, trained on ``ar_sft``, scored on ``eval``): from the teacher's explanations (what
@@ -11,6 +11,8 @@ Three measurements, no training:
   dropped: P(r(true) > r(variant)) and the mean difference over the reward's spread across rows,
   in each reward basis (raw, centre, standardize, whiten at several ε). GRPO ranks within a group, so
   the probability is what the policy gradient sees.
+* **The break-even precision**: the confidence above which naming a value raises the reward
+  (right: the reward of the truth; wrong: one value changed; left out: that attribute dropped).
 * **Top-1 among hard negatives, raw vs centred cosine**, for the exported pair's greedy
   explanations: raw cosine is dominated by the shared mean direction (hub negatives win).
 
@@ -132,6 +134,36 @@ def reward_preference(run: Path) -> dict:
     return out
 
 
+def break_even_precision(run: Path) -> dict:
+    """The precision above which naming a value pays under the reward, per basis: for one
+    attribute of each full true explanation (rows with ≥ 2), the reward with it right
+    (``r_true``), wrong (``r_wrong``) and left out (``r_omit``). Naming it is worth
+    ``p·r_true + (1-p)·r_wrong`` against ``r_omit``, so it pays when
+    ``p > p* = E[r_omit - r_wrong] / E[r_true - r_wrong]``. GRPO pushes the AV's stated values
+    towards that confidence, not above it."""
+    test, rl = _split(run, "eval"), _split(run, "rl")
+    rng = random.Random(1)
+    rows = [i for i, a in enumerate(test["attributes"][:ROWS]) if len(a) > 1]
+    texts = {"true": [], "wrong": [], "omit": []}
+    for i in rows:
+        attrs = list(test["attributes"][i])
+        k = rng.randrange(len(attrs))
+        slot, value = attrs[k].split("=")
+        wrong = list(attrs)
+        wrong[k] = f"{slot}={rng.choice([v for v in SLOTS[slot] if v != value])}"
+        for name, a in (("true", attrs), ("wrong", wrong), ("omit", attrs[:k] + attrs[k + 1:])):
+            texts[name].append(full_explanation(a, random.Random(i)))
+    gold = torch.tensor(np.array(test["activation_vector"]), dtype=torch.float32)[rows]
+    nla = NLA.from_pretrained(run / "av_sft" / "final", run / "ar_sft" / "final")
+    preds = {k: nla.reconstruct(v) for k, v in texts.items()}
+    train = torch.tensor(np.array(rl["activation_vector"]), dtype=torch.float32)
+    out = {}
+    for name, basis in (("raw", None), ("centre", fit_reward_basis(train, "centre"))):
+        r = {k: _reward(v, gold, basis) for k, v in preds.items()}
+        out[name] = float((r["omit"] - r["wrong"]).mean() / (r["true"] - r["wrong"]).mean())
+    return out
+
+
 def _top1(pred, gold, negatives) -> float:
     pred, gold = (torch.nn.functional.normalize(v, dim=1) for v in (pred, gold))
     positive = (pred * gold).sum(1)
@@ -161,6 +193,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     result = {"ar_ceiling": ar_ceiling(args.run), "reward_preference": reward_preference(args.run),
+              "break_even_precision": break_even_precision(args.run),
               "top1": top1_raw_vs_centred(args.run)}
     print(json.dumps(result, indent=1))
 

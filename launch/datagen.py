@@ -22,8 +22,9 @@ from nla_rl.data.build import (activation_norm_stats, label_with_teacher, label_
 from nla_rl.data.corpus import read_corpus
 from nla_rl.data.store import read_activations
 from nla_rl.errors import ConfigError
-from nla_rl.injection import InjectionSpec
-from nla_rl.sidecar import DatasetSidecar, make_token_meta, write_dataset_sidecar
+from nla_rl.injection import InjectionSpec, load_injection_centre, save_injection_centre
+from nla_rl.sidecar import (MODEL_SIDECAR_NAME, DatasetSidecar, make_token_meta, read_model_sidecar,
+                            write_dataset_sidecar)
 from nla_rl.templates import depth_pct_for
 
 TOYWORLD_DEFAULT_DOCS = 2000
@@ -68,6 +69,7 @@ def datagen(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
     write_dataset_sidecar(base_path, sidecar)
     counts = write_splits(table, data_dir, cfg.data.splits.__dict__, cfg.run.seed, sidecar)
     scale = _record_injection_scale(cfg, data_dir)
+    _write_injection_centre(cfg, run_dir)
     if counts.get("rl", 0) > 1:
         params = mine_rl_negatives(data_dir, top_k=min(cfg.negatives.top_k, counts["rl"] - 1),
                                    exclude_same_doc=cfg.negatives.exclude_same_doc,
@@ -88,9 +90,22 @@ def _record_injection_scale(cfg: RecipeConfig, data_dir: Path) -> float:
     if cfg.injection.family == "replace" and cfg.injection.scale is None:
         InjectionSpec("replace", scale)  # raises, naming injection.scale, when not finite and > 0
     record_data_scale(data_dir, scale, rows)
-    if cfg.injection.centre:
-        write_data_centre(data_dir)
     return scale
+
+
+def _write_injection_centre(cfg: RecipeConfig, run_dir: Path) -> None:
+    """``injection.centre``: fit μ on the AV-SFT rows into the run's data, where every stage
+    reads it, and put it beside the initial AV whose sidecar names it, so that AV loads on its
+    own (``nla-rl explain``/``eval`` on ``init/av``) as every trained one does."""
+    if not cfg.injection.centre:
+        return
+    run = RunPaths(run_dir)
+    path = write_data_centre(run.data)
+    init_av = run.init("av")
+    if (init_av / MODEL_SIDECAR_NAME).is_file():
+        name = read_model_sidecar(init_av).injection_centre
+        if name:
+            save_injection_centre(load_injection_centre(path), init_av / name)
 
 
 def _depth_pct(cfg: RecipeConfig, base_dir: Path) -> int | None:

@@ -33,7 +33,7 @@ def test_run_writes_the_run_directory(tiny_run):
         assert (tiny_run / rel).is_file(), rel
     # the recipe centres the AV's input: the centre datagen fitted travels with every trained AV
     centre = (tiny_run / "data" / CENTRE_FILE).read_bytes()
-    for av in ("av_sft/final", "rl/final/av", "export/av"):
+    for av in ("init/av", "av_sft/final", "rl/final/av", "export/av"):
         assert read_model_sidecar(tiny_run / av).injection_centre == CENTRE_FILE, av
         assert (tiny_run / av / CENTRE_FILE).read_bytes() == centre, av
     report = json.loads((tiny_run / "eval" / "report.json").read_text())

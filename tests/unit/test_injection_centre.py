@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import nla_rl.export as export
 from launch.common import injection_of, write_data_centre
-from launch.datagen import _record_injection_scale
+from launch.datagen import _write_injection_centre
 from nla_rl.errors import InjectionError, SidecarError
 from nla_rl.inference import NLA
 from nla_rl.injection import (CENTRE_FILE, InjectionSpec, fit_injection_centre, load_injection_centre,
@@ -55,11 +55,9 @@ def test_the_centred_av_input_is_what_differs_between_activations():
 
 def test_datagen_writes_the_centre_and_every_stage_reads_it(tmp_path):
     data = _data_dir(tmp_path)
-    off = SimpleNamespace(injection=SimpleNamespace(family="replace", scale=None, centre=False))
-    _record_injection_scale(off, data)
+    _write_injection_centre(SimpleNamespace(injection=SimpleNamespace(centre=False)), data.parent)
     assert not (data / CENTRE_FILE).exists()  # a recipe that does not centre gets no file
-    _record_injection_scale(SimpleNamespace(injection=SimpleNamespace(family="replace", scale=None,
-                                                                      centre=True)), data)
+    _write_injection_centre(SimpleNamespace(injection=SimpleNamespace(centre=True)), data.parent)
     path = data / CENTRE_FILE
     assert path.is_file() and write_data_centre(data) == path
     from nla_rl.data.store import read_activations
