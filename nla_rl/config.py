@@ -161,7 +161,7 @@ class InjectionConfig(ConfigSection):
     centre: bool = param(False, "The AV reads h/|h| - mu instead of h (mu: the mean unit activation "
                          "of the AV-SFT rows, fitted at datagen): every activation shares one large "
                          "direction, which otherwise fills most of the injected row. Stored as "
-                         "injection_centre.safetensors beside the AV (sidecar extraction."
+                         "injection_centre.npy beside the AV (sidecar extraction."
                          "injection_centre; the published readers ignore it, so such an AV needs "
                          "nla-rl's loader).")
     marker: str | None = param(None, "Marker character; null = the first single-token character "
