@@ -162,17 +162,23 @@ def load_split(path: Path, *, init: ModelSidecar, stage: str) -> Split:
 
 # ------------------------------------------------------------------------------ the injection
 
-def choose_data_scale(data_dir: Path) -> tuple[float, str]:
-    """The replace scale chosen from data and the rows it was chosen from: ``1.1 × mean ‖h‖``
-    over the AV-SFT rows with an explanation (the rows AV-SFT trains on), or over every row when
-    there are none."""
+def _av_data_rows(data_dir: Path) -> tuple[np.ndarray, str]:
+    """The rows the AV's input statistics are chosen from, and their name: the AV-SFT rows with
+    an explanation (the rows AV-SFT trains on), or every row when there are none."""
     from nla_rl.data.store import read_activations
 
     path = Path(data_dir) / f"{DATA_SCALE_SPLIT}.parquet"
     rows = labelled(path).vectors if path.is_file() else np.empty((0, 0), np.float32)
     if len(rows):
-        return scale_from_data(rows), f"{DATA_SCALE_SPLIT}.parquet rows with an explanation"
-    return scale_from_data(read_activations(Path(data_dir) / "base.parquet")), "base.parquet"
+        return rows, f"{DATA_SCALE_SPLIT}.parquet rows with an explanation"
+    return read_activations(Path(data_dir) / "base.parquet"), "base.parquet"
+
+
+def choose_data_scale(data_dir: Path) -> tuple[float, str]:
+    """The replace scale chosen from data (``1.1 × mean ‖h‖`` over :func:`_av_data_rows`) and
+    the rows it was chosen from."""
+    rows, name = _av_data_rows(data_dir)
+    return scale_from_data(rows), name
 
 
 def record_data_scale(data_dir: Path, scale: float, rows: str) -> None:
@@ -189,16 +195,10 @@ def record_data_scale(data_dir: Path, scale: float, rows: str) -> None:
 
 
 def write_data_centre(data_dir: Path) -> Path:
-    """Fit the injection centre μ on the rows the scale is chosen from (the AV-SFT rows with an
-    explanation) and write it into ``data_dir`` (datagen, ``injection.centre: true``)."""
-    from nla_rl.data.store import read_activations
-
-    path = Path(data_dir) / f"{DATA_SCALE_SPLIT}.parquet"
-    rows = labelled(path).vectors if path.is_file() else np.empty((0, 0), np.float32)
-    if not len(rows):
-        rows = read_activations(Path(data_dir) / "base.parquet")
+    """Fit the injection centre μ on the rows the scale is chosen from (:func:`_av_data_rows`)
+    and write it into ``data_dir`` (datagen, ``injection.centre: true``)."""
     out = Path(data_dir) / CENTRE_FILE
-    save_injection_centre(fit_injection_centre(rows), out)
+    save_injection_centre(fit_injection_centre(_av_data_rows(data_dir)[0]), out)
     return out
 
 
