@@ -194,11 +194,12 @@ def record_data_scale(data_dir: Path, scale: float, rows: str) -> None:
             meta, extras={**meta.extras, DATA_SCALE_KEY: entry}))
 
 
-def write_data_centre(data_dir: Path) -> Path:
-    """Fit the injection centre μ on the rows the scale is chosen from (:func:`_av_data_rows`)
-    and write it into ``data_dir`` (datagen, ``injection.centre: true``)."""
+def write_data_centre(data_dir: Path, whiten: float | None = None) -> Path:
+    """Fit the injection centre μ (and, with ``whiten`` = λ, the whitening W) on the rows the
+    scale is chosen from (:func:`_av_data_rows`) and write it into ``data_dir`` (datagen,
+    ``injection.centre: true``)."""
     out = Path(data_dir) / CENTRE_FILE
-    save_injection_centre(fit_injection_centre(_av_data_rows(data_dir)[0]), out)
+    save_injection_centre(fit_injection_centre(_av_data_rows(data_dir)[0], whiten), out)
     return out
 
 

@@ -94,13 +94,14 @@ def _record_injection_scale(cfg: RecipeConfig, data_dir: Path) -> float:
 
 
 def _write_injection_centre(cfg: RecipeConfig, run_dir: Path) -> None:
-    """``injection.centre``: fit μ on the AV-SFT rows into the run's data, where every stage
-    reads it, and put it beside the initial AV whose sidecar names it, so that AV loads on its
-    own (``nla-rl explain``/``eval`` on ``init/av``) as every trained one does."""
+    """``injection.centre``: fit μ (and W, ``injection.whiten``) on the AV-SFT rows into the run's
+    data, where every stage reads it, and put it beside the initial AV whose sidecar names it, so
+    that AV loads on its own (``nla-rl explain``/``eval`` on ``init/av``) as every trained one
+    does."""
     if not cfg.injection.centre:
         return
     run = RunPaths(run_dir)
-    path = write_data_centre(run.data)
+    path = write_data_centre(run.data, cfg.injection.whiten)
     init_av = run.init("av")
     if (init_av / MODEL_SIDECAR_NAME).is_file():
         name = read_model_sidecar(init_av).injection_centre

@@ -79,9 +79,10 @@ def fingerprint_fields(cfg, role: str) -> dict:
         "learner.backend": learner.backend,
         "learner.lora_rank": learner.lora_rank,
     }
-    # injection.centre only when on: checkpoints written before the key existed still resume
+    # injection.centre / whiten only when on: checkpoints written before the keys existed still
+    # resume
     fields.update({f"injection.{k}": v for k, v in recipe_to_dict(cfg.injection).items()
-                   if k != "centre" or v})
+                   if (k != "centre" or v) and (k != "whiten" or v is not None)})
     fields.update({f"templates.{k}": v for k, v in recipe_to_dict(cfg.templates).items()})
     if learner.backend == "deepspeed":  # ZeRO shards are tied to the stage and the world size
         fields["learner.zero_stage"] = learner.zero_stage

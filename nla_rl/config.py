@@ -164,6 +164,12 @@ class InjectionConfig(ConfigSection):
                          "injection_centre.npy beside the AV (sidecar extraction."
                          "injection_centre; the published readers ignore it, so such an AV needs "
                          "nla-rl's loader).")
+    whiten: float | None = param(
+        None, "With centre: the AV reads (h/|h| - mu) W, W = (Sigma + lambda*tr(Sigma)/d*I)^(-1/2) "
+        "fitted at datagen on the same rows (this value is lambda, relative to the mean variance; "
+        "null = centred only). Every direction the activations differ in reaches the AV with unit "
+        "variance, not only the few that hold most of it. Stored in injection_centre.npy as "
+        "[mu; W] ([d+1, d] float32: 268 MB at d = 8192; fitting it is one d x d eigh).", ge=0)
     marker: str | None = param(None, "Marker character; null = the first single-token character "
                                "in U+3200-U+33FF.")
 
@@ -171,6 +177,9 @@ class InjectionConfig(ConfigSection):
         _require(self.family == "replace" or self.scale is None, "scale",
                  f"must be null for family 'add' (it is norm-matched), found {self.scale!r}")
         _require(self.marker != "", "marker", "must be null or non-empty")
+        _require(self.whiten is None or self.centre, "whiten",
+                 f"whitens the centred input, so it needs injection.centre: true (found whiten="
+                 f"{self.whiten!r} with centre: false); set centre: true or whiten: null")
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,11 @@ Two families; a checkpoint is only correct with the family it was trained with.
   stream there (in HF the decoder block's output *is* the residual) and ``v`` the raw activation.
 
 Either family may read the vector centred (``injection.centre``, our extension): ``h/‖h‖ - μ`` in
-place of ``h``, μ the mean unit activation of the AV-SFT rows (:meth:`InjectionSpec.av_input`,
-which every injection site calls; the file :data:`CENTRE_FILE` beside the AV).
+place of ``h``, μ the mean unit activation of the AV-SFT rows, and optionally whitened as well
+(``injection.whiten: λ``): ``(h/‖h‖ - μ) W`` with ``W = (Σ + λ·tr(Σ)/d·I)^(-1/2)``, Σ the
+covariance of those unit rows (:meth:`InjectionSpec.av_input`, which every injection site calls;
+the file :data:`CENTRE_FILE` beside the AV holds μ ``[d]``, or ``[μ; W]`` ``[d+1, d]`` when
+whitened).
 
 Both apply only to the forward pass whose token chunk contains the marker column, i.e. the
 prompt pass: KV-cache decode steps start past the prompt and are never touched. The start of the
@@ -62,13 +65,49 @@ def scale_from_data(vectors: np.ndarray) -> float:
     return DATA_SCALE_FACTOR * float(np.linalg.norm(vectors, axis=1).mean())
 
 
-def fit_injection_centre(vectors) -> torch.Tensor:
-    """μ = the mean of the unit-norm rows ``[n, d]`` (fp64 sum, fp32 result)."""
+def fit_injection_centre(vectors, whiten: float | None = None) -> torch.Tensor:
+    """The AV's input map fitted on the rows ``[n, d]`` (fp64, fp32 result).
+
+    ``whiten=None``: μ ``[d]``, the mean of the unit-norm rows ``u``. ``whiten=λ ≥ 0``: ``[μ; W]``
+    ``[d+1, d]`` with ``W = (Σ + λ·tr(Σ)/d·I)^(-1/2)`` (symmetric, ZCA), Σ the covariance of ``u``:
+    every direction in which the activations differ reaches the AV with unit variance, not only
+    the few that hold most of it (toy world: 54% of the centred variance is one slot-presence
+    direction, the values share about 20%). λ is relative to the mean variance, so it means the
+    same at every width; it caps the gain of directions with almost no variance.
+    """
     x = torch.as_tensor(np.asarray(vectors)).double()
     if x.dim() != 2 or x.shape[0] < 1 or not bool(torch.isfinite(x).all()):
         raise InjectionError(f"fitting the injection centre needs ≥ 1 finite activation row [n, d]; "
                              f"found shape {list(x.shape)}")
-    return F.normalize(x, dim=1).mean(dim=0).float()
+    unit = F.normalize(x, dim=1)
+    centre = unit.mean(dim=0)
+    if whiten is None:
+        return centre.float()
+    if not math.isfinite(float(whiten)) or whiten < 0:
+        raise InjectionError(f"injection.whiten: expected λ ≥ 0 (or null), found {whiten!r}")
+    if x.shape[0] < 2:
+        raise InjectionError("whitening the injection needs ≥ 2 activation rows to fit a covariance")
+    diffs = unit - centre
+    cov = diffs.T @ diffs / (x.shape[0] - 1)
+    d = cov.shape[0]
+    ridge = float(whiten) * float(torch.trace(cov)) / d
+    eigvals, eigvecs = torch.linalg.eigh(cov + ridge * torch.eye(d, dtype=cov.dtype))
+    floor = 1e-12 * max(float(eigvals.max()), 1e-30)  # λ = 0 on rank-deficient data: no inf
+    w = eigvecs @ torch.diag(eigvals.clamp_min(floor).rsqrt()) @ eigvecs.T
+    return torch.cat([centre[None], w]).float()
+
+
+def _input_map_problem(centre: torch.Tensor, d_model: int | None) -> str | None:
+    """Why ``centre`` is not a valid input map (μ ``[d]`` or ``[μ; W]`` ``[d+1, d]``), or None."""
+    d = centre.shape[-1] if centre.dim() else None
+    shape_ok = centre.dim() == 1 or (centre.dim() == 2 and centre.shape[0] == centre.shape[1] + 1)
+    if not shape_ok or (d_model is not None and d != d_model):
+        want = "[d]" if d_model is None else f"[{d_model}] or [{d_model + 1}, {d_model}]"
+        return (f"has shape {list(centre.shape)}, expected {want} (μ, or μ then the whitening "
+                "matrix W)")
+    if not bool(torch.isfinite(centre).all()):
+        return "has non-finite entries"
+    return None
 
 
 def save_injection_centre(centre: torch.Tensor, path) -> None:
@@ -93,11 +132,10 @@ def load_injection_centre(path, d_model: int | None = None) -> torch.Tensor:
     except ValueError as e:
         raise InjectionError(f"{path}: not an injection centre file (a float32 .npy): {e}") from None
     centre = torch.from_numpy(np.asarray(array, np.float32))
-    if not bool(torch.isfinite(centre).all()):
-        raise InjectionError(f"{path}: the injection centre has non-finite entries; rerun datagen")
-    if centre.dim() != 1 or (d_model is not None and centre.shape[0] != d_model):
-        raise InjectionError(f"{path}: the injection centre has shape {list(centre.shape)}, the "
-                             f"model reads [{d_model}]; use the centre of this model's data")
+    problem = _input_map_problem(centre, d_model)
+    if problem is not None:
+        raise InjectionError(f"{path}: the injection centre {problem}; use the centre of this "
+                             "model's data (rerun datagen)")
     return centre
 
 
@@ -112,7 +150,8 @@ class InjectionSpec:
     layer: int = 1  # add: the block whose output receives the vector
     coeff: float = 1.0  # add: c in h + c·‖h‖·v/‖v‖
     # μ [d] of a centred injection (injection.centre; None: the vector as extracted, as in every
-    # published checkpoint): the AV reads h/‖h‖ - μ (see av_input).
+    # published checkpoint), or [μ; W] [d+1, d] of a whitened one: the AV reads h/‖h‖ - μ, or
+    # (h/‖h‖ - μ) W (see av_input).
     centre: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -128,20 +167,28 @@ class InjectionSpec:
                     f"{self.scale!r}; set injection.scale in the recipe (null chooses 1.1 × the "
                     "mean activation norm, which is 0 only for all-zero activations)")
         if self.centre is not None:
-            centre = torch.as_tensor(self.centre)
-            if centre.dim() != 1 or not bool(torch.isfinite(centre).all()):
-                raise InjectionError(f"injection centre: expected a finite vector [d], found shape "
-                                     f"{list(centre.shape)}; refit it (nla-rl datagen)")
+            problem = _input_map_problem(torch.as_tensor(self.centre), None)
+            if problem is not None:
+                raise InjectionError(f"injection centre {problem}; refit it (nla-rl datagen)")
 
     def av_input(self, vectors: torch.Tensor) -> torch.Tensor:
         """The vectors as the AV reads them: ``h`` itself, or ``h/‖h‖ - μ`` (fp32) for a centred
         injection. Every activation shares one large direction (toy world: each within cos 0.99
         of the mean), so after ``n_s`` the differences the explanation is about are a few percent
-        of the injected row; centred, they are all of it (the AV-SFT shuffle gap doubles)."""
+        of the injected row; centred, they are all of it (the AV-SFT shuffle gap doubles).
+        Whitened, ``(h/‖h‖ - μ) W``: each of those differences with the same weight."""
         if self.centre is None:
             return vectors
         unit = F.normalize(torch.as_tensor(vectors).float(), dim=-1)
-        return unit - self.centre.to(unit.device, torch.float32)
+        centre = self.centre.to(unit.device, torch.float32)
+        if centre.dim() == 1:
+            return unit - centre
+        return (unit - centre[0]) @ centre[1:]
+
+    @property
+    def whitened(self) -> bool:
+        """Whether the AV reads whitened vectors (the centre file holds ``[μ; W]``)."""
+        return self.centre is not None and torch.as_tensor(self.centre).dim() == 2
 
     @property
     def resolved(self) -> bool:

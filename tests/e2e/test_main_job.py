@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -38,6 +39,10 @@ def test_run_writes_the_run_directory(tiny_run):
         assert (tiny_run / av / CENTRE_FILE).read_bytes() == centre, av
     report = json.loads((tiny_run / "eval" / "report.json").read_text())
     assert report["settings"]["injection_centred"] is True
+    # ... and whitens it: the file holds [μ; W] for the toy LM's width
+    d_model = read_model_sidecar(tiny_run / "export/av").d_model
+    assert np.load(tiny_run / "export/av" / CENTRE_FILE).shape == (d_model + 1, d_model)
+    assert report["settings"]["injection_whitened"] is True
     assert not list(tiny_run.rglob("*.tmp*")), "a temp file or dir was left behind"
 
 
@@ -119,8 +124,6 @@ def test_cli_entry_point(tiny_run):
 
 def test_the_exports_serve_the_api_and_the_cli(tiny_run, tmp_path):
     """What a user does with the deliverable: the Python API and `nla-rl explain` on it."""
-    import numpy as np
-
     from nla_rl.data.store import read_activations
     from nla_rl.inference import NLA
 

@@ -49,8 +49,16 @@ def test_fingerprint_ignores_stages_and_steps_but_not_the_model():
     fields = fingerprint_fields(recipe(), "av")
     assert fields["model.base"] == "tiny:qwen2" and "run.stages" not in fields
     # a recipe that does not centre has the fingerprint it had before injection.centre existed
-    plain = fingerprint_fields(recipe(**{"injection.centre": False}), "av")
-    assert "injection.centre" not in plain
+    plain = fingerprint_fields(recipe(**{"injection.centre": False, "injection.whiten": "null"}),
+                               "av")
+    assert "injection.centre" not in plain and "injection.whiten" not in plain
+    centred = fingerprint_fields(recipe(**{"injection.centre": True, "injection.whiten": "null"}),
+                                 "av")
+    assert "injection.whiten" not in centred  # a centred run from before whiten existed resumes
+    whitened = recipe(**{"injection.centre": True, "injection.whiten": 0.25})
+    assert fingerprint_fields(whitened, "av")["injection.whiten"] == 0.25
+    assert recipe_fingerprint(whitened, "av") != recipe_fingerprint(
+        recipe(**{"injection.centre": True, "injection.whiten": 0.5}), "av")
 
 
 # ----------------------------------------------------------------------------- save

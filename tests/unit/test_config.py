@@ -176,6 +176,16 @@ def test_bad_overrides_are_refused_clearly(override, pattern):
 # ---------------------------------------------------------------------------- value checks
 
 
+def test_whiten_needs_the_centre_and_a_lambda_of_at_least_zero():
+    assert load_recipe(TINY_RECIPE, ["injection.whiten=0.5"]).injection.whiten == 0.5
+    with pytest.raises(ConfigError, match=r"injection\.whiten: .*needs injection\.centre: true"):
+        load_recipe(TINY_RECIPE, ["injection.centre=false", "injection.whiten=0.5"])
+    with pytest.raises(ConfigError, match=r"injection\.whiten"):
+        load_recipe(TINY_RECIPE, ["injection.whiten=-1"])
+    assert load_recipe(TINY_RECIPE, ["injection.centre=false",
+                                     "injection.whiten=null"]).injection.whiten is None
+
+
 def test_splits_must_sum_to_one():
     with pytest.raises(ConfigError, match=r"data\.splits: av_sft \+ ar_sft \+ rl \+ eval must sum"):
         recipe_from_dict({"data": {"splits": {"av_sft": 0.5, "ar_sft": 0.5, "rl": 0.5}}})

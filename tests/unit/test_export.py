@@ -44,7 +44,7 @@ def run_dir(request, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp(f"export-{request.param}")
     return run(str(ROOT / "recipes" / "tiny.yaml"),
                ["run.stages=[prepare]", "model.base=tiny:qwen2", f"run.dir={directory}",
-                "injection.centre=false", *FAMILIES[request.param]])
+                "injection.centre=false", "injection.whiten=null", *FAMILIES[request.param]])
 
 
 # ----------------------------------------------------------------------------- helpers

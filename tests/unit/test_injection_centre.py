@@ -53,11 +53,59 @@ def test_the_centred_av_input_is_what_differs_between_activations():
     assert spec == InjectionSpec("replace", 5.0)  # the centre is data, not identity
 
 
+def _value_rows(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hub rows whose centred variance is mostly one 'presence' direction, with a weak 'value'
+    direction beside it (the toy world's shape); returns (rows, value sign per row)."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=gen))[0]
+    hub, presence, value = basis[:, 0] * 40, basis[:, 1], basis[:, 2]
+    signs = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
+    present = torch.randint(0, 2, (n, 1), generator=gen).float()
+    rows = (hub + present * 6 * presence + signs[:, None] * 0.3 * value
+            + 0.05 * torch.randn(n, d, generator=gen))
+    return rows, signs
+
+
+def test_whitening_gives_every_direction_unit_variance_and_stays_one_file(tmp_path):
+    rows, signs = _value_rows(2000, 16)
+    fitted = fit_injection_centre(rows, whiten=0.0)
+    assert fitted.shape == (17, 16)
+    centre, w = fitted[0], fitted[1:]
+    torch.testing.assert_close(centre, fit_injection_centre(rows))  # the same μ as centring alone
+    torch.testing.assert_close(w, w.T)  # ZCA: symmetric
+    spec = InjectionSpec("replace", 5.0, centre=fitted)
+    assert spec.whitened and not InjectionSpec("replace", 5.0, centre=centre).whitened
+    white = spec.av_input(rows).double()
+    torch.testing.assert_close(torch.cov(white.T), torch.eye(16, dtype=torch.float64),
+                               atol=2e-3, rtol=0)
+    torch.testing.assert_close(white.float(), (F.normalize(rows, dim=1) - centre) @ w)
+    # centred, the value is a sliver of the injected (normalised) row; whitened, a large part
+    def value_gap(x):  # distance between the two values' mean injected rows
+        unit = F.normalize(x.float(), dim=1)
+        return float((unit[signs > 0].mean(0) - unit[signs < 0].mean(0)).norm())
+    centred_gap = value_gap(F.normalize(rows, dim=1) - centre)
+    assert centred_gap < 0.25 and value_gap(white) > 2 * centred_gap
+    # λ shrinks the gain of the weakest directions only, relative to the mean variance
+    ridged = InjectionSpec("replace", 5.0, centre=fit_injection_centre(rows, whiten=1.0))
+    assert float(ridged.av_input(rows).var(0).max()) < 1.0
+    assert float(fit_injection_centre(rows * 9, whiten=1.0).sub(
+        fit_injection_centre(rows, whiten=1.0)).abs().max()) < 1e-3  # the norm does not matter
+    path = tmp_path / CENTRE_FILE
+    save_injection_centre(fitted, path)
+    torch.testing.assert_close(load_injection_centre(path, 16), fitted)
+    with pytest.raises(InjectionError, match="λ ≥ 0"):
+        fit_injection_centre(rows, whiten=-1.0)
+    with pytest.raises(InjectionError, match="2 activation rows"):
+        fit_injection_centre(rows[:1], whiten=0.1)
+
+
 def test_datagen_writes_the_centre_and_every_stage_reads_it(tmp_path):
     data = _data_dir(tmp_path)
-    _write_injection_centre(SimpleNamespace(injection=SimpleNamespace(centre=False)), data.parent)
+    _write_injection_centre(SimpleNamespace(injection=SimpleNamespace(centre=False, whiten=None)),
+                            data.parent)
     assert not (data / CENTRE_FILE).exists()  # a recipe that does not centre gets no file
-    _write_injection_centre(SimpleNamespace(injection=SimpleNamespace(centre=True)), data.parent)
+    _write_injection_centre(SimpleNamespace(injection=SimpleNamespace(centre=True, whiten=None)),
+                            data.parent)
     path = data / CENTRE_FILE
     assert path.is_file() and write_data_centre(data) == path
     from nla_rl.data.store import read_activations
@@ -68,17 +116,25 @@ def test_datagen_writes_the_centre_and_every_stage_reads_it(tmp_path):
     spec = injection_of(_av_meta(3.0, centre=CENTRE_FILE), data.parent)
     torch.testing.assert_close(spec.centre, expected.float())
     assert injection_of(_av_meta(3.0), data.parent).centre is None
+    # injection.whiten: the same file holds [μ; W], fitted on the same rows
+    _write_injection_centre(SimpleNamespace(injection=SimpleNamespace(centre=True, whiten=0.5)),
+                            data.parent)
+    whitened = load_injection_centre(path, D)
+    assert whitened.shape == (D + 1, D)
+    torch.testing.assert_close(whitened, fit_injection_centre(labelled, whiten=0.5))
+    assert injection_of(_av_meta(3.0, centre=CENTRE_FILE), data.parent).whitened
     (data / CENTRE_FILE).unlink()
     with pytest.raises(InjectionError, match="rerun datagen"):
         injection_of(_av_meta(3.0, centre=CENTRE_FILE), data.parent)
 
 
-def test_fit_store_export_inference_inject_the_same_rows(tmp_path, qwen):
-    """centre beside the AV → export copies it → NLA injects h/‖h‖ - μ: its explanations are
-    those of the uncentred AV given the centred vectors."""
+@pytest.mark.parametrize("whiten", [None, 1.0], ids=["centred", "whitened"])
+def test_fit_store_export_inference_inject_the_same_rows(tmp_path, qwen, whiten):
+    """centre beside the AV → export copies it → NLA injects h/‖h‖ - μ (or (h/‖h‖ - μ) W): its
+    explanations are those of the plain AV given the mapped vectors."""
     av_dir, ar_dir = make_pair(tmp_path / "src", qwen)
     plain = NLA.from_pretrained(av_dir, ar_dir)
-    centre = fit_injection_centre(_hub_rows(128, qwen.d_model))
+    centre = fit_injection_centre(_hub_rows(128, qwen.d_model), whiten)
     save_injection_centre(centre, av_dir / CENTRE_FILE)
     meta = read_model_sidecar(av_dir)
     write_model_sidecar(av_dir, dataclasses.replace(meta, injection_centre=CENTRE_FILE))
@@ -90,6 +146,7 @@ def test_fit_store_export_inference_inject_the_same_rows(tmp_path, qwen):
 
     nla = NLA.from_pretrained(exported_av.path, exported_ar.path)
     torch.testing.assert_close(nla.injection.centre, centre)
+    assert nla.injection.whitened == (whiten is not None)
     vectors = _hub_rows(4, qwen.d_model, seed=1)
     ours = nla.generate(vectors, max_new_tokens=6)
     assert ours.injections_applied == 4
@@ -101,6 +158,11 @@ def test_bad_centres_are_one_clear_error(tmp_path, qwen):
     save_injection_centre(torch.zeros(8), path)
     with pytest.raises(InjectionError, match="shape"):
         load_injection_centre(path, d_model=16)
+    save_injection_centre(torch.zeros(10, 8), path)  # neither μ [8] nor [μ; W] [9, 8]
+    with pytest.raises(InjectionError, match=r"shape \[10, 8\]"):
+        load_injection_centre(path)
+    with pytest.raises(InjectionError, match="shape"):
+        InjectionSpec("replace", 1.0, centre=torch.zeros(10, 8))
     with pytest.raises(InjectionError, match="missing"):
         load_injection_centre(tmp_path / "absent.npy")
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
