@@ -18,7 +18,8 @@ from launch.common import RunPaths, choose_data_scale, record_data_scale, write_
 from nla_rl.base_model import TOYWORLD, resolve_base_model
 from nla_rl.config import RecipeConfig
 from nla_rl.data.build import (activation_norm_stats, label_with_teacher, label_with_toy_teacher,
-                               mine_rl_negatives, toyworld_documents, write_splits)
+                               mine_rl_negatives, relabel_with_toy_teacher, toyworld_documents,
+                               write_splits)
 from nla_rl.data.corpus import read_corpus
 from nla_rl.data.store import read_activations
 from nla_rl.errors import ConfigError
@@ -68,6 +69,7 @@ def datagen(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
         api_summaries=label_info.get("teacher"), extras=extras)
     write_dataset_sidecar(base_path, sidecar)
     counts = write_splits(table, data_dir, cfg.data.splits.__dict__, cfg.run.seed, sidecar)
+    counts = _relabel_ar_split(cfg, data_dir, counts)
     scale = _record_injection_scale(cfg, data_dir)
     _write_injection_centre(cfg, run_dir)
     if counts.get("rl", 0) > 1:
@@ -80,6 +82,19 @@ def datagen(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
                     **{f"data/rows/{split}": n for split, n in counts.items()}}, stage="datagen")
     print(f"[datagen] {len(docs)} docs → {len(vectors)} activations in {extract_seconds:.1f}s; "
           f"labelled {table.num_rows}; splits {counts}; injection scale from data {scale:.6g}")
+
+
+def _relabel_ar_split(cfg: RecipeConfig, data_dir: Path, counts: dict[str, int]) -> dict[str, int]:
+    """``toyworld.ar_p_include``: the AR-SFT split explained by the AR's own toy teacher."""
+    p_include = cfg.toyworld.ar_p_include
+    if (p_include is None or cfg.data.teacher.kind != "toyworld" or not counts.get("ar_sft")
+            or p_include == cfg.toyworld.p_include):
+        return counts
+    kept = relabel_with_toy_teacher(data_dir / "ar_sft.parquet", seed=cfg.run.seed,
+                                    p_include=p_include, p_wrong=cfg.toyworld.p_wrong)
+    print(f"[datagen] ar_sft split re-explained by the AR's teacher (p_include {p_include}): "
+          f"{kept} of {counts['ar_sft']} rows")
+    return {**counts, "ar_sft": kept}
 
 
 def _record_injection_scale(cfg: RecipeConfig, data_dir: Path) -> float:

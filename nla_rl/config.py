@@ -280,6 +280,11 @@ class ToyWorldConfig(ConfigSection):
                              gt=0, le=1)
     p_wrong: float = param(0.05, "Teacher: probability that a mentioned attribute's value is "
                            "replaced by a wrong one.", ge=0, lt=1)
+    ar_p_include: float | None = param(
+        None, "The AR's teacher: the AR-SFT split is re-explained naming each true attribute with "
+        "this probability (p_wrong as above; null = p_include, one teacher for both). An AR "
+        "trained on fuller explanations than the AV's learns what every attribute predicts, so "
+        "the reward asks the AV for them.", gt=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -586,6 +591,10 @@ class RecipeConfig(ConfigSection):
             f"{learner.ranks_av}, ranks_ar {learner.ranks_ar}, num_engines {engine.num_engines}, "
             f"tensor_parallel_size {engine.tensor_parallel_size}. Change those keys, or set "
             "learner.placement=separate")
+        _require(self.toyworld.ar_p_include is None or self.data.teacher.kind == "toyworld",
+                 "toyworld.ar_p_include",
+                 "sets the toy-world teacher of the AR's split, so it needs data.teacher.kind: "
+                 f"toyworld (found {self.data.teacher.kind!r}); set it to null")
 
 
 # ----------------------------------------------------------------------------- type checking

@@ -56,6 +56,33 @@ def label_with_toy_teacher(table: pa.Table, tokenizer, *, seed: int, p_include: 
     return kept, {"teacher": meta, "teacher_stats": stats}
 
 
+def relabel_with_toy_teacher(path: Path, *, seed: int, p_include: float, p_wrong: float) -> int:
+    """Re-explain the split ``path`` (with its ``attributes`` column) by a toy teacher naming each
+    true attribute with probability ``p_include`` (the AR's teacher, ``toyworld.ar_p_include``),
+    same per-row RNG as the first labelling; rows it refuses are dropped. The parquet and its
+    sidecar (row count, ``api_summaries``) are rewritten atomically; returns the rows kept."""
+    import pyarrow.parquet as pq
+
+    from nla_rl.sidecar import read_dataset_sidecar
+
+    path = Path(path)
+    table = pq.read_table(path)
+    explanations = [toy_teacher_explanation(truth, teacher_rng(seed, doc_id, pos),
+                                            p_include=p_include, p_wrong=p_wrong)
+                    for truth, doc_id, pos in zip(table["attributes"].to_pylist(),
+                                                  table["doc_id"].to_pylist(),
+                                                  table["position"].to_pylist())]
+    column = table.column_names.index("explanation")
+    table = table.set_column(column, "explanation", pa.array(explanations, pa.string()))
+    table = table.filter(pc.is_valid(table["explanation"]))
+    meta = read_dataset_sidecar(path)
+    write_table_atomic(table, path)
+    summary = {"name": "toyworld", "model": "toyworld-partial", "p_include": p_include,
+               "p_wrong": p_wrong, "role": "ar"}
+    write_dataset_sidecar(path, replace(meta, row_count=table.num_rows, api_summaries=summary))
+    return table.num_rows
+
+
 def label_with_teacher(table: pa.Table, teacher, cache_dir: Path) -> tuple[pa.Table, dict]:
     """Add the teacher's ``explanation`` of each row's ``text_prefix``; failures are dropped and
     counted (never crash the run). The cache makes reruns and resumes free."""

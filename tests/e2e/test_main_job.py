@@ -13,7 +13,7 @@ import yaml
 from launch.train import main
 from nla_rl.config import load_recipe
 from nla_rl.injection import CENTRE_FILE
-from nla_rl.sidecar import read_model_sidecar
+from nla_rl.sidecar import read_dataset_sidecar, read_model_sidecar
 from tests.e2e.conftest import FAST, SECRET, TINY
 
 
@@ -43,6 +43,12 @@ def test_run_writes_the_run_directory(tiny_run):
     d_model = read_model_sidecar(tiny_run / "export/av").d_model
     assert np.load(tiny_run / "export/av" / CENTRE_FILE).shape == (d_model + 1, d_model)
     assert report["settings"]["injection_whitened"] is True
+    # the AR's split was explained by the AR's own, fuller teacher; the AV's by the partial one
+    recipe = load_recipe(tiny_run / "recipe.yaml").toyworld
+    teachers = {split: read_dataset_sidecar(tiny_run / "data" / f"{split}.parquet").api_summaries
+                for split in ("ar_sft", "av_sft")}
+    assert teachers["av_sft"]["p_include"] == recipe.p_include
+    assert teachers["ar_sft"]["p_include"] == (recipe.ar_p_include or recipe.p_include)
     assert not list(tiny_run.rglob("*.tmp*")), "a temp file or dir was left behind"
 
 

@@ -260,3 +260,52 @@ def _in_text_order(text):
     from nla_rl.data.toyworld import attribute_mentions
 
     return [a for _, a in attribute_mentions(text)]
+
+
+def test_the_ar_split_can_have_its_own_fuller_teacher(tmp_path):
+    """``toyworld.ar_p_include``: datagen re-explains only the AR-SFT split, from the rows' own
+    ground truth, by a teacher naming each attribute with that probability; the parquet and its
+    sidecar stay consistent and say which teacher wrote it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from launch.datagen import _relabel_ar_split
+    from nla_rl.config import load_recipe
+    from nla_rl.data.build import relabel_with_toy_teacher
+    from nla_rl.data.store import activations_table, write_table_atomic
+    from nla_rl.sidecar import DatasetSidecar, read_dataset_sidecar, write_dataset_sidecar
+    from tests.unit.test_config import TINY_RECIPE
+
+    world = ToyWorld(0)
+    truths = [sorted(doc.attribute_set) for doc in world.documents(200)]
+    partial = [toy_teacher_explanation(t, teacher_rng(0, i, 3), p_include=0.6, min_mentions=0)
+               for i, t in enumerate(truths)]
+    vectors = np.zeros((len(truths), 4), np.float32)
+    for split in ("ar_sft", "av_sft"):
+        path = tmp_path / f"{split}.parquet"
+        table = activations_table(range(len(truths)), [3] * len(truths), 2, vectors,
+                                  explanation=partial)
+        write_table_atomic(table.append_column("attributes", pa.array(truths)), path)
+        write_dataset_sidecar(path, DatasetSidecar("t", "base", len(truths), "toy", 4, 2, "toy", 1,
+                                                   api_summaries={"p_include": 0.6}))
+    before = pq.read_table(tmp_path / "av_sft.parquet")
+
+    cfg = load_recipe(TINY_RECIPE, ["toyworld.ar_p_include=1.0", "toyworld.p_wrong=0.0"])
+    counts = _relabel_ar_split(cfg, tmp_path, {"ar_sft": len(truths), "av_sft": len(truths)})
+    assert counts == {"ar_sft": len(truths), "av_sft": len(truths)}  # p 1: no row refused
+    relabelled = pq.read_table(tmp_path / "ar_sft.parquet")
+    assert [parse_attributes(e) for e in relabelled["explanation"].to_pylist()] == \
+        [frozenset(t) for t in truths]  # every true attribute, none wrong (p_wrong 0)
+    assert sum(len(parse_attributes(e)) for e in partial) < 0.8 * sum(map(len, truths))
+    assert pq.read_table(tmp_path / "av_sft.parquet").equals(before)  # the AV's split untouched
+    meta = read_dataset_sidecar(tmp_path / "ar_sft.parquet")
+    assert meta.api_summaries["p_include"] == 1.0 and meta.api_summaries["role"] == "ar"
+
+    kept = relabel_with_toy_teacher(tmp_path / "ar_sft.parquet", seed=0, p_include=0.1,
+                                    p_wrong=0.05)  # a sparse teacher refuses rows: dropped
+    assert kept < len(truths) == len(partial)
+    assert read_dataset_sidecar(tmp_path / "ar_sft.parquet").row_count == kept == \
+        pq.read_table(tmp_path / "ar_sft.parquet").num_rows
+    # off (null) or equal to the AV's teacher: nothing rewritten
+    assert _relabel_ar_split(load_recipe(TINY_RECIPE, ["toyworld.ar_p_include=null"]), tmp_path,
+                             {"ar_sft": kept}) == {"ar_sft": kept}
