@@ -284,7 +284,8 @@ class ToyWorldConfig(ConfigSection):
         None, "The AR's teacher: the AR-SFT split is re-explained naming each true attribute with "
         "this probability (p_wrong as above; null = p_include, one teacher for both). An AR "
         "trained on fuller explanations than the AV's learns what every attribute predicts, so "
-        "the reward asks the AV for them.", gt=0, le=1)
+        "the reward asks the AV for them. Like p_include, used only by the toyworld teacher.",
+        gt=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -591,10 +592,6 @@ class RecipeConfig(ConfigSection):
             f"{learner.ranks_av}, ranks_ar {learner.ranks_ar}, num_engines {engine.num_engines}, "
             f"tensor_parallel_size {engine.tensor_parallel_size}. Change those keys, or set "
             "learner.placement=separate")
-        _require(self.toyworld.ar_p_include is None or self.data.teacher.kind == "toyworld",
-                 "toyworld.ar_p_include",
-                 "sets the toy-world teacher of the AR's split, so it needs data.teacher.kind: "
-                 f"toyworld (found {self.data.teacher.kind!r}); set it to null")
 
 
 # ----------------------------------------------------------------------------- type checking

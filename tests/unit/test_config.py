@@ -287,9 +287,9 @@ def test_dump_is_atomic_and_leaves_no_tmp(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
-def test_the_ars_own_teacher_is_a_toy_world_setting():
+def test_the_ars_own_teacher_is_a_probability():
     assert load_recipe(TINY_RECIPE, ["toyworld.ar_p_include=0.8"]).toyworld.ar_p_include == 0.8
-    with pytest.raises(ConfigError, match=r"toyworld\.ar_p_include: .*data\.teacher\.kind: toyworld"):
-        load_recipe(TINY_RECIPE, ["toyworld.ar_p_include=0.8", "data.teacher.kind=none"])
+    with pytest.raises(ConfigError, match=r"toyworld\.ar_p_include"):
+        load_recipe(TINY_RECIPE, ["toyworld.ar_p_include=0"])
     with pytest.raises(ConfigError, match=r"toyworld\.ar_p_include"):
         load_recipe(TINY_RECIPE, ["toyworld.ar_p_include=1.5"])
