@@ -1,6 +1,6 @@
 """P11: why a toy-world run's reward does (not) follow the truth, from a finished run directory.
 
-Four measurements, no training:
+Five measurements, no training:
 
 * **AR ceiling.** Ridge FVE from the attributes an explanation names → the activation
   (L2-normalised, trained on ``ar_sft``, scored on ``eval``): from the teacher's explanations (what
@@ -15,6 +15,8 @@ Four measurements, no training:
   (right: the reward of the truth; wrong: one value changed; left out: that attribute dropped).
 * **Top-1 among hard negatives, raw vs centred cosine**, for the exported pair's greedy
   explanations: raw cosine is dominated by the shared mean direction (hub negatives win).
+* **The AR on the full truth**: FVE and top-1 (the eval report's definitions) of the AR-SFT final
+  and the AR after RL on complete, true explanations: what a perfect AV could earn.
 
 Reward: ``r = -|n(B(ĥ)) - n(B(h))|²`` (n: unit norm; B: the basis), the RL reward's MSE up to the
 constant ``mse_scale² / d``.
@@ -57,12 +59,17 @@ def _features(attribute_sets) -> tuple[np.ndarray, np.ndarray]:
     return presence, np.hstack([presence, values])
 
 
-def ridge_fve(x_train, f_train, x_test, f_test, l2: float = 1.0) -> float:
-    """FVE of ``x ≈ (f - f̄) W + x̄`` with ``W`` the ridge solution on the training rows."""
+def ridge_predict(x_train, f_train, f_test, l2: float = 1.0) -> np.ndarray:
+    """``(f - f̄) W + x̄`` with ``W`` the ridge solution on the training rows."""
     mu, f_mean = x_train.mean(0), f_train.mean(0)
     a = f_train - f_mean
     w = np.linalg.solve(a.T @ a + l2 * np.eye(a.shape[1]), a.T @ (x_train - mu))
-    residual = ((f_test - f_mean) @ w + mu - x_test) ** 2
+    return (f_test - f_mean) @ w + mu
+
+
+def ridge_fve(x_train, f_train, x_test, f_test, l2: float = 1.0) -> float:
+    """FVE of the ridge prediction :func:`ridge_predict` on the test rows."""
+    residual = (ridge_predict(x_train, f_train, f_test, l2) - x_test) ** 2
     return float(1 - residual.sum() / ((x_test - x_test.mean(0)) ** 2).sum())
 
 
@@ -180,11 +187,40 @@ def top1_raw_vs_centred(run: Path, negatives_per_row: int = 8) -> dict:
     sims[torch.tensor(docs[:, None] == docs[None, :])] = -2.0
     negatives = sims.topk(negatives_per_row, dim=1).indices
     nla = NLA.from_pretrained(run / "export" / "av", run / "export" / "ar")
-    texts = [g if isinstance(g, str) else g.text for g in nla.explain(gold, max_new_tokens=48)]
+    texts = nla.explain(gold, max_new_tokens=48)  # None (no explanation) reconstructs as ""
     pred = torch.nn.functional.normalize(nla.reconstruct(texts), dim=1)
     return {"raw": _top1(pred, gold, negatives),
             "centred": _top1(pred - mean, gold - mean, negatives),
             "chance": 1 / (negatives_per_row + 1)}
+
+
+def ar_on_full_truth(run: Path) -> dict:
+    """What a complete, true explanation earns under the run's ARs: FVE and top-1 among the
+    eval report's 8 hard negatives (raw / centred) of ``AR(full_explanation(attributes))`` on
+    the first ROWS eval rows, for the AR-SFT final and (when present) the AR after RL."""
+    from nla_rl.evaluation import eval_negatives, round_trip_metrics
+
+    test = _split(run, "eval")
+    gold = torch.tensor(np.array(test["activation_vector"][:ROWS]), dtype=torch.float32)
+    negatives = eval_negatives(gold.numpy(), np.array(test["doc_id"][:ROWS]), 8)
+    texts = [full_explanation(a, random.Random(i)) for i, a in enumerate(test["attributes"][:ROWS])]
+    out = {}
+    for name, ar in (("ar_sft", run / "ar_sft" / "final"), ("rl", run / "rl" / "final" / "ar")):
+        if not ar.is_dir():
+            continue
+        nla = NLA.from_pretrained(run / "av_sft" / "final", ar)
+        m = round_trip_metrics(nla.reconstruct(texts), gold, mse_scale=nla.mse_scale, texts=texts,
+                               explanations=texts, negatives=negatives)
+        out[name] = {k: m[k] for k in ("fve", "top1", "top1_centred")}
+    # the linear ceiling: a ridge fit from every true attribute (trained on ar_sft)
+    train = _split(run, "ar_sft")
+    features = [_features([frozenset(a) for a in t["attributes"]])[1]
+                for t in (train, {"attributes": test["attributes"][:ROWS]})]
+    pred = ridge_predict(_unit(np.array(train["activation_vector"])), features[0], features[1])
+    m = round_trip_metrics(torch.tensor(pred, dtype=torch.float32), gold, mse_scale=None,
+                           texts=texts, explanations=texts, negatives=negatives)
+    out["ridge_every_true"] = {"top1": m["top1"], "top1_centred": m["top1_centred"]}
+    return out
 
 
 def main() -> None:
@@ -194,7 +230,7 @@ def main() -> None:
     torch.manual_seed(0)
     result = {"ar_ceiling": ar_ceiling(args.run), "reward_preference": reward_preference(args.run),
               "break_even_precision": break_even_precision(args.run),
-              "top1": top1_raw_vs_centred(args.run)}
+              "top1": top1_raw_vs_centred(args.run), "ar_on_full_truth": ar_on_full_truth(args.run)}
     print(json.dumps(result, indent=1))
 
 
