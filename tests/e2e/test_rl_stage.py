@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slow
 RL = ["rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=24",
       "rl.length_penalty_margin=8", "rl.save_every=2", "rl.samples_every=1",
       "negatives.enabled=true", "negatives.per_sample=2", "wandb.enabled=true",
-      "wandb.mode=offline", "rl.verify_sync_every=1", "rl.ar_ema_decay=0.5",
-      "rl.async_level=1"]
+      "wandb.mode=offline", "rl.verify_sync_every=1", "rl.online_ar=true", "rl.ar_ema_decay=0.5",
+      "rl.async_level=1"]  # the online AR's mechanics are tested here (the tiny recipe freezes it)
 BASE = [o for o in FAST if not o.startswith("rl.")] + ["data.num_docs=120"]
 
 
