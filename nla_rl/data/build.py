@@ -33,6 +33,12 @@ def toyworld_documents(seed: int, n_docs: int, ending: str = "end",
     return [Document(d.doc_id, d.readout_text) for d in world.documents(n_docs)]
 
 
+def toy_teacher_meta(p_include: float, p_wrong: float) -> dict:
+    """The toy teacher as the data sidecars' ``api_summaries`` record it."""
+    return {"name": "toyworld", "model": "toyworld-partial", "p_include": p_include,
+            "p_wrong": p_wrong}
+
+
 def label_with_toy_teacher(table: pa.Table, tokenizer, *, seed: int, p_include: float,
                            p_wrong: float, ending: str = "end",
                            p_slot: float = DEFAULT_P_SLOT) -> tuple[pa.Table, dict]:
@@ -52,8 +58,7 @@ def label_with_toy_teacher(table: pa.Table, tokenizer, *, seed: int, p_include: 
     table = table.append_column("explanation", pa.array(explanations, pa.string()))
     kept = table.filter(pc.is_valid(table["explanation"]))
     stats = {"total": table.num_rows, "ok": kept.num_rows, "refused": table.num_rows - kept.num_rows}
-    meta = {"name": "toyworld", "model": "toyworld-partial", "p_include": p_include, "p_wrong": p_wrong}
-    return kept, {"teacher": meta, "teacher_stats": stats}
+    return kept, {"teacher": toy_teacher_meta(p_include, p_wrong), "teacher_stats": stats}
 
 
 def relabel_with_toy_teacher(path: Path, *, seed: int, p_include: float, p_wrong: float) -> int:
@@ -77,9 +82,9 @@ def relabel_with_toy_teacher(path: Path, *, seed: int, p_include: float, p_wrong
     table = table.filter(pc.is_valid(table["explanation"]))
     meta = read_dataset_sidecar(path)
     write_table_atomic(table, path)
-    summary = {"name": "toyworld", "model": "toyworld-partial", "p_include": p_include,
-               "p_wrong": p_wrong, "role": "ar"}
-    write_dataset_sidecar(path, replace(meta, row_count=table.num_rows, api_summaries=summary))
+    write_dataset_sidecar(path, replace(meta, row_count=table.num_rows,
+                                        api_summaries={**toy_teacher_meta(p_include, p_wrong),
+                                                       "role": "ar"}))
     return table.num_rows
 
 
