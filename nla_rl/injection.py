@@ -180,10 +180,25 @@ class InjectionSpec:
         if self.centre is None:
             return vectors
         unit = F.normalize(torch.as_tensor(vectors).float(), dim=-1)
-        centre = self.centre.to(unit.device, torch.float32)
+        centre = self._centre_on(unit.device)
         if centre.dim() == 1:
             return unit - centre
         return (unit - centre[0]) @ centre[1:]
+
+    def _centre_on(self, device: torch.device) -> torch.Tensor:
+        """The input map as fp32 on ``device``, copied there once per spec and device: ``[μ; W]``
+        is 256 MiB at d = 8192, too much to move on every call of a GPU learner or engine."""
+        centre = torch.as_tensor(self.centre)
+        if centre.device == device and centre.dtype == torch.float32:
+            return centre
+        copies = self.__dict__.setdefault("_device_copies", {})  # frozen: not a field
+        if device not in copies:
+            copies[device] = centre.to(device, torch.float32)
+        return copies[device]
+
+    def __getstate__(self) -> dict:
+        """Pickled (Ray) without the per-device copies: they belong to this process's devices."""
+        return {k: v for k, v in self.__dict__.items() if k != "_device_copies"}
 
     @property
     def whitened(self) -> bool:

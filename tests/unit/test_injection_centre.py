@@ -53,6 +53,24 @@ def test_the_centred_av_input_is_what_differs_between_activations():
     assert spec == InjectionSpec("replace", 5.0)  # the centre is data, not identity
 
 
+def test_the_input_map_moves_to_a_device_once_and_never_travels_with_the_spec():
+    import pickle
+
+    rows, _ = _value_rows(256, 16)
+    spec = InjectionSpec("replace", 5.0, centre=fit_injection_centre(rows, whiten=0.1))
+    meta = torch.device("meta")  # stands in for a GPU: a device the stored map is not on
+    first = spec.av_input(rows.to(meta))
+    assert first.device == meta and first.shape == rows.shape
+    assert spec._centre_on(meta) is spec._centre_on(meta)  # one copy per device, reused
+    assert spec._centre_on(torch.device("cpu")) is spec.centre  # already there: no copy
+    clone = pickle.loads(pickle.dumps(spec))  # what Ray sends to an actor
+    assert "_device_copies" not in clone.__dict__ and "_device_copies" in spec.__dict__
+    torch.testing.assert_close(clone.av_input(rows), spec.av_input(rows))
+    wide = InjectionSpec("replace", 5.0, centre=spec.centre.double())  # float64: cast once
+    torch.testing.assert_close(wide.av_input(rows), spec.av_input(rows))
+    assert wide._centre_on(torch.device("cpu")).dtype == torch.float32
+
+
 def _value_rows(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Hub rows whose centred variance is mostly one 'presence' direction, with a weak 'value'
     direction beside it (the toy world's shape); returns (rows, value sign per row)."""
