@@ -16,7 +16,9 @@ Five measurements, no training:
 * **Top-1 among hard negatives, raw vs centred cosine**, for the exported pair's greedy
   explanations: raw cosine is dominated by the shared mean direction (hub negatives win).
 * **The AR on the full truth**: FVE and top-1 (the eval report's definitions) of the AR-SFT final
-  and the AR after RL on complete, true explanations: what a perfect AV could earn.
+  and the AR after RL on complete, true explanations: what a perfect AV could earn; and the
+  top-1 of ridge read-outs of the full attribute set, linear and with every pair of values: the
+  ceiling of any explanation that states only the attributes.
 
 Reward: ``r = -|n(B(ĥ)) - n(B(h))|²`` (n: unit norm; B: the basis), the RL reward's MSE up to the
 constant ``mse_scale² / d``.
@@ -57,6 +59,15 @@ def _features(attribute_sets) -> tuple[np.ndarray, np.ndarray]:
     values = np.array([[f"{s}={v}" in attrs for s in slots for v in SLOTS[s]]
                        for attrs in attribute_sets], float)
     return presence, np.hstack([presence, values])
+
+
+def _pair_features(attribute_sets) -> np.ndarray:
+    """Presence, values and every product of two values: a read-out that may depend on which
+    values occur together (a non-linear function of the attribute set, up to second order)."""
+    presence, features = _features(attribute_sets)
+    values = features[:, presence.shape[1]:]
+    i, j = np.triu_indices(values.shape[1], 1)
+    return np.hstack([features, values[:, i] * values[:, j]])
 
 
 def ridge_predict(x_train, f_train, f_test, l2: float = 1.0) -> np.ndarray:
@@ -212,14 +223,18 @@ def ar_on_full_truth(run: Path) -> dict:
         m = round_trip_metrics(nla.reconstruct(texts), gold, mse_scale=nla.mse_scale, texts=texts,
                                explanations=texts, negatives=negatives)
         out[name] = {k: m[k] for k in ("fve", "top1", "top1_centred")}
-    # the linear ceiling: a ridge fit from every true attribute (trained on ar_sft)
+    # the ceilings of any read-out of the attribute set: ridge fits from every true attribute
+    # (trained on ar_sft), linear and with every pair of values (second-order interactions)
     train = _split(run, "ar_sft")
-    features = [_features([frozenset(a) for a in t["attributes"]])[1]
-                for t in (train, {"attributes": test["attributes"][:ROWS]})]
-    pred = ridge_predict(_unit(np.array(train["activation_vector"])), features[0], features[1])
-    m = round_trip_metrics(torch.tensor(pred, dtype=torch.float32), gold, mse_scale=None,
-                           texts=texts, explanations=texts, negatives=negatives)
-    out["ridge_every_true"] = {"top1": m["top1"], "top1_centred": m["top1_centred"]}
+    sets = [[frozenset(a) for a in t["attributes"]]
+            for t in (train, {"attributes": test["attributes"][:ROWS]})]
+    for name, featurise in (("ridge_every_true", lambda a: _features(a)[1]),
+                            ("ridge_pairs_every_true", _pair_features)):
+        pred = ridge_predict(_unit(np.array(train["activation_vector"])), featurise(sets[0]),
+                             featurise(sets[1]))
+        m = round_trip_metrics(torch.tensor(pred, dtype=torch.float32), gold, mse_scale=None,
+                               texts=texts, explanations=texts, negatives=negatives)
+        out[name] = {"top1": m["top1"], "top1_centred": m["top1_centred"]}
     return out
 
 
