@@ -54,6 +54,9 @@ class ModelSpec:
     ar_template: str = ""
     mse_scale: float | None = None
     reward_basis: str = ""  # a reward_basis.safetensors the AR's loss is measured in ("" = raw)
+    # AR-SFT only (ar_sft.loss_basis): the basis of the loss's second term, and its weight
+    loss_basis: str = ""
+    loss_basis_weight: float = 0.0
 
     def __post_init__(self):
         if self.role not in ROLES:

@@ -21,7 +21,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from nla_rl.sft import (ar_sft_loss, av_sft_loss, build_ar_sft_batch, build_av_sft_batch,
+from nla_rl.sft import (ar_sft_loss_parts, av_sft_loss, build_ar_sft_batch, build_av_sft_batch,
                         shuffled)
 
 
@@ -153,16 +153,21 @@ def _basis_on(path: str, device: str):
 
 
 def _ar_compute(rank, model, micro) -> MicroLoss:
+    """:func:`nla_rl.sft.ar_sft_loss_parts`, reporting its fit term as ``fit_mse`` (the loss
+    without ``ar_sft.loss_basis``'s term: ``train/ar/fve`` is computed from it)."""
     spec = rank.spec.model
     basis = _basis_on(spec.reward_basis, str(rank.device)) if spec.reward_basis else None
-    return MicroLoss(*ar_sft_loss(model, micro, spec.mse_scale, basis), {})
+    term_basis = _basis_on(spec.loss_basis, str(rank.device)) if spec.loss_basis else None
+    loss, rows, fit = ar_sft_loss_parts(model, micro, spec.mse_scale, basis,
+                                        term_basis=term_basis, term_weight=spec.loss_basis_weight)
+    return MicroLoss(loss, rows, {"fit_mse": (float(fit), float(rows))})
 
 
 LOSSES: dict[str, Loss] = {
     "av_sft": Loss("av", _build_av, lambda b: b.num_target_tokens(), _av_compute),
     "av_sft_shuffled": Loss("av", _build_av_shuffled, lambda b: b.num_target_tokens(),
                             _av_compute),
-    "ar_sft": Loss("ar", _build_ar, len, _ar_compute),
+    "ar_sft": Loss("ar", _build_ar, len, _ar_compute, ("fit_mse",)),
     # GRPO (nla_rl.grpo.policy_loss): PPO clip, KL to the reference, truncated IS.
     "grpo": Loss("av", _build_grpo, lambda b: b.num_loss_units(), _grpo_compute, GRPO_STATS),
 }

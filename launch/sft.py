@@ -8,16 +8,24 @@ initial model ``<run>/init/<role>`` written by ``prepare``; checkpoints go to
 Metrics (``<run>/logs/metrics.jsonl``, and W&B as ``<stage>/…`` against ``<stage>/step`` when
 enabled; :mod:`nla_rl.tracking`): ``train/<role>/{loss,grad_norm,lr}``,
 ``perf/<role>/tokens_per_s``, ``health/skipped_steps``; the AR adds ``train/ar/fve`` (from the
-batch loss) and ``eval/ar/fve``; the AV adds the real-vs-shuffled control
-``train/av/{shuffled_loss,shuffle_gap}`` and ``eval/av/{loss,shuffled_loss,shuffle_gap}``
-(gap = shuffled − real loss; positive when the AV uses the injected activation).
+batch's fit term: the loss without ``ar_sft.loss_basis``'s term) and ``eval/ar/fve``; the AV
+adds the real-vs-shuffled control ``train/av/{shuffled_loss,shuffle_gap}`` and
+``eval/av/{loss,shuffled_loss,shuffle_gap}`` (gap = shuffled − real loss; positive when the AV
+uses the injected activation).
+
+``ar_sft.loss_basis`` (not raw): the basis of the AR loss's second term is fitted on the AR-SFT
+split at the start of the stage and written to ``<run>/ar_sft/loss_basis.safetensors``; the
+final AR's sidecar records it under ``training.loss_basis`` (a training detail: the AR's
+scoring basis, ``extraction.reward_basis``, is not set by it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -27,6 +35,8 @@ from nla_rl.config import RecipeConfig
 from nla_rl.metrics import fve_from_error, gold_spread
 from nla_rl.roundtrip import InjectionSpec
 from nla_rl.sidecar import ModelSidecar, read_model_sidecar
+
+LOSS_BASIS_FILE = "loss_basis.safetensors"  # ar_sft.loss_basis, in <run>/ar_sft/
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -75,6 +85,8 @@ def run_sft(cfg: RecipeConfig, run_dir: Path, stage: str, tracker) -> Path:
     held = load_split(eval_path, init=meta, stage=stage) if eval_path.is_file() else None
     injection = injection_of(meta, run_dir) if role == "av" else None
     spec, ranks = learner_spec(cfg, stage, init_dir, meta, injection)
+    if role == "ar":
+        spec = with_loss_basis(cfg, spec, train.vectors, run.stage(stage))
     manager = CheckpointManager.for_recipe(run.stage(stage), cfg, stage, keep_last=sft.keep_last)
     connect_ray(num_cpus=recipe_cpus(cfg))
     group = LearnerGroup(spec, world_size=ranks, num_cpus_per_rank=cfg.learner.num_cpus_per_rank,
@@ -85,6 +97,25 @@ def run_sft(cfg: RecipeConfig, run_dir: Path, stage: str, tracker) -> Path:
         return write_final(cfg, run_dir, stage, group, meta, injection, spec)
     finally:
         group.shutdown()
+
+
+def with_loss_basis(cfg: RecipeConfig, spec, vectors, stage_dir: Path):
+    """``spec`` with ``ar_sft.loss_basis`` fitted on the AR-SFT split's activations and written
+    to ``<stage_dir>/loss_basis.safetensors`` (a deterministic fit: a resumed run writes the
+    same file); ``spec`` unchanged for raw."""
+    from nla_rl.reward_basis import fit_reward_basis
+
+    sft = cfg.ar_sft
+    basis = fit_reward_basis(torch.from_numpy(np.asarray(vectors)), sft.loss_basis,
+                             sft.loss_basis_eps)
+    if basis is None:
+        return spec
+    path = basis.save(stage_dir / LOSS_BASIS_FILE)
+    print(f"[ar_sft] loss: raw + {sft.loss_basis_weight:g} × {sft.loss_basis} basis "
+          f"(ε {sft.loss_basis_eps:g}, fitted on {len(vectors)} rows) → {path}")
+    model = dataclasses.replace(spec.model, loss_basis=str(path),
+                                loss_basis_weight=sft.loss_basis_weight)
+    return dataclasses.replace(spec, model=model)
 
 
 def _resume(cfg, group, train: Split) -> Progress:
@@ -122,7 +153,8 @@ def _train(cfg, stage: str, group, train: Split, held: Split | None, meta: Model
                    "health/skipped_steps": skipped}
         if role == "ar":
             d = train.vectors.shape[1]  # the loss is a mean over d: d·loss = E‖n(ĥ) - n(h)‖²
-            metrics["train/ar/fve"] = fve_from_error(d * stats["loss"], spread=spread)
+            fit = stats["loss_stats"].get("fit_mse", stats["loss"])  # without loss_basis's term
+            metrics["train/ar/fve"] = fve_from_error(d * fit, spread=spread)
         if done == sft.steps or (sft.eval_every and done % sft.eval_every == 0):
             if role == "av":
                 metrics.update(av_control(group, rows, seed=done, prefix="train"))
@@ -144,6 +176,9 @@ def write_final(cfg, run_dir: Path, stage: str, group, meta: ModelSidecar,
     run = RunPaths(run_dir)
     training = {"steps": sft.steps, "lr": sft.lr, "batch_size": sft.batch_size,
                 "backend": cfg.learner.backend, "lora_rank": spec.model.lora.rank}
+    if role == "ar" and sft.loss_basis != "raw":
+        training["loss_basis"] = {"kind": sft.loss_basis, "eps": sft.loss_basis_eps,
+                                  "weight": sft.loss_basis_weight}
     return save_trained(cfg, group, role, run.init(role), meta, run.final(stage),
                         stage=stage, injection=injection, lora=spec.model.lora,
                         trained_on=str(run.split(stage)), training=training)

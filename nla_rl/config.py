@@ -348,6 +348,21 @@ class SFTConfig(ConfigSection):
 
 
 @dataclass(frozen=True)
+class ARSFTConfig(SFTConfig):
+    loss_basis: Literal["raw", "centre", "standardize", "whiten"] = param(
+        "raw", "A second term of the AR-SFT loss, measured in this basis (the kinds of "
+        "rl.reward_basis, fitted on the AR-SFT split's activations): L = MSE(n(ĥ), n(h)) + "
+        "w·MSE(n(B(ĥ)), n(B(h))). Raw MSE spends the AR on the loudest directions (toy world: "
+        "which slots a document revealed); whitened, the quiet directions that tell one value "
+        "from another count as much, so the AR, and a reward it gives, tell values apart. "
+        "raw: no second term. Stored as <run>/ar_sft/loss_basis.safetensors; RL's online AR "
+        "keeps rl.reward_basis alone.")
+    loss_basis_eps: float = param(0.1, "ε of ar_sft.loss_basis (as rl.reward_basis_eps).", gt=0)
+    loss_basis_weight: float = param(0.1, "w: the weight of the ar_sft.loss_basis term against "
+                                     "the raw one (each is 2(1 - cos) per row).", gt=0)
+
+
+@dataclass(frozen=True)
 class RLConfig(ConfigSection):
     steps: int = param(20, "GRPO steps.", gt=0)
     seed: int | None = param(None, "Seed of the RL stage alone (data order, sampling, length "
@@ -562,7 +577,7 @@ class RecipeConfig(ConfigSection):
     data: DataConfig = param(factory=DataConfig, doc="Corpus, positions and document splits.")
     toyworld: ToyWorldConfig = param(factory=ToyWorldConfig, doc="The toy world (corpus and "
                                      "base model toyworld).")
-    ar_sft: SFTConfig = param(factory=SFTConfig, doc="AR supervised stage.")
+    ar_sft: ARSFTConfig = param(factory=ARSFTConfig, doc="AR supervised stage.")
     av_sft: SFTConfig = param(factory=SFTConfig, doc="AV supervised stage.")
     rl: RLConfig = param(factory=RLConfig, doc="GRPO on the AV with the AR's reward.")
     negatives: NegativesConfig = param(factory=NegativesConfig, doc="Hard-negative reward.")

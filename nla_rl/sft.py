@@ -353,19 +353,36 @@ def build_ar_sft_batch(tokenizer, explanations: list[str], vectors, *, template:
     return ARBatch(ids, mask, vectors)
 
 
-def ar_sft_loss(ar_model, batch: ARBatch, mse_scale: float | None,
-                basis=None) -> tuple[torch.Tensor, int]:
-    """Summed per-row normalised MSE of the AR's predictions, and the row count.
+def ar_sft_loss_parts(ar_model, batch: ARBatch, mse_scale: float | None, basis=None, *,
+                      term_basis=None, term_weight: float = 0.0
+                      ) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The AR's summed loss, the row count and the summed fit term (detached).
 
-    ``L_sum = Σ_b mean_d (n_s(B(AR(x_b))) - n_s(B(h_b)))²`` with ``n_s`` normalising to
-    ``s = mse_scale`` (``None``: raw vectors) and ``B`` the reward basis
-    (:mod:`nla_rl.reward_basis`; ``None`` = identity); at ``s = √d`` each term is
-    ``2 (1 - cos(B(ĥ_b), B(h_b)))``. Returns ``(L_sum, B)``; the learner divides by the global
-    row count for the batch mean.
+    ``L_sum = Σ_b [mean_d (n_s(B(AR(x_b))) - n_s(B(h_b)))²
+                   + w · mean_d (n_s(C(AR(x_b))) - n_s(C(h_b)))²]``
+    with ``n_s`` normalising to ``s = mse_scale`` (``None``: raw vectors), ``B`` the reward
+    basis (:mod:`nla_rl.reward_basis`; ``None`` = identity), and the second term only with a
+    ``term_basis`` ``C`` (``ar_sft.loss_basis``, weight ``w = term_weight``): raw MSE spends the
+    AR on the directions of largest variance, while in a whitened ``C`` the quiet directions
+    that tell one value from another count as much. The fit term is the first sum alone
+    (``train/ar/fve`` is computed from it). At ``s = √d`` each term is ``2 (1 - cos)``; the
+    learner divides by the global row count for the batch mean.
     """
     from nla_rl.reward_basis import apply_basis
 
     preds = ar_model(batch.input_ids, batch.attention_mask)
     targets = batch.targets.to(preds.device)
-    mse = normalized_mse(apply_basis(basis, preds), apply_basis(basis, targets), mse_scale)
-    return mse.sum(), len(batch)
+    fit = normalized_mse(apply_basis(basis, preds), apply_basis(basis, targets), mse_scale)
+    loss = fit
+    if term_basis is not None:
+        term = normalized_mse(term_basis.apply(preds), term_basis.apply(targets), mse_scale)
+        loss = fit + term_weight * term
+    return loss.sum(), len(batch), fit.detach().sum()
+
+
+def ar_sft_loss(ar_model, batch: ARBatch, mse_scale: float | None, basis=None, *,
+                term_basis=None, term_weight: float = 0.0) -> tuple[torch.Tensor, int]:
+    """``(L_sum, rows)`` of :func:`ar_sft_loss_parts` (formula there)."""
+    loss, rows, _ = ar_sft_loss_parts(ar_model, batch, mse_scale, basis,
+                                      term_basis=term_basis, term_weight=term_weight)
+    return loss, rows

@@ -8,6 +8,7 @@ real-vs-shuffled gap are logged and checked finite (see the report of issue 4 fo
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -105,6 +106,34 @@ def test_final_models_load_with_their_sidecars(trained):
     assert av.config.hidden_size == av_meta.d_model
     assert (trained / "ar_sft/latest").read_text().strip() == "step_000006"
     assert not list(trained.rglob("*.partial")) and not list(trained.rglob("*.tmp*"))
+
+
+def test_the_ar_sft_loss_basis_term_is_fitted_stored_and_trained_with(trained, data_run, tmp_path):
+    """ar_sft.loss_basis=whiten: the basis is fitted on the AR-SFT split, written beside the
+    stage's checkpoints and recorded in the final AR's sidecar; the AR trains on the sum (other
+    weights than the raw loss's from the same seed and rows), and train/ar/fve is the fit term's."""
+    from launch.sft import LOSS_BASIS_FILE
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from nla_rl.reward_basis import fit_reward_basis, load_reward_basis
+
+    run_dir = tmp_path / "basis"
+    shutil.copytree(data_run, run_dir)
+    assert run(run_dir, "run.stages=[ar_sft]", "ar_sft.loss_basis=whiten",
+               "ar_sft.loss_basis_weight=1.0") == 0
+    meta = read_model_sidecar(run_dir / "ar_sft/final")
+    basis = load_reward_basis(run_dir / "ar_sft" / LOSS_BASIS_FILE, d_model=meta.d_model)
+    rows = pq.read_table(run_dir / "data/ar_sft.parquet").column("activation_vector").to_pylist()
+    fitted = fit_reward_basis(torch.from_numpy(np.array(rows, np.float32)), "whiten", 0.1)
+    assert basis.kind == "whiten" and torch.allclose(basis.transform, fitted.transform, atol=1e-5)
+    assert meta.training["loss_basis"] == {"kind": "whiten", "eps": 0.1, "weight": 1.0}
+    assert meta.reward_basis is None  # a training detail: NLA.score stays the published MSE
+    with_term = load_file(str(run_dir / "ar_sft/step_000006/model.safetensors"))
+    raw = load_file(str(trained / "ar_sft/step_000006/model.safetensors"))
+    assert not torch.equal(with_term["value_head.weight"], raw["value_head.weight"])
+    fves = [r["train/ar/fve"] for r in metrics(run_dir, "ar_sft") if "train/ar/fve" in r]
+    assert len(fves) == 6 and all(math.isfinite(f) for f in fves)
 
 
 def test_resume_continues_exactly(trained, data_run, tmp_path):

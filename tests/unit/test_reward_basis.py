@@ -16,7 +16,7 @@ from nla_rl.reward_basis import (BASIS_FILE, RewardBasis, RewardBasisError, fit_
                                  load_reward_basis)
 from nla_rl.rewards import normalized_mse
 from nla_rl.rl_rewards import step_rewards
-from nla_rl.sft import ARBatch, ar_sft_loss
+from nla_rl.sft import ARBatch, ar_sft_loss, ar_sft_loss_parts
 from nla_rl.sidecar import read_model_sidecar, write_model_sidecar
 from tests.unit.test_inference import make_pair
 
@@ -105,6 +105,33 @@ def test_the_online_ar_loss_is_the_reward_mse_in_the_same_basis():
     assert rows == 6 and float(loss.detach()) == pytest.approx(float(-reward.rewards.sum()), rel=1e-5)
     loss.backward()
     assert bool(torch.isfinite(model.preds.grad).all())
+
+
+def test_the_ar_sft_loss_basis_term_makes_the_quiet_directions_count():
+    """ar_sft.loss_basis: L = raw MSE + w · MSE in the basis. A prediction wrong only in the
+    quiet (value) dimensions costs the raw term almost nothing; the whitened term sees it, and
+    its gradient pulls those dimensions back."""
+    basis = fit_reward_basis(_presence_and_values(2000), "whiten", 0.1)
+    gold = _presence_and_values(6, seed=5)
+    wrong_values = gold.clone()
+    wrong_values[:, BIG:] += 0.3 * torch.randn(6, SMALL, generator=torch.Generator().manual_seed(7))
+    batch = ARBatch(torch.zeros(6, 3, dtype=torch.long), torch.ones(6, 3, dtype=torch.long), gold)
+    grads = {}
+    for w in (0.0, 0.1):
+        model = _FixedAR(wrong_values)
+        loss, rows, fit = ar_sft_loss_parts(model, batch, 8 ** 0.5, term_basis=basis,
+                                            term_weight=w)
+        raw = normalized_mse(wrong_values, gold, 8 ** 0.5).sum()
+        term = normalized_mse(basis.apply(wrong_values), basis.apply(gold), 8 ** 0.5).sum()
+        assert rows == 6 and float(fit) == pytest.approx(float(raw), rel=1e-5)
+        assert float(loss.detach()) == pytest.approx(float(raw + w * term), rel=1e-5)
+        loss.backward()
+        grads[w] = model.preds.grad[:, BIG:].norm()
+    assert float(raw) < 0.2 * float(term)  # raw, the wrong values cost little
+    assert float(grads[0.1]) > 1.5 * float(grads[0.0]), grads
+    # without a basis the term is off, whatever its weight: the published loss
+    loss, _ = ar_sft_loss(_FixedAR(wrong_values), batch, 8 ** 0.5, term_weight=0.1)
+    assert float(loss.detach()) == pytest.approx(float(raw), rel=1e-5)
 
 
 def test_fit_store_export_inference_give_the_reward_of_the_rl_stage(tmp_path, qwen):
