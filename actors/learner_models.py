@@ -57,6 +57,10 @@ class ModelSpec:
     # AR-SFT only (ar_sft.loss_basis): the basis of the loss's second term, and its weight
     loss_basis: str = ""
     loss_basis_weight: float = 0.0
+    # AR-SFT only (ar_sft.contrast_weight): the contrast bank file, the term's weight and τ
+    contrast_bank: str = ""
+    contrast_weight: float = 0.0
+    contrast_tau: float = 0.1
 
     def __post_init__(self):
         if self.role not in ROLES:

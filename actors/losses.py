@@ -152,14 +152,25 @@ def _basis_on(path: str, device: str):
     return load_reward_basis(path).to(device)
 
 
+@functools.lru_cache(maxsize=2)
+def _contrast_on(path: str, weight: float, tau: float, device: str):
+    """The contrast bank at ``path`` on ``device``, read once per rank process."""
+    from nla_rl.sft import load_contrast_bank
+
+    return load_contrast_bank(path, weight, tau).to(device)
+
+
 def _ar_compute(rank, model, micro) -> MicroLoss:
     """:func:`nla_rl.sft.ar_sft_loss_parts`, reporting its fit term as ``fit_mse`` (the loss
     without ``ar_sft.loss_basis``'s term: ``train/ar/fve`` is computed from it)."""
     spec = rank.spec.model
     basis = _basis_on(spec.reward_basis, str(rank.device)) if spec.reward_basis else None
     term_basis = _basis_on(spec.loss_basis, str(rank.device)) if spec.loss_basis else None
+    contrast = _contrast_on(spec.contrast_bank, spec.contrast_weight, spec.contrast_tau,
+                            str(rank.device)) if spec.contrast_bank else None
     loss, rows, fit = ar_sft_loss_parts(model, micro, spec.mse_scale, basis,
-                                        term_basis=term_basis, term_weight=spec.loss_basis_weight)
+                                        term_basis=term_basis, term_weight=spec.loss_basis_weight,
+                                        contrast=contrast)
     return MicroLoss(loss, rows, {"fit_mse": (float(fit), float(rows))})
 
 

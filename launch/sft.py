@@ -87,6 +87,7 @@ def run_sft(cfg: RecipeConfig, run_dir: Path, stage: str, tracker) -> Path:
     spec, ranks = learner_spec(cfg, stage, init_dir, meta, injection)
     if role == "ar":
         spec = with_loss_basis(cfg, spec, train.vectors, run.stage(stage))
+        spec = with_contrast_bank(cfg, spec, train.vectors, run.stage(stage))
     manager = CheckpointManager.for_recipe(run.stage(stage), cfg, stage, keep_last=sft.keep_last)
     connect_ray(num_cpus=recipe_cpus(cfg))
     group = LearnerGroup(spec, world_size=ranks, num_cpus_per_rank=cfg.learner.num_cpus_per_rank,
@@ -115,6 +116,26 @@ def with_loss_basis(cfg: RecipeConfig, spec, vectors, stage_dir: Path):
           f"(ε {sft.loss_basis_eps:g}, fitted on {len(vectors)} rows) → {path}")
     model = dataclasses.replace(spec.model, loss_basis=str(path),
                                 loss_basis_weight=sft.loss_basis_weight)
+    return dataclasses.replace(spec, model=model)
+
+
+def with_contrast_bank(cfg: RecipeConfig, spec, vectors, stage_dir: Path):
+    """``spec`` with ``ar_sft.contrast_weight``'s bank (at most ``contrast_bank_rows`` AR-SFT
+    rows, sampled by ``run.seed``) written to ``<stage_dir>/contrast_bank.safetensors``;
+    ``spec`` unchanged when the weight is 0."""
+    from nla_rl.sft import CONTRAST_FILE, fit_contrast_bank, save_contrast_bank
+
+    sft = cfg.ar_sft
+    if sft.contrast_weight == 0:
+        return spec
+    bank, mean = fit_contrast_bank(torch.from_numpy(np.asarray(vectors)),
+                                   sft.contrast_bank_rows, cfg.run.seed)
+    path = stage_dir / CONTRAST_FILE
+    save_contrast_bank(bank, mean, path)
+    print(f"[ar_sft] loss: + {sft.contrast_weight:g} × InfoNCE against {len(bank)} AR-SFT rows "
+          f"(τ {sft.contrast_tau:g}) → {path}")
+    model = dataclasses.replace(spec.model, contrast_bank=str(path),
+                                contrast_weight=sft.contrast_weight, contrast_tau=sft.contrast_tau)
     return dataclasses.replace(spec, model=model)
 
 
@@ -179,6 +200,9 @@ def write_final(cfg, run_dir: Path, stage: str, group, meta: ModelSidecar,
     if role == "ar" and sft.loss_basis != "raw":
         training["loss_basis"] = {"kind": sft.loss_basis, "eps": sft.loss_basis_eps,
                                   "weight": sft.loss_basis_weight}
+    if role == "ar" and sft.contrast_weight > 0:
+        training["contrast"] = {"weight": sft.contrast_weight, "tau": sft.contrast_tau,
+                                "bank_rows": sft.contrast_bank_rows}
     return save_trained(cfg, group, role, run.init(role), meta, run.final(stage),
                         stage=stage, injection=injection, lora=spec.model.lora,
                         trained_on=str(run.split(stage)), training=training)

@@ -360,6 +360,15 @@ class ARSFTConfig(SFTConfig):
     loss_basis_eps: float = param(0.1, "ε of ar_sft.loss_basis (as rl.reward_basis_eps).", gt=0)
     loss_basis_weight: float = param(0.1, "w: the weight of the ar_sft.loss_basis term against "
                                      "the raw one (each is 2(1 - cos) per row).", gt=0)
+    contrast_weight: float = param(
+        0.0, "w_c: weight of a contrastive term of the AR-SFT loss, w_c·InfoNCE: the prediction, "
+        "centred on the AR-SFT split's unit mean, must be nearer its own activation than every "
+        "activation of a bank of AR-SFT rows (temperature contrast_tau). Aims the AR at telling "
+        "a row from its neighbours (top-1 among hard negatives); 0 = off.", ge=0)
+    contrast_tau: float = param(0.1, "τ of ar_sft.contrast_weight's InfoNCE.", gt=0)
+    contrast_bank_rows: int = param(
+        65536, "At most this many AR-SFT rows in the contrast bank (a seeded sample beyond): "
+        "every rank holds the bank, rows × d fp32 (65536 × 8192 = 2 GiB).", gt=0)
 
 
 @dataclass(frozen=True)

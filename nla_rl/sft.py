@@ -353,18 +353,91 @@ def build_ar_sft_batch(tokenizer, explanations: list[str], vectors, *, template:
     return ARBatch(ids, mask, vectors)
 
 
+@dataclass(frozen=True)
+class ContrastBank:
+    """``ar_sft.contrast_weight``'s bank: ``bank`` [m, d] = ``c(h_j)`` of m AR-SFT activations,
+    with ``c(v) = n(n(v) - μ)`` (n: unit norm; ``mean`` μ [d], the split's mean unit vector)."""
+
+    bank: torch.Tensor
+    mean: torch.Tensor
+    weight: float
+    tau: float
+
+    def centred(self, v: torch.Tensor) -> torch.Tensor:
+        """``c(v)`` [..., d] fp32."""
+        unit = F.normalize(v.float(), dim=-1)
+        return F.normalize(unit - self.mean.to(unit.device), dim=-1)
+
+    def to(self, device) -> ContrastBank:
+        return replace(self, bank=self.bank.to(device), mean=self.mean.to(device))
+
+
+CONTRAST_FILE = "contrast_bank.safetensors"  # ar_sft.contrast_weight, in <run>/ar_sft/
+
+
+def fit_contrast_bank(vectors: torch.Tensor, max_rows: int, seed: int) -> tuple[torch.Tensor,
+                                                                                 torch.Tensor]:
+    """``(bank, μ)``: μ the mean unit vector of ``vectors`` [n, d], and ``c(h)`` of at most
+    ``max_rows`` of them (a sample seeded by ``seed`` when n is larger)."""
+    unit = F.normalize(torch.as_tensor(vectors).double(), dim=-1)
+    mean = unit.mean(0)
+    if unit.shape[0] > max_rows:
+        rows = torch.randperm(unit.shape[0], generator=torch.Generator().manual_seed(seed))
+        unit = unit[rows[:max_rows].sort().values]
+    return F.normalize(unit - mean, dim=-1).float(), mean.float()
+
+
+def save_contrast_bank(bank: torch.Tensor, mean: torch.Tensor, path) -> None:
+    """Write the bank atomically as safetensors (no pickle)."""
+    from safetensors.torch import save_file
+
+    from nla_rl.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({"bank": bank.contiguous(), "mean": mean.contiguous()}, str(tmp))
+
+
+def load_contrast_bank(path, weight: float, tau: float) -> ContrastBank:
+    """A bank written by :func:`save_contrast_bank`, with the term's weight and τ."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    return ContrastBank(tensors["bank"], tensors["mean"], weight, tau)
+
+
+SAME_ROW_COS = 1 - 1e-5  # a bank row this close to the gold is the gold itself (not a negative)
+
+
+def contrastive_term(preds: torch.Tensor, targets: torch.Tensor, contrast: ContrastBank
+                     ) -> torch.Tensor:
+    """Per-row InfoNCE [rows]:
+    ``-log softmax_0([c(ĥ)·c(h), c(ĥ)·c(h_j) for bank rows j] / τ)``, the gold first and the
+    bank's copy of the gold (cos ≥ SAME_ROW_COS) left out."""
+    pred, gold = contrast.centred(preds), contrast.centred(targets)
+    bank = contrast.bank.to(pred.device)
+    positive = (pred * gold).sum(-1, keepdim=True)
+    negatives = (pred @ bank.T).masked_fill(gold @ bank.T >= SAME_ROW_COS, float("-inf"))
+    logits = torch.cat([positive, negatives], dim=1) / contrast.tau
+    return -torch.log_softmax(logits, dim=1)[:, 0]
+
+
 def ar_sft_loss_parts(ar_model, batch: ARBatch, mse_scale: float | None, basis=None, *,
-                      term_basis=None, term_weight: float = 0.0
+                      term_basis=None, term_weight: float = 0.0,
+                      contrast: ContrastBank | None = None
                       ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """The AR's summed loss, the row count and the summed fit term (detached).
 
     ``L_sum = Σ_b [mean_d (n_s(B(AR(x_b))) - n_s(B(h_b)))²
-                   + w · mean_d (n_s(C(AR(x_b))) - n_s(C(h_b)))²]``
+                   + w · mean_d (n_s(C(AR(x_b))) - n_s(C(h_b)))²
+                   + w_c · InfoNCE_b]``
     with ``n_s`` normalising to ``s = mse_scale`` (``None``: raw vectors), ``B`` the reward
     basis (:mod:`nla_rl.reward_basis`; ``None`` = identity), and the second term only with a
     ``term_basis`` ``C`` (``ar_sft.loss_basis``, weight ``w = term_weight``): raw MSE spends the
     AR on the directions of largest variance, while in a whitened ``C`` the quiet directions
-    that tell one value from another count as much. The fit term is the first sum alone
+    that tell one value from another count as much. The third term only with a ``contrast``
+    bank (``ar_sft.contrast_weight`` = w_c; :func:`contrastive_term`): the prediction must be
+    nearer its own activation than the bank's, the objective of top-1 among hard negatives.
+    The fit term is the first sum alone
     (``train/ar/fve`` is computed from it). At ``s = √d`` each term is ``2 (1 - cos)``; the
     learner divides by the global row count for the batch mean.
     """
@@ -376,7 +449,9 @@ def ar_sft_loss_parts(ar_model, batch: ARBatch, mse_scale: float | None, basis=N
     loss = fit
     if term_basis is not None:
         term = normalized_mse(term_basis.apply(preds), term_basis.apply(targets), mse_scale)
-        loss = fit + term_weight * term
+        loss = loss + term_weight * term
+    if contrast is not None:
+        loss = loss + contrast.weight * contrastive_term(preds, targets, contrast)
     return loss.sum(), len(batch), fit.detach().sum()
 
 

@@ -108,26 +108,33 @@ def test_final_models_load_with_their_sidecars(trained):
     assert not list(trained.rglob("*.partial")) and not list(trained.rglob("*.tmp*"))
 
 
-def test_the_ar_sft_loss_basis_term_is_fitted_stored_and_trained_with(trained, data_run, tmp_path):
-    """ar_sft.loss_basis=whiten: the basis is fitted on the AR-SFT split, written beside the
+def test_the_ar_sft_loss_terms_are_fitted_stored_and_trained_with(trained, data_run, tmp_path):
+    """ar_sft.loss_basis=whiten and ar_sft.contrast_weight: the basis and the contrast bank (a
+    sample of contrast_bank_rows rows) are fitted on the AR-SFT split, written beside the
     stage's checkpoints and recorded in the final AR's sidecar; the AR trains on the sum (other
     weights than the raw loss's from the same seed and rows), and train/ar/fve is the fit term's."""
-    from launch.sft import LOSS_BASIS_FILE
     import numpy as np
     import pyarrow.parquet as pq
 
+    from launch.sft import LOSS_BASIS_FILE
     from nla_rl.reward_basis import fit_reward_basis, load_reward_basis
+    from nla_rl.sft import CONTRAST_FILE, load_contrast_bank
 
     run_dir = tmp_path / "basis"
     shutil.copytree(data_run, run_dir)
     assert run(run_dir, "run.stages=[ar_sft]", "ar_sft.loss_basis=whiten",
-               "ar_sft.loss_basis_weight=1.0") == 0
+               "ar_sft.loss_basis_weight=1.0", "ar_sft.contrast_weight=0.01",
+               "ar_sft.contrast_bank_rows=10") == 0
     meta = read_model_sidecar(run_dir / "ar_sft/final")
     basis = load_reward_basis(run_dir / "ar_sft" / LOSS_BASIS_FILE, d_model=meta.d_model)
     rows = pq.read_table(run_dir / "data/ar_sft.parquet").column("activation_vector").to_pylist()
     fitted = fit_reward_basis(torch.from_numpy(np.array(rows, np.float32)), "whiten", 0.1)
     assert basis.kind == "whiten" and torch.allclose(basis.transform, fitted.transform, atol=1e-5)
     assert meta.training["loss_basis"] == {"kind": "whiten", "eps": 0.1, "weight": 1.0}
+    bank = load_contrast_bank(run_dir / "ar_sft" / CONTRAST_FILE, 0.01, 0.1).bank
+    assert bank.shape == (10, meta.d_model) and len(rows) > 10  # sampled down to 10 rows
+    torch.testing.assert_close(bank.norm(dim=1), torch.ones(10))
+    assert meta.training["contrast"] == {"weight": 0.01, "tau": 0.1, "bank_rows": 10}
     assert meta.reward_basis is None  # a training detail: NLA.score stays the published MSE
     with_term = load_file(str(run_dir / "ar_sft/step_000006/model.safetensors"))
     raw = load_file(str(trained / "ar_sft/step_000006/model.safetensors"))

@@ -16,7 +16,8 @@ from nla_rl.reward_basis import (BASIS_FILE, RewardBasis, RewardBasisError, fit_
                                  load_reward_basis)
 from nla_rl.rewards import normalized_mse
 from nla_rl.rl_rewards import step_rewards
-from nla_rl.sft import ARBatch, ar_sft_loss, ar_sft_loss_parts
+from nla_rl.sft import (ARBatch, ContrastBank, ar_sft_loss, ar_sft_loss_parts, contrastive_term,
+                        fit_contrast_bank, load_contrast_bank, save_contrast_bank)
 from nla_rl.sidecar import read_model_sidecar, write_model_sidecar
 from tests.unit.test_inference import make_pair
 
@@ -132,6 +133,40 @@ def test_the_ar_sft_loss_basis_term_makes_the_quiet_directions_count():
     # without a basis the term is off, whatever its weight: the published loss
     loss, _ = ar_sft_loss(_FixedAR(wrong_values), batch, 8 ** 0.5, term_weight=0.1)
     assert float(loss.detach()) == pytest.approx(float(raw), rel=1e-5)
+
+
+def test_the_ar_sft_contrast_term_is_infonce_against_the_bank(tmp_path):
+    """ar_sft.contrast_weight: w_c · InfoNCE of c(ĥ) against c(gold) and the bank, the bank's copy
+    of the gold left out; lowest when the prediction is the gold, not one of its neighbours."""
+    rows = _presence_and_values(40, seed=3)
+    bank, mean = fit_contrast_bank(rows, max_rows=100, seed=0)
+    unit = torch.nn.functional.normalize(rows, dim=1)
+    torch.testing.assert_close(mean, unit.mean(0))
+    torch.testing.assert_close(bank, torch.nn.functional.normalize(unit - mean, dim=1))
+    contrast = ContrastBank(bank, mean, weight=0.5, tau=0.1)
+    gold = rows[:4]
+    pred = gold + 0.05 * torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    term = contrastive_term(pred, gold, contrast)
+    c = contrast.centred
+    logits = (c(pred) @ bank.T) / 0.1  # the bank holds each gold at its own index
+    own = torch.arange(4)
+    expected = torch.logsumexp(logits, dim=1) - logits[own, own]
+    torch.testing.assert_close(term, expected)  # same as a softmax over the bank, gold once
+    assert float(contrastive_term(gold, gold, contrast).mean()) < float(
+        contrastive_term(rows[4:8], gold, contrast).mean())  # a neighbour's prediction costs more
+    batch = ARBatch(torch.zeros(4, 3, dtype=torch.long), torch.ones(4, 3, dtype=torch.long), gold)
+    loss, n, fit = ar_sft_loss_parts(_FixedAR(pred), batch, 8 ** 0.5, contrast=contrast)
+    raw = normalized_mse(pred, gold, 8 ** 0.5).sum()
+    assert n == 4 and float(fit) == pytest.approx(float(raw), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(raw + 0.5 * term.sum()), rel=1e-5)
+    # a bank larger than contrast_bank_rows is a seeded sample; written and read back as is
+    small, _ = fit_contrast_bank(rows, max_rows=10, seed=1)
+    assert small.shape == (10, 8)
+    torch.testing.assert_close(small, fit_contrast_bank(rows, max_rows=10, seed=1)[0])
+    save_contrast_bank(small, mean, tmp_path / "bank.safetensors")
+    read = load_contrast_bank(tmp_path / "bank.safetensors", 0.5, 0.1)
+    torch.testing.assert_close(read.bank, small)
+    assert (read.weight, read.tau) == (0.5, 0.1)
 
 
 def test_fit_store_export_inference_give_the_reward_of_the_rl_stage(tmp_path, qwen):
