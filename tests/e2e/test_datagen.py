@@ -68,21 +68,23 @@ def test_killed_datagen_resumes(new_run):
     straight, killed = new_run("straight"), new_run("killed")
     # Same shard size on both sides: extraction batches within a shard, and fp32 sums over
     # different padding widths differ in the last bits, so the shard size is part of the recipe.
-    assert main(_datagen(straight, "data.workers=0", "data.docs_per_shard=5")) == 0
+    # 600 documents in 120 shards: extraction lasts ≈ 1 s, long enough to kill it midway (60
+    # documents took 0.1 s, and a run could finish between two polls).
+    sharded = ("data.workers=0", "data.docs_per_shard=5", "data.num_docs=600")
+    assert main(_datagen(straight, *sharded)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "launch.train", *_datagen(killed, "data.workers=0",
-                                                            "data.docs_per_shard=5")]
+    args = [sys.executable, "-m", "launch.train", *_datagen(killed, *sharded)]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = killed / "data" / "shards"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(shards.glob("shard-*.parquet"))) < 2:
-        time.sleep(0.05)
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = sorted(p.name for p in shards.glob("shard-*.parquet"))
-    assert 2 <= len(done_before) < 12, "kill the run mid-extraction"
+    assert 2 <= len(done_before) < 120, "kill the run mid-extraction"
     mtimes = {p: (shards / p).stat().st_mtime_ns for p in done_before}
-    assert main(_datagen(killed, "data.workers=0", "data.docs_per_shard=5")) == 0
+    assert main(_datagen(killed, *sharded)) == 0
     assert all((shards / p).stat().st_mtime_ns == t for p, t in mtimes.items()), "finished shards redone"
     assert _bytes(killed) == _bytes(straight)
 
