@@ -364,9 +364,10 @@ class ContrastBank:
     tau: float
 
     def centred(self, v: torch.Tensor) -> torch.Tensor:
-        """``c(v)`` [..., d] fp32."""
-        unit = F.normalize(v.float(), dim=-1)
-        return F.normalize(unit - self.mean.to(unit.device), dim=-1)
+        """``c(v)`` [..., d] fp32: the centre reward basis ``n(v) - μ``, normalised."""
+        from nla_rl.reward_basis import RewardBasis
+
+        return F.normalize(RewardBasis("centre", self.mean, None).apply(v), dim=-1)
 
     def to(self, device) -> ContrastBank:
         return replace(self, bank=self.bank.to(device), mean=self.mean.to(device))
@@ -379,12 +380,14 @@ def fit_contrast_bank(vectors: torch.Tensor, max_rows: int, seed: int) -> tuple[
                                                                                  torch.Tensor]:
     """``(bank, μ)``: μ the mean unit vector of ``vectors`` [n, d], and ``c(h)`` of at most
     ``max_rows`` of them (a sample seeded by ``seed`` when n is larger)."""
-    unit = F.normalize(torch.as_tensor(vectors).double(), dim=-1)
-    mean = unit.mean(0)
-    if unit.shape[0] > max_rows:
-        rows = torch.randperm(unit.shape[0], generator=torch.Generator().manual_seed(seed))
-        unit = unit[rows[:max_rows].sort().values]
-    return F.normalize(unit - mean, dim=-1).float(), mean.float()
+    from nla_rl.reward_basis import fit_reward_basis
+
+    vectors = torch.as_tensor(vectors)
+    centre = fit_reward_basis(vectors, "centre")  # μ: the mean unit vector, fitted on every row
+    if vectors.shape[0] > max_rows:
+        rows = torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(seed))
+        vectors = vectors[rows[:max_rows].sort().values]
+    return F.normalize(centre.apply(vectors), dim=-1), centre.mean
 
 
 def save_contrast_bank(bank: torch.Tensor, mean: torch.Tensor, path) -> None:
