@@ -18,8 +18,8 @@ from launch.common import RunPaths, choose_data_scale, record_data_scale, write_
 from nla_rl.base_model import TOYWORLD, resolve_base_model
 from nla_rl.config import RecipeConfig
 from nla_rl.data.build import (activation_norm_stats, label_with_teacher, label_with_toy_teacher,
-                               mine_rl_negatives, relabel_with_toy_teacher, toyworld_documents,
-                               write_splits)
+                               mine_rl_negatives, relabel_with_teacher, relabel_with_toy_teacher,
+                               toyworld_documents, write_splits)
 from nla_rl.data.corpus import read_corpus
 from nla_rl.data.store import read_activations
 from nla_rl.errors import ConfigError
@@ -85,7 +85,19 @@ def datagen(cfg: RecipeConfig, run_dir: Path, tracker) -> None:
 
 
 def _relabel_ar_split(cfg: RecipeConfig, data_dir: Path, counts: dict[str, int]) -> dict[str, int]:
-    """``toyworld.ar_p_include``: the AR-SFT split explained by the AR's own toy teacher."""
+    """The AR-SFT split explained by the AR's own teacher: ``data.ar_teacher`` or, in the toy
+    world, ``toyworld.ar_p_include`` (the config allows one of them)."""
+    if cfg.data.ar_teacher.kind != "same" and counts.get("ar_sft"):
+        built = _build_teacher(cfg.data.ar_teacher)
+        try:
+            kept, stats = relabel_with_teacher(data_dir / "ar_sft.parquet", built,
+                                               data_dir / "teacher_cache")
+        finally:
+            if hasattr(built, "close"):
+                built.close()
+        print(f"[datagen] ar_sft split re-explained by data.ar_teacher ({built.name} "
+              f"{built.model}): {kept} of {counts['ar_sft']} rows; {stats}")
+        return {**counts, "ar_sft": kept}
     p_include = cfg.toyworld.ar_p_include
     if (p_include is None or cfg.data.teacher.kind != "toyworld" or not counts.get("ar_sft")
             or p_include == cfg.toyworld.p_include):
@@ -149,7 +161,8 @@ def _extract(cfg: RecipeConfig, base_dir: Path, docs, data_dir: Path):
     spec = ExtractionSpec(str(base_dir), cfg.model.layer_index, cfg.data.positions_per_doc,
                           cfg.data.min_pos, cfg.data.max_tokens, cfg.run.seed,
                           batch_size=cfg.data.batch_size, positions=cfg.data.positions,
-                          text_prefix=cfg.data.teacher.kind not in ("toyworld", "none"),
+                          text_prefix=(cfg.data.teacher.kind not in ("toyworld", "none")
+                                       or cfg.data.ar_teacher.kind != "same"),
                           extractor_kwargs={"trust_remote_code": cfg.model.trust_remote_code})
     if cfg.data.workers:
         from actors.cluster import connect_ray, recipe_cpus
@@ -183,7 +196,10 @@ def _label(cfg: RecipeConfig, table, tokenizer, data_dir: Path):
 def _build_teacher(t):
     from nla_rl.data.teachers import AnthropicTeacher, LocalTeacher, OpenAIChatTeacher
 
-    common = dict(max_tokens=t.max_tokens, temperature=t.temperature, min_features=t.min_features)
+    from nla_rl.data.teachers.base import DEFAULT_PROMPT
+
+    common = dict(max_tokens=t.max_tokens, temperature=t.temperature, min_features=t.min_features,
+                  prompt=t.prompt or DEFAULT_PROMPT)
     if t.kind == "openai":
         return OpenAIChatTeacher(t.base_url or "https://api.openai.com/v1", t.model,
                                  api_key_env=t.key_env,
@@ -198,7 +214,7 @@ def _build_teacher(t):
 
         teacher_cls = VLLMLocalTeacher
     return teacher_cls(t.model, max_new_tokens=t.max_tokens, temperature=t.temperature,
-                       min_features=t.min_features)
+                       min_features=t.min_features, prompt=common["prompt"])
 
 
 def _local_backend(backend: str) -> str:

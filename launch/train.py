@@ -95,20 +95,22 @@ def check_inputs(cfg) -> None:
             raise ConfigError(f"data.corpus: {cfg.data.corpus!r} has the unknown format "
                               f"{corpus.suffix or '(no suffix)'!r}; supported: "
                               f"{', '.join(FORMATS)}")
-    if cfg.data.teacher.kind == "local":
-        check_model_dir(cfg.data.teacher.model, "data.teacher.model")
-    check_teacher_key(cfg.data.teacher)
+    for section in ("teacher", "ar_teacher"):
+        teacher = getattr(cfg.data, section)
+        if teacher.kind == "local":
+            check_model_dir(teacher.model, f"data.{section}.model")
+        check_teacher_key(teacher, f"data.{section}")
 
 
-def check_teacher_key(teacher) -> None:
+def check_teacher_key(teacher, section: str = "data.teacher") -> None:
     """An API teacher's key must be in its environment variable before datagen extracts for
     minutes and then fails at the first request. Only the variable's name is ever shown."""
     if teacher.key_env and not os.environ.get(teacher.key_env):
-        which = "data.teacher.api_key_env" if teacher.api_key_env else "the default"
-        raise ConfigError(f"data.teacher: the {teacher.kind} teacher reads its API key from the "
+        which = f"{section}.api_key_env" if teacher.api_key_env else "the default"
+        raise ConfigError(f"{section}: the {teacher.kind} teacher reads its API key from the "
                           f"environment variable {teacher.key_env} ({which}), which is not set "
                           f"or empty; export {teacher.key_env}=<key> before the run, or set "
-                          f"data.teacher.api_key_env to the variable that holds it")
+                          f"{section}.api_key_env to the variable that holds it")
 
 
 def check_cluster(cfg) -> None:

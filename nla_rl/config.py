@@ -240,6 +240,9 @@ class TeacherConfig(ConfigSection):
         "auto", "Engine of the local teacher: vllm (batched, in-process vLLM), hf (transformers "
         "generate), auto = vllm when it can be imported, else hf. Both give the same greedy labels "
         "and share the teacher cache.")
+    prompt: str = param("", "The teacher's user prompt, with {prefix} where the document prefix "
+                        "goes; empty = the published prompt (the 2-3 most important features). "
+                        "A prompt asking for every feature suits data.ar_teacher.")
 
     @property
     def key_env(self) -> str:
@@ -252,6 +255,21 @@ class TeacherConfig(ConfigSection):
                  f"must name the teacher model for kind {self.kind!r}")
         _require(not self.api_key_env or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env)
                  is not None, "api_key_env", "must be an environment variable name, not the key")
+        _require(not self.prompt or "{prefix}" in self.prompt, "prompt",
+                 "must contain {prefix}, where the document prefix goes (or be empty for the "
+                 "published prompt)")
+
+
+@dataclass(frozen=True)
+class ARTeacherConfig(TeacherConfig):
+    """A second teacher for the AR-SFT split: the AR learns what a complete explanation predicts
+    only from complete explanations (README "An AR trained on complete explanations")."""
+
+    kind: Literal["same", "openai", "anthropic", "local"] = param(
+        "same", "same: the AR-SFT split keeps data.teacher's explanations (the toy world's own "
+        "AR teacher is toyworld.ar_p_include); openai/anthropic/local: this teacher re-explains "
+        "the AR-SFT split after the split, with the keys of data.teacher (a fuller prompt or a "
+        "stronger model than the AV's teacher).")
 
 
 @dataclass(frozen=True)
@@ -312,6 +330,8 @@ class DataConfig(ConfigSection):
                                 "rerun, so this is also the resume granularity.", gt=0)
     batch_size: int = param(8, "Documents per extraction forward pass.", gt=0)
     teacher: TeacherConfig = param(factory=TeacherConfig, doc="Who writes the explanations.")
+    ar_teacher: ARTeacherConfig = param(
+        factory=ARTeacherConfig, doc="Who writes the AR-SFT split's explanations (same = teacher).")
 
     def validate(self):
         _require(self.min_pos < self.max_tokens, "min_pos",
@@ -606,6 +626,10 @@ class RecipeConfig(ConfigSection):
             _require(sft.batch_size % (sft.micro_batch_size * ranks) == 0, f"{stage}.batch_size",
                      f"must be a multiple of micro_batch_size × ranks ({sft.micro_batch_size} × "
                      f"{ranks}), found {sft.batch_size}")
+        _require(self.data.ar_teacher.kind == "same" or self.toyworld.ar_p_include is None,
+                 "data.ar_teacher.kind", "re-explains the AR-SFT split, and so does "
+                 "toyworld.ar_p_include; keep one: set toyworld.ar_p_include=null or "
+                 "data.ar_teacher.kind=same")
         learner, engine = self.learner, self.engine
         _require(learner.placement != "colocated" or (
             learner.ranks_av == learner.ranks_ar >= engine.num_engines

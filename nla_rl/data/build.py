@@ -88,6 +88,27 @@ def relabel_with_toy_teacher(path: Path, *, seed: int, p_include: float, p_wrong
     return table.num_rows
 
 
+def relabel_with_teacher(path: Path, teacher, cache_dir: Path) -> tuple[int, dict]:
+    """Re-explain the split ``path`` (with its ``text_prefix`` column) by ``teacher``, the AR's
+    own (``data.ar_teacher``), through the teacher cache; rows it fails on are dropped. The
+    parquet and its sidecar (row count, ``api_summaries`` with ``role: ar``) are rewritten
+    atomically; returns the rows kept and the teacher's counts."""
+    import pyarrow.parquet as pq
+
+    from nla_rl.sidecar import read_dataset_sidecar
+
+    path = Path(path)
+    table = pq.read_table(path)
+    if "explanation" in table.column_names:
+        table = table.drop_columns(["explanation"])
+    table, info = label_with_teacher(table, teacher, cache_dir)
+    meta = read_dataset_sidecar(path)
+    write_table_atomic(table, path)
+    write_dataset_sidecar(path, replace(meta, row_count=table.num_rows,
+                                        api_summaries={**info["teacher"], "role": "ar"}))
+    return table.num_rows, info["teacher_stats"]
+
+
 def label_with_teacher(table: pa.Table, teacher, cache_dir: Path) -> tuple[pa.Table, dict]:
     """Add the teacher's ``explanation`` of each row's ``text_prefix``; failures are dropped and
     counted (never crash the run). The cache makes reruns and resumes free."""

@@ -14,6 +14,7 @@ from nla_rl.data.negatives import check_negatives_match, read_negatives, read_ne
 from nla_rl.data.store import read_activations
 from nla_rl.sidecar import read_dataset_sidecar
 from tests.e2e.conftest import FAST, TINY
+from tests.unit.test_teachers import api  # noqa: F401 (the scripted local API server fixture)
 
 DATA_FILES = ("base.parquet", "av_sft.parquet", "ar_sft.parquet", "rl.parquet", "eval.parquet",
               "rl.negatives.parquet")
@@ -104,3 +105,32 @@ def test_local_text_corpus_with_a_tiny_model(tmp_path):
     base = read_dataset_sidecar(run / "data" / "base.parquet")
     assert base.corpus == corpus and base.extras["stats"]["documents"] == 64
     assert base.d_model == 64 and base.row_count == read_activations(run / "data/base.parquet").shape[0]
+
+
+def test_the_ars_own_teacher_re_explains_only_the_ar_split(new_run, api, monkeypatch):
+    """data.ar_teacher: datagen keeps each row's text prefix, the AR's teacher (its own model)
+    re-explains the AR-SFT split (a refusal drops its row), every other split keeps the toy
+    teacher's explanations, and the split's sidecar records the AR's teacher."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-ar-teacher")
+    api.answer = lambda prefix: f"The text has {len(prefix)} characters.\n\nIt is a toy story."
+    refusal = {"choices": [{"index": 0, "message": {"role": "assistant",
+                                                     "content": "I can't help with that."}}]}
+    api.script = [(200, {}, refusal, 0.0)]
+    run = new_run()
+    assert main(_datagen(run, "data.workers=0", "toyworld.ar_p_include=null",
+                         "data.ar_teacher.kind=openai", f"data.ar_teacher.base_url={api.url}/v1",
+                         "data.ar_teacher.model=gpt-ar", "data.ar_teacher.max_concurrency=1")) == 0
+
+    data = run / "data"
+    ar = pq.read_table(data / "ar_sft.parquet")
+    assert {r["body"]["model"] for r in api.requests} == {"gpt-ar"}
+    assert ar.num_rows == len(set(api.prefixes)) - 1  # one prefix per row; the refused one left
+    for prefix, explanation in zip(ar["text_prefix"].to_pylist(), ar["explanation"].to_pylist()):
+        assert explanation == f"The text has {len(prefix)} characters.\n\nIt is a toy story."
+    meta = read_dataset_sidecar(data / "ar_sft.parquet")
+    assert meta.row_count == ar.num_rows
+    assert (meta.api_summaries["model"], meta.api_summaries["role"]) == ("gpt-ar", "ar")
+    for split in ("av_sft", "rl", "eval"):
+        explanations = pq.read_table(data / f"{split}.parquet")["explanation"].to_pylist()
+        assert explanations and not any(e.startswith("The text has") for e in explanations)
+        assert read_dataset_sidecar(data / f"{split}.parquet").api_summaries.get("role") != "ar"

@@ -318,6 +318,12 @@ def test_an_api_teacher_without_its_key_is_refused_naming_only_the_variable(tmp_
     monkeypatch.setenv("NLA_TEST_TEACHER_KEY", "sk-secret-value-123")
     check_teacher_key(TeacherConfig(kind="anthropic", model="m", api_key_env="NLA_TEST_TEACHER_KEY"))
     check_teacher_key(TeacherConfig(kind="toyworld"))  # no key needed
+    # the AR's own teacher is checked the same way, named by its own section
+    refused(capsys, lambda: train([*teacher, "data.teacher.kind=none", "data.ar_teacher.kind=openai",
+                                   "data.ar_teacher.model=gpt-ar", "toyworld.ar_p_include=null"]),
+            "data.ar_teacher: the openai teacher", "OPENAI_API_KEY (the default)",
+            "data.ar_teacher.api_key_env", root=tmp_path)
+    assert not run_dir.exists()
 
 
 def test_a_recipe_bigger_than_the_cluster_says_need_and_have(tmp_path, capsys, monkeypatch):

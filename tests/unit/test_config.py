@@ -293,3 +293,28 @@ def test_the_ars_own_teacher_is_a_probability():
         load_recipe(TINY_RECIPE, ["toyworld.ar_p_include=0"])
     with pytest.raises(ConfigError, match=r"toyworld\.ar_p_include"):
         load_recipe(TINY_RECIPE, ["toyworld.ar_p_include=1.5"])
+
+
+def test_the_ars_own_api_or_local_teacher_is_checked():
+    """data.ar_teacher: `same` by default; a real kind needs its model; it and the toy world's
+    own AR teacher (toyworld.ar_p_include) cannot both re-explain the AR-SFT split."""
+    assert load_recipe(TINY_RECIPE).data.ar_teacher.kind == "same"
+    real = ["data.ar_teacher.kind=openai", "toyworld.ar_p_include=null"]
+    with pytest.raises(ConfigError, match=r"data\.ar_teacher\.model: must name the teacher model"):
+        load_recipe(TINY_RECIPE, real)
+    cfg = load_recipe(TINY_RECIPE, [*real, "data.ar_teacher.model=gpt-ar"])
+    assert (cfg.data.ar_teacher.kind, cfg.data.ar_teacher.model) == ("openai", "gpt-ar")
+    assert cfg.data.ar_teacher.key_env == "OPENAI_API_KEY"
+    with pytest.raises(ConfigError, match=r"data\.ar_teacher\.kind: re-explains the AR-SFT split, "
+                                          r"and so does toyworld\.ar_p_include"):
+        load_recipe(TINY_RECIPE, ["data.ar_teacher.kind=openai", "data.ar_teacher.model=gpt-ar"])
+    with pytest.raises(ConfigError, match=r"data\.ar_teacher\.kind: expected one of 'same'"):
+        load_recipe(TINY_RECIPE, ["data.ar_teacher.kind=toyworld"])
+
+
+def test_a_teacher_prompt_must_say_where_the_text_goes():
+    cfg = load_recipe(TINY_RECIPE, ['data.teacher.prompt="Name every feature of: {prefix}"'])
+    assert cfg.data.teacher.prompt == "Name every feature of: {prefix}"
+    for section in ("teacher", "ar_teacher"):
+        with pytest.raises(ConfigError, match=rf"data\.{section}\.prompt: must contain {{prefix}}"):
+            load_recipe(TINY_RECIPE, [f"data.{section}.prompt=Name every feature"])

@@ -366,3 +366,21 @@ def test_local_teacher_mechanics(tiny_dir, tmp_path):
 def test_local_teacher_rejects_a_bad_dtype(tiny_dir):
     with pytest.raises(ConfigError, match="dtype"):
         LocalTeacher(tiny_dir, dtype="float17").label([TeacherRequest("k", "text")])
+
+
+def test_the_recipes_prompt_reaches_the_teacher_and_its_cache_key(api):
+    """data.{teacher,ar_teacher}.prompt: the built teacher sends it (the prefix in place of
+    {prefix}) and keys its cache by it; empty is the published prompt."""
+    from launch.datagen import _build_teacher
+    from nla_rl.config import ARTeacherConfig, TeacherConfig
+    from nla_rl.data.teachers.base import PROMPT_VERSION
+
+    published = _build_teacher(TeacherConfig(kind="openai", model="gpt-test",
+                                              base_url=api.url + "/v1"))
+    assert published.prompt_version == PROMPT_VERSION
+    fuller = _build_teacher(ARTeacherConfig(kind="openai", model="gpt-ar", base_url=api.url + "/v1",
+                                            prompt="Name every feature.\n<text>\n{prefix}\n</text>"))
+    assert fuller.prompt_version.startswith("custom-")
+    fuller.label(reqs(1))
+    sent = api.requests[0]["body"]["messages"][-1]["content"]
+    assert sent == "Name every feature.\n<text>\ndocument 0 text {braces}\n</text>"
