@@ -194,9 +194,8 @@ def _label(cfg: RecipeConfig, table, tokenizer, data_dir: Path):
 
 
 def _build_teacher(t):
-    from nla_rl.data.teachers import AnthropicTeacher, LocalTeacher, OpenAIChatTeacher
-
-    from nla_rl.data.teachers.base import DEFAULT_PROMPT
+    from nla_rl.data.teachers import (DEFAULT_PROMPT, AnthropicTeacher, LocalTeacher,
+                                      OpenAIChatTeacher)
 
     common = dict(max_tokens=t.max_tokens, temperature=t.temperature, min_features=t.min_features,
                   prompt=t.prompt or DEFAULT_PROMPT)

@@ -174,7 +174,7 @@ def _train(cfg, stage: str, group, train: Split, held: Split | None, meta: Model
                    "health/skipped_steps": skipped}
         if role == "ar":
             d = train.vectors.shape[1]  # the loss is a mean over d: d·loss = E‖n(ĥ) - n(h)‖²
-            fit = stats["loss_stats"].get("fit_mse", stats["loss"])  # without loss_basis / contrast terms
+            fit = stats["loss_stats"].get("fit_mse", stats["loss"])  # no loss_basis/contrast term
             metrics["train/ar/fve"] = fve_from_error(d * fit, spread=spread)
         if done == sft.steps or (sft.eval_every and done % sft.eval_every == 0):
             if role == "av":
