@@ -7,6 +7,7 @@ shard (and the teacher cache makes labels free the second time).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -88,13 +89,9 @@ def _relabel_ar_split(cfg: RecipeConfig, data_dir: Path, counts: dict[str, int])
     """The AR-SFT split explained by the AR's own teacher: ``data.ar_teacher`` or, in the toy
     world, ``toyworld.ar_p_include`` (the config allows one of them)."""
     if cfg.data.ar_teacher.kind != "same" and counts.get("ar_sft"):
-        built = _build_teacher(cfg.data.ar_teacher)
-        try:
+        with _teacher_from(cfg.data.ar_teacher) as built:
             kept, stats = relabel_with_teacher(data_dir / "ar_sft.parquet", built,
                                                data_dir / "teacher_cache")
-        finally:
-            if hasattr(built, "close"):
-                built.close()
         print(f"[datagen] ar_sft split re-explained by data.ar_teacher ({built.name} "
               f"{built.model}): {kept} of {counts['ar_sft']} rows; {stats}")
         return {**counts, "ar_sft": kept}
@@ -185,12 +182,20 @@ def _label(cfg: RecipeConfig, table, tokenizer, data_dir: Path):
         return label_with_toy_teacher(table, tokenizer, seed=cfg.run.seed,
                                       p_include=cfg.toyworld.p_include, p_wrong=cfg.toyworld.p_wrong,
                                       ending=cfg.toyworld.ending, p_slot=cfg.toyworld.p_slot)
-    built = _build_teacher(teacher)
-    try:
+    with _teacher_from(teacher) as built:
         return label_with_teacher(table, built, data_dir / "teacher_cache")
+
+
+@contextlib.contextmanager
+def _teacher_from(t):
+    """The teacher of section ``t``, closed after use: a vLLM teacher frees its engine and KV
+    cache before the next step."""
+    built = _build_teacher(t)
+    try:
+        yield built
     finally:
         if hasattr(built, "close"):
-            built.close()  # a vLLM teacher frees its engine and KV cache before the splits
+            built.close()
 
 
 def _build_teacher(t):

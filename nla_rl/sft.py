@@ -13,6 +13,7 @@ counts over micro-batches and ranks (an all-reduce) and divides the summed loss 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -363,11 +364,16 @@ class ContrastBank:
     weight: float
     tau: float
 
-    def centred(self, v: torch.Tensor) -> torch.Tensor:
-        """``c(v)`` [..., d] fp32: the centre reward basis ``n(v) - μ``, normalised."""
+    @functools.cached_property
+    def _centre(self):
+        """The centre reward basis ``n(v) - μ``, built (and checked) once per bank."""
         from nla_rl.reward_basis import RewardBasis
 
-        return F.normalize(RewardBasis("centre", self.mean, None).apply(v), dim=-1)
+        return RewardBasis("centre", self.mean, None)
+
+    def centred(self, v: torch.Tensor) -> torch.Tensor:
+        """``c(v)`` [..., d] fp32: the centre reward basis, normalised."""
+        return F.normalize(self._centre.apply(v), dim=-1)
 
     def to(self, device) -> ContrastBank:
         return replace(self, bank=self.bank.to(device), mean=self.mean.to(device))

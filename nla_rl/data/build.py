@@ -68,8 +68,6 @@ def relabel_with_toy_teacher(path: Path, *, seed: int, p_include: float, p_wrong
     sidecar (row count, ``api_summaries``) are rewritten atomically; returns the rows kept."""
     import pyarrow.parquet as pq
 
-    from nla_rl.sidecar import read_dataset_sidecar
-
     path = Path(path)
     table = pq.read_table(path)
     explanations = [toy_teacher_explanation(truth, teacher_rng(seed, doc_id, pos),
@@ -80,12 +78,7 @@ def relabel_with_toy_teacher(path: Path, *, seed: int, p_include: float, p_wrong
     column = table.column_names.index("explanation")
     table = table.set_column(column, "explanation", pa.array(explanations, pa.string()))
     table = table.filter(pc.is_valid(table["explanation"]))
-    meta = read_dataset_sidecar(path)
-    write_table_atomic(table, path)
-    write_dataset_sidecar(path, replace(meta, row_count=table.num_rows,
-                                        api_summaries={**toy_teacher_meta(p_include, p_wrong),
-                                                       "role": "ar"}))
-    return table.num_rows
+    return _rewrite_ar_split(path, table, toy_teacher_meta(p_include, p_wrong))
 
 
 def relabel_with_teacher(path: Path, teacher, cache_dir: Path) -> tuple[int, dict]:
@@ -95,18 +88,24 @@ def relabel_with_teacher(path: Path, teacher, cache_dir: Path) -> tuple[int, dic
     atomically; returns the rows kept and the teacher's counts."""
     import pyarrow.parquet as pq
 
-    from nla_rl.sidecar import read_dataset_sidecar
-
     path = Path(path)
     table = pq.read_table(path)
     if "explanation" in table.column_names:
         table = table.drop_columns(["explanation"])
     table, info = label_with_teacher(table, teacher, cache_dir)
+    return _rewrite_ar_split(path, table, info["teacher"]), info["teacher_stats"]
+
+
+def _rewrite_ar_split(path: Path, table: pa.Table, teacher_meta: dict) -> int:
+    """Write the re-explained AR-SFT split over ``path`` and its sidecar (row count, the AR's
+    teacher with ``role: ar``), each atomically; returns the rows written."""
+    from nla_rl.sidecar import read_dataset_sidecar
+
     meta = read_dataset_sidecar(path)
     write_table_atomic(table, path)
     write_dataset_sidecar(path, replace(meta, row_count=table.num_rows,
-                                        api_summaries={**info["teacher"], "role": "ar"}))
-    return table.num_rows, info["teacher_stats"]
+                                        api_summaries={**teacher_meta, "role": "ar"}))
+    return table.num_rows
 
 
 def label_with_teacher(table: pa.Table, teacher, cache_dir: Path) -> tuple[pa.Table, dict]:
